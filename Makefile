@@ -1,0 +1,36 @@
+# InstSynth — `make demo` and `make test` install everything on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.instsynth-installed
+# Exact pins for this project's venv and CI (setup.py keeps compatible ranges for users).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DEMO_DIR ?= demo_output
+
+.PHONY: install demo test clean help
+
+help:
+	@echo "make install   create $(VENV) and install InstSynth with test extras (first run only)"
+	@echo "make demo      run InstSynth on the built-in demo dataset (writes $(DEMO_DIR)/)"
+	@echo "make test      run the test suite"
+	@echo "make clean     remove $(VENV), $(DEMO_DIR)/ and caches"
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install $(TORCH_PINS)
+	$(PIP) install $(TORCH_PINS) -e ".[test]"
+	touch $@
+
+demo: $(STAMP)
+	DEMO_DIR=$(DEMO_DIR) PYTHON=$(abspath $(PY)) bash scripts/demo.sh
+
+test: $(STAMP)
+	INSTSYNTH_NO_PROGRESS=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info .pytest_cache visualization/demo
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

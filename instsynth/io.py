@@ -1,0 +1,227 @@
+"""File I/O shared by every stage: atomic writes, Cityscapes naming, clear errors, progress bars.
+
+Conventions:
+- every file is written to a temporary name in the target folder and renamed into place, so an
+  interrupted run never leaves a half-written PNG or JSON;
+- bad input raises :class:`InstSynthError`, whose message starts with the offending path;
+- long loops use :func:`progress` (tqdm on stderr, disabled with ``INSTSYNTH_NO_PROGRESS=1``).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import cv2
+import numpy as np
+
+LEFT_SUFFIX = "_leftImg8bit.png"
+GT_SUFFIXES = {
+    "instanceIds": "_gtFine_instanceIds.png",
+    "labelIds": "_gtFine_labelIds.png",
+    "color": "_gtFine_color.png",
+    "polygons": "_gtFine_polygons.json",
+}
+GENERATED_FOLDER_SUFFIXES = ("_syn", "_inpainted")
+"""City folders ending in these are written by InstSynth stages and skipped as sources."""
+
+_IMAGE_ID = re.compile(r"^(?P<city>.+)_(?P<seq>\d+)_(?P<frame>\d+)$")
+
+
+class InstSynthError(Exception):
+    """Bad input or output: the message names the file and what is wrong with it."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{path}: {problem}")
+
+
+def get_logger(name: str = "instsynth") -> logging.Logger:
+    """The project logger (``instsynth.*``), printing ``LEVEL message`` to stderr once configured."""
+    root = logging.getLogger("instsynth")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(os.environ.get("INSTSYNTH_LOG_LEVEL", "INFO"))
+        root.propagate = False
+    return logging.getLogger(name)
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None, **kwargs) -> Iterator:
+    """tqdm progress bar with the project's conventions (stderr, off with INSTSYNTH_NO_PROGRESS=1)."""
+    from tqdm.auto import tqdm
+
+    disable = os.environ.get("INSTSYNTH_NO_PROGRESS", "") not in ("", "0")
+    return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, **kwargs)
+
+
+def default_workers() -> int:
+    """Worker processes to use by default: every core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON atomically (UTF-8, trailing newline)."""
+    return write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a missing or malformed file raises InstSynthError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InstSynthError(path, "file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InstSynthError(path, f"not valid JSON ({exc})") from None
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an 8-bit/16-bit gray or RGB array (RGB order, like PIL)."""
+    image = np.ascontiguousarray(image)
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"PNG needs uint8 or uint16, got {image.dtype}")
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR if image.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:  # pragma: no cover - OpenCV failure
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Write an RGB or label array as PNG atomically (uint16 stays 16-bit, as Cityscapes instanceIds)."""
+    return write_bytes(path, encode_png(image))
+
+
+def read_png(path: str | os.PathLike, *, rgb: bool = False, dtype: Any = None,
+             shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a PNG unchanged (16-bit kept); ``rgb=True`` returns (H, W, 3) RGB.
+
+    Raises InstSynthError naming the file when it is missing, corrupt or truncated, or when
+    ``dtype`` / ``shape`` (height, width) do not match.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InstSynthError(path, "file not found")
+    data = np.fromfile(path, np.uint8)
+    flags = cv2.IMREAD_COLOR if rgb else cv2.IMREAD_UNCHANGED
+    image = cv2.imdecode(data, flags) if data.size else None
+    if image is None:
+        raise InstSynthError(path, "cannot decode image (corrupt or truncated PNG?)")
+    if rgb:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    elif image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB if image.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+    if dtype is not None and image.dtype != np.dtype(dtype):
+        raise InstSynthError(path, f"expected {np.dtype(dtype)} pixels, found {image.dtype}")
+    if shape is not None and image.shape[:2] != tuple(shape):
+        raise InstSynthError(path, f"expected size {shape[1]}x{shape[0]}, found {image.shape[1]}x{image.shape[0]}")
+    return image
+
+
+# --------------------------------------------------------------------------- Cityscapes naming
+@dataclass(frozen=True)
+class CityscapesImage:
+    """One annotated Cityscapes image: ``root/{leftImg8bit,gtFine}/split/city/<image_id>_...``."""
+
+    root: Path
+    split: str
+    city: str
+    image_id: str  # e.g. aachen_000000_000019
+
+    @property
+    def left(self) -> Path:
+        return self.root / "leftImg8bit" / self.split / self.city / f"{self.image_id}{LEFT_SUFFIX}"
+
+    def gt(self, kind: str = "instanceIds") -> Path:
+        """Path of a gtFine file: kind is instanceIds, labelIds, color or polygons."""
+        return self.root / "gtFine" / self.split / self.city / f"{self.image_id}{GT_SUFFIXES[kind]}"
+
+    def relative(self, path: Path) -> str:
+        """``path`` relative to the dataset root, with forward slashes."""
+        return Path(path).relative_to(self.root).as_posix()
+
+
+def left_path(root, split: str, city: str, image_id: str) -> Path:
+    return CityscapesImage(Path(root), split, city, image_id).left
+
+
+def gt_path(root, split: str, city: str, image_id: str, kind: str = "instanceIds") -> Path:
+    return CityscapesImage(Path(root), split, city, image_id).gt(kind)
+
+
+def image_id_of(path: str | os.PathLike) -> str:
+    """``aachen_000000_000019`` from any Cityscapes file name of that image."""
+    name = Path(path).name
+    for suffix in (LEFT_SUFFIX, *GT_SUFFIXES.values()):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    raise InstSynthError(path, "not a Cityscapes file name (<city>_<seq>_<frame>_<suffix>)")
+
+
+def split_image_id(image_id: str) -> tuple[str, str, str]:
+    """(city, seq, frame) of an image id; the city may itself contain underscores."""
+    match = _IMAGE_ID.match(image_id)
+    if not match:
+        raise ValueError(f"{image_id!r} is not a Cityscapes image id (<city>_<seq>_<frame>)")
+    return match["city"], match["seq"], match["frame"]
+
+
+def is_generated_folder(city_folder: str) -> bool:
+    """True for city folders written by InstSynth stages (``*_syn``, ``*_inpainted``)."""
+    return city_folder.endswith(GENERATED_FOLDER_SUFFIXES)
+
+
+def iter_cityscapes_images(root: str | os.PathLike, split: str, *, include_generated: bool = False
+                           ) -> list[CityscapesImage]:
+    """Every annotated image of a split, sorted, found by its ``_gtFine_instanceIds.png``.
+
+    Any city folder name works. Folders written by InstSynth (``*_syn``) are skipped unless
+    ``include_generated``. A missing ``gtFine/<split>`` folder raises InstSynthError.
+    """
+    root = Path(root)
+    split_dir = root / "gtFine" / split
+    if not split_dir.is_dir():
+        raise InstSynthError(split_dir, "folder not found (expected a Cityscapes tree: gtFine/<split>/<city>/)")
+    images = []
+    for city_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        if is_generated_folder(city_dir.name) and not include_generated:
+            continue
+        for f in sorted(city_dir.glob("*" + GT_SUFFIXES["instanceIds"])):
+            images.append(CityscapesImage(root, split, city_dir.name, image_id_of(f)))
+    return images

@@ -1,0 +1,110 @@
+"""Cityscapes label helpers and the prompt bank.
+
+The label table itself comes from ``cityscapesscripts.helpers.labels``; this module only derives
+what the pipeline needs from it (thing classes, evaluated classes, instance-id encoding, colours).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from cityscapesscripts.helpers.labels import id2label, labels, name2label
+
+INSTANCE_ID_OFFSET = 1000
+"""Cityscapes encodes instance pixels as ``labelId * 1000 + k`` (k counts from 0)."""
+
+THING_CLASSES: tuple[str, ...] = tuple(l.name for l in labels if l.hasInstances and l.id >= 0)
+"""The ten Cityscapes classes with instances, in label-id order (person ... bicycle)."""
+
+EVAL_THING_CLASSES: tuple[str, ...] = tuple(n for n in THING_CLASSES if not name2label[n].ignoreInEval)
+"""The eight thing classes scored by the Cityscapes benchmark (caravan and trailer are ignored)."""
+
+THING_LABEL_IDS: tuple[int, ...] = tuple(name2label[n].id for n in THING_CLASSES)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PROMPTS = REPO_ROOT / "configs" / "prompts.yaml"
+
+
+def label_id(name: str) -> int:
+    """Cityscapes label id of a class name (``"car"`` -> 26)."""
+    try:
+        return name2label[name].id
+    except KeyError:
+        raise KeyError(f"unknown Cityscapes class {name!r}; known: {sorted(name2label)}") from None
+
+
+def class_name(label_id_: int) -> str:
+    """Class name of a Cityscapes label id (26 -> ``"car"``)."""
+    return id2label[int(label_id_)].name
+
+
+def encode_instance_id(label_id_: int, index: int) -> int:
+    """Instance-id value of the ``index``-th instance of a class: ``labelId * 1000 + index``."""
+    if not 0 <= index < INSTANCE_ID_OFFSET:
+        raise ValueError(f"instance index {index} out of range [0, {INSTANCE_ID_OFFSET})")
+    return int(label_id_) * INSTANCE_ID_OFFSET + int(index)
+
+
+def decode_instance_id(value: int) -> tuple[int, int | None]:
+    """Split an instanceIds value into (label id, instance index); index is None below 1000."""
+    value = int(value)
+    if value >= INSTANCE_ID_OFFSET:
+        return value // INSTANCE_ID_OFFSET, value % INSTANCE_ID_OFFSET
+    return value, None
+
+
+def is_instance(value: int) -> bool:
+    """True for an individual thing instance (``value >= 1000``)."""
+    return int(value) >= INSTANCE_ID_OFFSET
+
+
+def is_group_region(value: int) -> bool:
+    """True for a thing-class value below 1000: a crowd/group region without an instance."""
+    return int(value) in THING_LABEL_IDS
+
+
+def instance_ids_to_label_ids(instance_ids: np.ndarray) -> np.ndarray:
+    """labelIds map of an instanceIds map (``// 1000`` where >= 1000, unchanged elsewhere)."""
+    inst = np.asarray(instance_ids)
+    return np.where(inst >= INSTANCE_ID_OFFSET, inst // INSTANCE_ID_OFFSET, inst).astype(np.uint8)
+
+
+@lru_cache(maxsize=1)
+def _color_lut() -> np.ndarray:
+    lut = np.zeros((256, 3), np.uint8)
+    for lab in labels:
+        if 0 <= lab.id < 256:
+            lut[lab.id] = lab.color
+    return lut
+
+
+def colorize(label_ids: np.ndarray) -> np.ndarray:
+    """RGB image (H, W, 3, uint8) of a labelIds map in the official Cityscapes colours."""
+    return _color_lut()[np.asarray(label_ids, dtype=np.uint8)]
+
+
+def load_prompt_bank(path: str | Path | None = None) -> tuple[str, dict[str, list[str]]]:
+    """Load ``(template, {class: [prompt, ...]})`` from the prompts YAML (default configs/prompts.yaml)."""
+    import yaml
+
+    from .io import InstSynthError
+
+    path = Path(path or DEFAULT_PROMPTS)
+    if not path.is_file():
+        raise InstSynthError(path, "prompt bank not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    template, prompts = data.get("template"), data.get("prompts")
+    if not isinstance(template, str) or "{}" not in template:
+        raise InstSynthError(path, "'template' must be a string containing '{}'")
+    if not isinstance(prompts, dict) or not all(isinstance(v, list) and v for v in prompts.values()):
+        raise InstSynthError(path, "'prompts' must map each class name to a non-empty list")
+    unknown = sorted(set(prompts) - set(name2label))
+    if unknown:
+        raise InstSynthError(path, f"unknown class names {unknown}")
+    return template, {k: [str(p) for p in v] for k, v in prompts.items()}
+
+
+def render_prompt(template: str, prompt: str) -> str:
+    """Fill the template: ``render_prompt("a photo of {}", "a red car")`` -> ``"a photo of a red car"``."""
+    return template.format(prompt)
