@@ -1,0 +1,339 @@
+"""Stage 1: pick the k largest thing instances of every image and cut a square crop around each.
+
+For every ``gtFine/<split>/<city>/*_gtFine_instanceIds.png`` (city folders written by InstSynth,
+``*_syn`` / ``*_inpainted``, are skipped) the k largest instances (id >= 1000, of the chosen thing
+classes, area >= ``min_area``) are selected by pixel count, ties broken by the smaller instance id.
+Each gets a square crop box (side ``ceil(max(box w, box h) * context)``) centred on its box and
+shifted to lie inside the image; only when the image is smaller than the square is the box clamped
+(and then not square). Per instance two PNGs are written under ``<out>/crops/<split>/<city>_syn/``:
+``<key>_rgb.png`` (RGB crop of leftImg8bit) and ``<key>_mask.png`` (0/255, exactly that instance's
+pixels), with ``key = <image_id>_<instance_id>``.
+
+Each image is read once: one histogram of the instanceIds map gives every area, one relabelling
+pass plus ``scipy.ndimage.find_objects`` gives the boxes of the selected instances, and all further
+work is local to those boxes. Images are processed by worker processes in order, so the output does
+not depend on ``workers``. Reruns rewrite only files whose bytes would change, and the three JSON
+files (``metadata.json``, ``cropped_region_coordinates.json``, ``selection_report.json``) are written
+atomically, after every image succeeded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .io import (CityscapesImage, InstSynthError, default_workers, encode_png, get_logger,
+                 iter_cityscapes_images, progress, read_json, read_png, write_bytes)
+from .labels import INSTANCE_ID_OFFSET, THING_CLASSES, THING_LABEL_IDS, class_name, label_id
+
+METADATA_VERSION = 1
+METADATA_NAME = "metadata.json"
+COORDINATES_NAME = "cropped_region_coordinates.json"
+REPORT_NAME = "selection_report.json"
+CROPS_DIR = "crops"
+DEFAULT_MIN_AREA = 64
+"""Instances smaller than this many pixels (an 8x8 patch) are too small to regenerate usefully."""
+
+SKIP_REASONS = ("group_region", "class_not_selected", "below_min_area", "beyond_k")
+"""Why a thing region of an image was not selected (counted in selection_report.json)."""
+
+_INSTANCE_FIELDS = {"key": str, "image_id": str, "city": str, "instance_id": int, "label_id": int,
+                    "class": str, "area": int, "bbox": list, "crop_box": list, "image": str,
+                    "instance_ids": str, "crop_rgb": str, "crop_mask": str}
+
+log = get_logger("instsynth.selection")
+
+
+@dataclass(frozen=True)
+class SelectionParams:
+    """What to select: the k largest instances of ``label_ids`` with at least ``min_area`` pixels."""
+
+    k: int = 3
+    label_ids: tuple[int, ...] = THING_LABEL_IDS
+    min_area: int = DEFAULT_MIN_AREA
+    context: float = 1.0
+
+    def as_json(self) -> dict:
+        return {"k": self.k, "classes": [class_name(i) for i in self.label_ids],
+                "min_area": self.min_area, "context": self.context}
+
+
+@dataclass
+class ImageResult:
+    """What one worker found in one image (or the error that stopped it)."""
+
+    image_id: str
+    instances: list[dict] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    crops_written: int = 0
+    error: tuple[str, str] | None = None  # (path, problem)
+
+
+@dataclass
+class SelectionSummary:
+    """Where stage 1 wrote its files and what it did."""
+
+    metadata: Path
+    coordinates: Path
+    report: Path
+    images: int
+    instances: int
+    crops_written: int
+    bad_images: int
+
+
+# --------------------------------------------------------------------------- per-image steps
+def read_image_pair(image: CityscapesImage) -> tuple[np.ndarray, np.ndarray]:
+    """(instanceIds uint16 HxW, leftImg8bit RGB HxWx3) of one image, validated."""
+    ids_path = image.gt("instanceIds")
+    instance_ids = read_png(ids_path, dtype=np.uint16)
+    if instance_ids.ndim != 2:
+        raise InstSynthError(ids_path, f"expected a single-channel instanceIds image, found {instance_ids.shape[2]} channels")
+    rgb = read_png(image.left, rgb=True, shape=instance_ids.shape)
+    return instance_ids, rgb
+
+
+def rank_instances(instance_ids: np.ndarray, params: SelectionParams) -> tuple[list[tuple[int, int]], Counter]:
+    """The selected ``[(instance id, area), ...]`` (largest first, ties by id) and skip counts by reason."""
+    counts = np.bincount(instance_ids.ravel(), minlength=INSTANCE_ID_OFFSET)
+    present = np.flatnonzero(counts)
+    values, areas = present[present >= INSTANCE_ID_OFFSET], counts[present[present >= INSTANCE_ID_OFFSET]]
+    skipped = Counter(group_region=int(np.isin(present, THING_LABEL_IDS).sum()))
+    wanted = np.isin(values // INSTANCE_ID_OFFSET, params.label_ids)
+    skipped["class_not_selected"] = int((~wanted).sum())
+    big = areas >= params.min_area
+    skipped["below_min_area"] = int((wanted & ~big).sum())
+    values, areas = values[wanted & big], areas[wanted & big]
+    order = np.lexsort((values, -areas))  # area descending, then id ascending
+    skipped["beyond_k"] = max(0, len(order) - params.k)
+    chosen = order[: params.k]
+    return [(int(values[i]), int(areas[i])) for i in chosen], skipped
+
+
+def instance_boxes(instance_ids: np.ndarray, values: Sequence[int]) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """A map labelling ``values[j]`` as j+1 (0 elsewhere) and each value's half-open box (x0, y0, x1, y1)."""
+    lut = np.zeros(1 << 16, np.uint8 if len(values) < 256 else np.uint16)
+    lut[np.asarray(values, np.int64)] = np.arange(1, len(values) + 1)
+    selected = lut[instance_ids]
+    boxes = [(sx.start, sy.start, sx.stop, sy.stop)
+             for sy, sx in ndimage.find_objects(selected, max_label=len(values))]
+    return selected, boxes
+
+
+def square_crop_box(bbox: Sequence[int], width: int, height: int, context: float = 1.0) -> tuple[int, int, int, int]:
+    """Square box of side ``ceil(max(w, h) * context)`` centred on ``bbox``, shifted inside the image.
+
+    Where the image is smaller than the square, that side is clamped to the image (not square then).
+    """
+    x0, y0, x1, y1 = bbox
+    side = math.ceil(max(x1 - x0, y1 - y0) * context - 1e-9)
+
+    def place(lo: int, hi: int, size: int) -> tuple[int, int]:
+        extent = min(side, size)
+        start = lo - (extent - (hi - lo)) // 2
+        start = min(max(start, 0), size - extent)
+        return start, start + extent
+
+    (cx0, cx1), (cy0, cy1) = place(x0, x1, width), place(y0, y1, height)
+    return cx0, cy0, cx1, cy1
+
+
+def crop_paths(image: CityscapesImage, key: str) -> tuple[str, str]:
+    """(crop_rgb, crop_mask) paths of an instance, relative to the output folder."""
+    folder = f"{CROPS_DIR}/{image.split}/{image.city}_syn"
+    return f"{folder}/{key}_rgb.png", f"{folder}/{key}_mask.png"
+
+
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """Write ``data`` atomically unless ``path`` already holds exactly these bytes; True if written."""
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    write_bytes(path, data)
+    return True
+
+
+def select_in_image(image: CityscapesImage, params: SelectionParams, out: Path) -> ImageResult:
+    """Select, crop and write the instances of one image; returns their metadata entries."""
+    instance_ids, rgb = read_image_pair(image)
+    height, width = instance_ids.shape
+    chosen, skipped = rank_instances(instance_ids, params)
+    result = ImageResult(image.image_id, skipped=skipped)
+    if not chosen:
+        return result
+    selected, boxes = instance_boxes(instance_ids, [v for v, _ in chosen])
+    for j, ((value, area), bbox) in enumerate(zip(chosen, boxes), start=1):
+        crop = square_crop_box(bbox, width, height, params.context)
+        x0, y0, x1, y1 = crop
+        mask = (selected[y0:y1, x0:x1] == j).astype(np.uint8) * 255
+        key = f"{image.image_id}_{value}"
+        rgb_rel, mask_rel = crop_paths(image, key)
+        result.crops_written += write_if_changed(out / rgb_rel, encode_png(rgb[y0:y1, x0:x1]))
+        result.crops_written += write_if_changed(out / mask_rel, encode_png(mask))
+        result.instances.append({
+            "key": key, "image_id": image.image_id, "city": image.city, "instance_id": value,
+            "label_id": value // INSTANCE_ID_OFFSET, "class": class_name(value // INSTANCE_ID_OFFSET),
+            "area": area, "bbox": list(map(int, bbox)), "crop_box": list(map(int, crop)),
+            "image": image.relative(image.left), "instance_ids": image.relative(image.gt("instanceIds")),
+            "crop_rgb": rgb_rel, "crop_mask": mask_rel})
+    return result
+
+
+def _select_task(task: tuple[CityscapesImage, SelectionParams, Path]) -> ImageResult:
+    """Worker entry point: bad input becomes ``ImageResult.error`` (the error type does not pickle)."""
+    image = task[0]
+    try:
+        return select_in_image(*task)
+    except InstSynthError as exc:
+        return ImageResult(image.image_id, error=(str(exc.path), exc.problem))
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core already
+
+
+# --------------------------------------------------------------------------- the stage
+def make_params(root: Path, k: int = 3, classes: Sequence[str] | None = None,
+                min_area: int = DEFAULT_MIN_AREA, context: float = 1.0) -> SelectionParams:
+    """Validated :class:`SelectionParams`; bad values raise InstSynthError naming the dataset root."""
+    if not isinstance(k, int) or k < 1:
+        raise InstSynthError(root, f"k must be an integer >= 1, got {k!r}")
+    if min_area < 0:
+        raise InstSynthError(root, f"min_area must be >= 0, got {min_area}")
+    if not context >= 1.0:
+        raise InstSynthError(root, f"context must be >= 1.0 (the crop must contain the instance), got {context}")
+    classes = list(THING_CLASSES) if not classes else list(dict.fromkeys(classes))
+    unknown = [c for c in classes if c not in THING_CLASSES]
+    if unknown:
+        raise InstSynthError(root, f"unknown thing classes {unknown}; choose from {list(THING_CLASSES)}")
+    ids = tuple(sorted(label_id(c) for c in classes))
+    return SelectionParams(k=k, label_ids=ids, min_area=int(min_area), context=float(context))
+
+
+def _iter_results(tasks: list, workers: int):
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(_select_task, tasks)
+        return
+    with multiprocessing.Pool(min(workers, len(tasks)), initializer=_init_worker) as pool:
+        yield from pool.imap(_select_task, tasks, chunksize=1)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def select_instances(dataset_root: str | os.PathLike, split: str = "train", k: int = 3,
+                     classes: Sequence[str] | None = None, min_area: int = DEFAULT_MIN_AREA,
+                     context: float = 1.0, out: str | os.PathLike | None = None,
+                     workers: int | None = None, skip_bad: bool = False) -> SelectionSummary:
+    """Run stage 1 on ``dataset_root/gtFine/<split>``; write crops and the three JSON files to ``out``.
+
+    ``out`` defaults to the dataset root (as the paper's pipeline expects). Bad input raises
+    InstSynthError naming the file; with ``skip_bad`` the image is skipped with a warning and listed
+    in ``selection_report.json``. metadata.json is written only after every image was handled.
+    """
+    root = Path(dataset_root).resolve()
+    params = make_params(root, k, classes, min_area, context)
+    out = Path(out).resolve() if out is not None else root
+    images = iter_cityscapes_images(root, split)
+    if not images:
+        raise InstSynthError(root / "gtFine" / split, "no *_gtFine_instanceIds.png found (empty dataset?)")
+    workers = default_workers() if workers is None else max(1, int(workers))
+
+    instances, bad, empty, skipped, written = [], [], [], Counter({r: 0 for r in SKIP_REASONS}), 0
+    tasks = [(image, params, out) for image in images]
+    for image, result in zip(images, progress(_iter_results(tasks, workers), "stage 1: selecting", len(tasks))):
+        if result.error is not None:
+            path, problem = result.error
+            if not skip_bad:
+                raise InstSynthError(path, problem)
+            log.warning("skipping %s: %s: %s", image.image_id, path, problem)
+            bad.append({"image_id": image.image_id, "path": path, "problem": problem})
+            continue
+        instances += result.instances
+        skipped.update(result.skipped)
+        written += result.crops_written
+        if not result.instances:
+            empty.append(image.image_id)
+
+    metadata = {"version": METADATA_VERSION, "dataset_root": str(root), "split": split, "k": params.k,
+                "instances": instances}
+    coordinates = [{"key": i["key"], "cropped_instance_mask": i["crop_mask"], "bbox_coordinate": i["crop_box"]}
+                   for i in instances]
+    report = {"version": METADATA_VERSION, "dataset_root": str(root), "split": split, "params": params.as_json(),
+              "images_seen": len(images), "images_selected_from": len(images) - len(bad) - len(empty),
+              "instances_selected": len(instances), "images_without_instances": empty,
+              "images_with_fewer_than_k": sum(1 for n in Counter(i["image_id"] for i in instances).values()
+                                              if n < params.k),
+              "instances_skipped": dict(skipped), "bad_images": bad}
+    paths = out / METADATA_NAME, out / COORDINATES_NAME, out / REPORT_NAME
+    for path, obj in zip(paths, (metadata, coordinates, report)):
+        write_if_changed(path, _json_bytes(obj))
+    if not instances:
+        log.warning("no instance selected in %s (split %s)", root, split)
+    log.info("stage 1: %d instances from %d images (%d crop files written, %d bad images) -> %s",
+             len(instances), len(images), written, len(bad), paths[0])
+    return SelectionSummary(*paths, images=len(images), instances=len(instances), crops_written=written,
+                            bad_images=len(bad))
+
+
+# --------------------------------------------------------------------------- reading it back
+def _check_box(path: Path, key: str, name: str, box: Any) -> None:
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box)
+            and box[0] < box[2] and box[1] < box[3] and min(box) >= 0):
+        raise InstSynthError(path, f"instance {key!r}: {name} must be [x0, y0, x1, y1] with x0 < x1, y0 < y1, got {box!r}")
+
+
+def _check_instance(path: Path, n: int, inst: Any) -> None:
+    if not isinstance(inst, dict):
+        raise InstSynthError(path, f"instances[{n}] is not an object")
+    for name, kind in _INSTANCE_FIELDS.items():
+        if not isinstance(inst.get(name), kind) or isinstance(inst.get(name), bool):
+            raise InstSynthError(path, f"instances[{n}]: field {name!r} missing or not {kind.__name__}")
+    key = inst["key"]
+    _check_box(path, key, "bbox", inst["bbox"])
+    _check_box(path, key, "crop_box", inst["crop_box"])
+    (bx0, by0, bx1, by1), (cx0, cy0, cx1, cy1) = inst["bbox"], inst["crop_box"]
+    if not (cx0 <= bx0 and cy0 <= by0 and bx1 <= cx1 and by1 <= cy1):
+        raise InstSynthError(path, f"instance {key!r}: crop_box {inst['crop_box']} does not contain bbox {inst['bbox']}")
+
+
+def load_metadata(path: str | os.PathLike, check_files: bool = True) -> dict:
+    """Read and validate a stage-1 ``metadata.json``.
+
+    Adds absolute :class:`~pathlib.Path` fields ``image_path``, ``instance_ids_path`` (from
+    ``dataset_root``) and ``crop_rgb_path``, ``crop_mask_path`` (from the metadata folder) to every
+    instance. With ``check_files`` those four files must exist. Bad input raises InstSynthError.
+    """
+    path = Path(path).resolve()
+    meta = read_json(path)
+    if not isinstance(meta, dict) or meta.get("version") != METADATA_VERSION:
+        raise InstSynthError(path, f"not an InstSynth stage-1 metadata file (expected an object with version {METADATA_VERSION})")
+    for name, kind in (("dataset_root", str), ("split", str), ("k", int), ("instances", list)):
+        if not isinstance(meta.get(name), kind):
+            raise InstSynthError(path, f"field {name!r} missing or not {kind.__name__}")
+    root, folder, keys = Path(meta["dataset_root"]), path.parent, set()
+    for n, inst in enumerate(meta["instances"]):
+        _check_instance(path, n, inst)
+        if inst["key"] in keys:
+            raise InstSynthError(path, f"duplicate instance key {inst['key']!r}")
+        keys.add(inst["key"])
+        inst.update(image_path=root / inst["image"], instance_ids_path=root / inst["instance_ids"],
+                    crop_rgb_path=folder / inst["crop_rgb"], crop_mask_path=folder / inst["crop_mask"])
+        if check_files:
+            for name in ("image_path", "instance_ids_path", "crop_rgb_path", "crop_mask_path"):
+                if not inst[name].is_file():
+                    raise InstSynthError(path, f"instance {inst['key']!r}: {name[:-5]} file {inst[name]} not found")
+    return meta
