@@ -1,0 +1,314 @@
+"""Stage 5: Cityscapes instanceIds -> Cityscapes ``_gtFine_polygons.json`` and COCO instance JSON.
+
+For every image under ``DIR/gtFine/<split>/<city>/`` (original and ``*_syn`` folders) the
+``_gtFine_instanceIds.png`` is the one source of truth for instances; an existing polygons.json is
+never read for COCO. Per split it writes
+
+- ``DIR/annotations/instancesonly_filtered_gtFine_<split>.json`` (COCO instances),
+- ``DIR/annotations/conversion_report_<split>.json`` (counts per class, dropped instances, skipped images),
+- ``_gtFine_polygons.json`` next to each instanceIds PNG that has none (synthetic images).
+
+Polygons trace pixel *edges*: each mask is upsampled x2 so that the left/right (top/bottom) boundary
+pixels of every source pixel are distinct, its contour is traced with OpenCV and every contour point
+``c`` is mapped to the pixel corner ``(c + 1) // 2``. pycocotools rasterises such a polygon back to
+exactly the source pixels. Every external contour becomes one polygon (split instances keep all
+parts); an instance with a hole is written as RLE so the hole is never filled; group regions
+(thing ids < 1000) are ``iscrowd: 1`` RLE. Source files are never modified.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+from scipy import ndimage
+
+from .io import (CityscapesImage, InstSynthError, default_workers, get_logger, iter_cityscapes_images,
+                 progress, read_json, read_png, write_json)
+from .labels import (EVAL_THING_CLASSES, INSTANCE_ID_OFFSET, THING_CLASSES, THING_LABEL_IDS, class_name,
+                     decode_instance_id, label_id)
+
+FORMATS = ("polygon", "rle")
+MIN_THING_VALUE = min(THING_LABEL_IDS)
+"""instanceIds values >= this are thing pixels (group regions 24..33, instances >= 24000)."""
+MAX_LABEL_ID = max(THING_LABEL_IDS)
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+log = get_logger("instsynth.coco")
+
+
+def coco_json_path(datadir: str | Path, split: str) -> Path:
+    return Path(datadir) / "annotations" / f"instancesonly_filtered_gtFine_{split}.json"
+
+
+def report_path(datadir: str | Path, split: str) -> Path:
+    return Path(datadir) / "annotations" / f"conversion_report_{split}.json"
+
+
+def coco_categories(include_ignored: bool = False) -> list[dict]:
+    """COCO categories: the 8 evaluated thing classes (+ caravan, trailer); id = Cityscapes label id."""
+    names = THING_CLASSES if include_ignored else EVAL_THING_CLASSES
+    return [{"id": label_id(n), "name": n, "supercategory": "thing"} for n in names]
+
+
+# --------------------------------------------------------------------------- mask geometry
+def corner_polygons(mask: np.ndarray) -> tuple[list[np.ndarray], bool]:
+    """Pixel-edge polygons of a binary mask: ``([(N, 2) int corner points per external contour], has_holes)``.
+
+    Coordinates are pixel corners relative to the mask's top-left corner (pixel (x, y) spans
+    ``[x, x+1] x [y, y+1]``), the convention pycocotools rasterises polygons with.
+    """
+    h, w = mask.shape
+    up = np.zeros((2 * h + 2, 2 * w + 2), np.uint8)
+    up[1:-1, 1:-1] = cv2.resize(mask.astype(np.uint8), (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST)
+    contours, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return [], False
+    parents = hierarchy[0][:, 3]
+    polygons = []
+    for contour, parent in zip(contours, parents):
+        if parent != -1:
+            continue
+        corners = contour[:, 0, :] // 2  # ((c - 1) + 1) // 2: undo the padding, then snap to corners
+        keep = np.r_[True, np.any(corners[1:] != corners[:-1], axis=1)]
+        corners = corners[keep]
+        if len(corners) > 1 and (corners[0] == corners[-1]).all():
+            corners = corners[:-1]
+        polygons.append(corners)
+    return polygons, bool((parents != -1).any())
+
+
+def centre_polygons(mask: np.ndarray) -> list[np.ndarray]:
+    """Outer contours through boundary-pixel centres (Cityscapes polygons.json convention)."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [c[:, 0, :] for c in contours]
+
+
+def rle_encode(mask: np.ndarray, top: int, left: int, height: int, width: int) -> dict:
+    """Exact COCO RLE (``counts`` as str) of a bbox-local ``mask`` placed at (top, left) in a height x width image."""
+    strip = np.zeros((mask.shape[1], height), np.uint8)  # columns left..right, column-major order
+    strip[:, top:top + mask.shape[0]] = mask.T
+    flat = strip.ravel()
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.r_[0, edges, flat.size]).tolist()
+    if flat[0]:  # COCO RLE starts with a run of zeros
+        counts.insert(0, 0)
+    counts[0] += left * height  # columns before the strip
+    trail = (width - left - mask.shape[1]) * height  # columns after it
+    if flat[-1] and trail:
+        counts.append(trail)
+    elif not flat[-1]:
+        counts[-1] += trail
+    rle = mask_utils.frPyObjects({"counts": counts, "size": [height, width]}, height, width)
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+# --------------------------------------------------------------------------- per image
+@dataclass(frozen=True)
+class ConversionOptions:
+    fmt: str = "polygon"
+    category_ids: frozenset = frozenset(label_id(n) for n in EVAL_THING_CLASSES)
+    min_area: int = 4
+    write_polygons: bool = True
+    skip_bad: bool = False
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(height, width) from a PNG header; InstSynthError if missing or not a PNG."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except FileNotFoundError:
+        raise InstSynthError(path, "file not found (every annotated image needs its leftImg8bit PNG)") from None
+    if len(head) < 24 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        raise InstSynthError(path, "not a PNG file (corrupt or truncated?)")
+    width, height = struct.unpack(">II", head[16:24])
+    return height, width
+
+
+def _check_polygons_json(path: Path) -> None:
+    data = read_json(path)
+    if not isinstance(data, dict) or not {"imgHeight", "imgWidth", "objects"} <= set(data):
+        raise InstSynthError(path, "not a Cityscapes polygons file (needs imgHeight, imgWidth, objects)")
+
+
+def _cityscapes_label(value: int) -> str:
+    lab, index = decode_instance_id(value)
+    name = class_name(lab)
+    return name if index is not None or lab not in THING_LABEL_IDS else name + "group"
+
+
+def polygons_json(instance_ids: np.ndarray, regions: list) -> dict:
+    """Cityscapes polygons.json content of an instanceIds map (stuff and things, larger objects first).
+
+    Cityscapes draws objects in order with no holes, so objects are ordered by decreasing area: what
+    fills another object's hole is smaller and is drawn later. Label 0 (unlabeled) is left out.
+    """
+    objects = []
+    for value, sl in enumerate(regions):
+        if sl is None or value == 0 or MAX_LABEL_ID < value < INSTANCE_ID_OFFSET:
+            continue
+        local = instance_ids[sl] == value
+        area = int(local.sum())
+        if not area:
+            continue
+        offset = np.array([sl[1].start, sl[0].start])
+        for poly in centre_polygons(local):
+            objects.append((area, value, {"label": _cityscapes_label(value), "polygon": (poly + offset).tolist()}))
+    objects.sort(key=lambda o: (-o[0], o[1]))
+    h, w = instance_ids.shape
+    return {"imgHeight": int(h), "imgWidth": int(w), "objects": [o[2] for o in objects]}
+
+
+def convert_image(image: CityscapesImage, options: ConversionOptions) -> dict:
+    """COCO annotations (without ids) of one image, plus what was dropped and written.
+
+    Returns ``{"file_name", "height", "width", "annotations", "dropped", "polygons_written",
+    "holes_as_rle"}``; with ``options.skip_bad`` bad input returns ``{"skipped": reason}`` instead.
+    """
+    try:
+        return _convert_image(image, options)
+    except InstSynthError as exc:
+        if not options.skip_bad:
+            raise
+        return {"skipped": str(exc), "image": image.relative(image.gt("instanceIds"))}
+
+
+def _convert_image(image: CityscapesImage, options: ConversionOptions) -> dict:
+    inst_path, poly_path = image.gt("instanceIds"), image.gt("polygons")
+    instance_ids = read_png(inst_path, dtype=np.uint16)
+    if instance_ids.ndim != 2:
+        raise InstSynthError(inst_path, f"expected a single-channel instanceIds PNG, found shape {instance_ids.shape}")
+    height, width = instance_ids.shape
+    left_size = _png_size(image.left)
+    if left_size != (height, width):
+        raise InstSynthError(image.left, f"size {left_size[1]}x{left_size[0]} does not match {inst_path.name} "
+                                         f"({width}x{height})")
+    has_polygons = poly_path.exists()
+    if has_polygons:
+        _check_polygons_json(poly_path)
+    regions = ndimage.find_objects(instance_ids.astype(np.int32, copy=False)) if instance_ids.max() > 0 else []
+    file_name = f"{image.city}/{image.left.name}"
+    anns, dropped, holes = [], [], 0
+    for value in range(MIN_THING_VALUE, len(regions) + 1):
+        sl = regions[value - 1]
+        if sl is None or not (value >= INSTANCE_ID_OFFSET or value in THING_LABEL_IDS):
+            continue
+        lab, index = decode_instance_id(value)
+        if lab not in THING_LABEL_IDS:
+            raise InstSynthError(inst_path, f"value {value} is not a Cityscapes thing instance id")
+        local = instance_ids[sl] == value
+        area = int(np.count_nonzero(local))
+        crowd = index is None
+        info = {"image": file_name, "instance_id": value, "class": class_name(lab), "iscrowd": int(crowd), "area": area}
+        if lab not in options.category_ids:
+            dropped.append({**info, "reason": "class not in categories (see --include-ignored)"})
+            continue
+        if area < options.min_area:
+            dropped.append({**info, "reason": f"area {area} < min_area {options.min_area}"})
+            continue
+        top, left = sl[0].start, sl[1].start
+        segmentation = None
+        if options.fmt == "polygon" and not crowd:
+            polys, has_holes = corner_polygons(local)
+            if has_holes:
+                holes += 1
+            else:
+                segmentation = [(p + (left, top)).ravel().astype(float).tolist() for p in polys]
+        if segmentation is None:
+            segmentation = rle_encode(local, top, left, height, width)
+        bbox = [float(left), float(top), float(sl[1].stop - left), float(sl[0].stop - top)]
+        anns.append({"category_id": int(lab), "segmentation": segmentation, "area": area, "bbox": bbox,
+                     "iscrowd": int(crowd), "instance_id": int(value)})
+    # regions index value-1 (find_objects labels start at 1); polygons_json wants index == value
+    written = False
+    if options.write_polygons and not has_polygons:
+        write_json(poly_path, polygons_json(instance_ids, [None] + list(regions)), indent=None)
+        written = True
+    return {"file_name": file_name, "height": int(height), "width": int(width), "annotations": anns,
+            "dropped": dropped, "polygons_written": written, "holes_as_rle": holes}
+
+
+# --------------------------------------------------------------------------- per split
+def _init_worker() -> None:
+    cv2.setNumThreads(1)
+
+
+def _map_images(images: list[CityscapesImage], options: ConversionOptions, workers: int, desc: str):
+    """Yield convert_image results in image order (worker processes when workers > 1)."""
+    if workers <= 1 or len(images) < 2:
+        for image in progress(images, desc):
+            yield convert_image(image, options)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    chunksize = max(1, min(16, len(images) // (workers * 4)))
+    with ctx.Pool(workers, initializer=_init_worker) as pool:
+        jobs = pool.imap(_convert_star, [(img, options) for img in images], chunksize=chunksize)
+        yield from progress(jobs, desc, total=len(images))
+
+
+def _convert_star(args) -> dict:
+    return convert_image(*args)
+
+
+def convert_split(datadir: str | Path, split: str, options: ConversionOptions, categories: list[dict],
+                  workers: int) -> Path:
+    """Convert one split; write its COCO JSON and conversion report; return the COCO JSON path."""
+    datadir = Path(datadir)
+    images = iter_cityscapes_images(datadir, split, include_generated=True)
+    coco_images, coco_anns, dropped, skipped = [], [], [], []
+    polygons_written = holes = 0
+    names = {c["id"]: c["name"] for c in categories}
+    counts = {n: {"instances": 0, "crowd": 0} for n in names.values()}
+    for result in _map_images(images, options, workers, f"COCO {split}"):
+        if "skipped" in result:
+            skipped.append({"image": result["image"], "reason": result["skipped"]})
+            continue
+        image_id = len(coco_images) + 1
+        coco_images.append({"id": image_id, "file_name": result["file_name"], "width": result["width"],
+                            "height": result["height"]})
+        for ann in result["annotations"]:
+            coco_anns.append({"id": len(coco_anns) + 1, "image_id": image_id, **ann})
+            counts[names[ann["category_id"]]]["crowd" if ann["iscrowd"] else "instances"] += 1
+        dropped += result["dropped"]
+        polygons_written += result["polygons_written"]
+        holes += result["holes_as_rle"]
+    coco = {"info": {"description": f"Cityscapes-format dataset {datadir.name}, split {split} (InstSynth)",
+                     "version": "1.0"},
+            "licenses": [], "images": coco_images, "annotations": coco_anns, "categories": categories}
+    out = write_json(coco_json_path(datadir, split), coco, indent=None)
+    report = {"version": 1, "datadir": str(datadir.resolve()), "split": split, "format": options.fmt,
+              "min_area": options.min_area, "categories": [c["name"] for c in categories],
+              "images": len(coco_images), "annotations": len(coco_anns), "counts": counts,
+              "instances_with_holes_written_as_rle": holes, "polygons_json_written": polygons_written,
+              "num_dropped": len(dropped), "num_skipped_images": len(skipped),
+              "dropped": dropped, "skipped_images": skipped}
+    write_json(report_path(datadir, split), report)
+    log.info("%s: %d images, %d annotations, %d dropped, %d skipped images -> %s", split, len(coco_images),
+             len(coco_anns), len(dropped), len(skipped), out)
+    return out
+
+
+def convert_cityscapes_to_coco(datadir: str | Path, splits=("train", "val"), fmt: str = "polygon",
+                               include_ignored: bool = False, min_area: int = 4, workers: int | None = None,
+                               skip_bad: bool = False, write_polygons: bool = True) -> dict[str, Path]:
+    """Convert every image of ``DIR/gtFine/<split>/`` (original and ``_syn`` cities) to COCO.
+
+    Returns ``{split: DIR/annotations/instancesonly_filtered_gtFine_<split>.json}``. Bad input
+    (missing leftImg8bit, corrupt PNG, unreadable existing polygons.json) raises InstSynthError
+    naming the file; with ``skip_bad`` the image is left out and listed in the split's report.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if min_area < 1:
+        raise ValueError(f"min_area must be >= 1, got {min_area}")
+    categories = coco_categories(include_ignored)
+    options = ConversionOptions(fmt=fmt, category_ids=frozenset(c["id"] for c in categories), min_area=min_area,
+                                write_polygons=write_polygons, skip_bad=skip_bad)
+    workers = default_workers() if workers is None else max(1, int(workers))
+    return {split: convert_split(datadir, split, options, categories, workers) for split in splits}
