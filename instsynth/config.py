@@ -1,0 +1,274 @@
+"""Training configuration: Detectron2-style defaults (a yacs ``CfgNode``) and YAML files with ``_BASE_``.
+
+``load_config(path, opts)`` reads a YAML file, follows its ``_BASE_`` chain (paths relative to the
+file that names them), merges everything onto :func:`get_cfg` and then the ``KEY VALUE`` pairs of
+``opts``. Every key must exist in the defaults: an unknown key raises :class:`ConfigError` that lists
+the valid keys at that level and suggests the closest one.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from ast import literal_eval
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from instsynth.io import InstSynthError
+
+BASE_KEY = "_BASE_"
+
+
+class ConfigError(InstSynthError):
+    """A config file or ``opts`` entry that does not fit the defaults."""
+
+
+def _defaults() -> CN:
+    _C = CN()
+    _C.SEED = 42
+    _C.OUTPUT_DIR = "output"
+    _C.VIS_PERIOD = 0
+    _C.LOG_PERIOD = 20
+    _C.CUDNN_BENCHMARK = False
+    _C.VERSION = 2
+
+    # ------------------------------------------------------------------ model
+    _C.MODEL = CN()
+    _C.MODEL.META_ARCHITECTURE = "FastInst"
+    _C.MODEL.WEIGHTS = ""  # local checkpoint (.pth), torchvision ResNet state dict, or hub id (OneFormer)
+    _C.MODEL.DEVICE = "cuda"  # falls back to cpu when CUDA is absent
+    _C.MODEL.PIXEL_MEAN = [123.675, 116.280, 103.530]  # RGB, 0-255
+    _C.MODEL.PIXEL_STD = [58.395, 57.120, 57.375]
+    _C.MODEL.BACKBONE = CN()
+    _C.MODEL.BACKBONE.NAME = "build_resnet_backbone"
+    _C.MODEL.BACKBONE.FREEZE_AT = 0  # 0: train all; 1: freeze stem; n: stem + first n-1 stages
+    _C.MODEL.RESNETS = CN()
+    _C.MODEL.RESNETS.DEPTH = 50
+    _C.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+    _C.MODEL.RESNETS.NORM = "FrozenBN"  # FrozenBN | BN | SyncBN | GN
+    _C.MODEL.RESNETS.WIDTH_PER_GROUP = 64  # base width (64 = torchvision); smaller for tiny test models
+
+    _C.MODEL.FASTINST = CN()
+    _C.MODEL.FASTINST.NUM_CLASSES = 8
+    _C.MODEL.FASTINST.NUM_OBJECT_QUERIES = 100
+    _C.MODEL.FASTINST.NUM_AUX_QUERIES = 8
+    _C.MODEL.FASTINST.DEC_LAYERS = 3
+    _C.MODEL.FASTINST.HIDDEN_DIM = 256
+    _C.MODEL.FASTINST.CONVS_DIM = 256  # pixel decoder channels
+    _C.MODEL.FASTINST.MASK_DIM = 256
+    _C.MODEL.FASTINST.NORM = "GN"  # pixel decoder norm: GN | BN | ""
+    _C.MODEL.FASTINST.NHEADS = 8
+    _C.MODEL.FASTINST.DIM_FEEDFORWARD = 1024
+    _C.MODEL.FASTINST.PRE_NORM = False
+    _C.MODEL.FASTINST.DEEP_SUPERVISION = True
+    _C.MODEL.FASTINST.GT_MASK_GUIDED = True  # ground-truth mask guided learning (training only)
+    _C.MODEL.FASTINST.NO_OBJECT_WEIGHT = 0.1
+    _C.MODEL.FASTINST.CLASS_WEIGHT = 2.0
+    _C.MODEL.FASTINST.MASK_WEIGHT = 5.0
+    _C.MODEL.FASTINST.DICE_WEIGHT = 5.0
+    _C.MODEL.FASTINST.LOCATION_WEIGHT = 1000.0
+    _C.MODEL.FASTINST.PROPOSAL_WEIGHT = 20.0
+    _C.MODEL.FASTINST.TRAIN_NUM_POINTS = 112 * 112
+    _C.MODEL.FASTINST.OVERSAMPLE_RATIO = 3.0
+    _C.MODEL.FASTINST.IMPORTANCE_SAMPLE_RATIO = 0.75
+    _C.MODEL.FASTINST.SIZE_DIVISIBILITY = 32
+    _C.MODEL.FASTINST.TEST = CN()
+    _C.MODEL.FASTINST.TEST.MASK_THRESHOLD = 0.5
+    _C.MODEL.FASTINST.TEST.SCORE_THRESHOLD = 0.0
+
+    _C.MODEL.ONE_FORMER = CN()
+    _C.MODEL.ONE_FORMER.HF_CONFIG = ""  # local folder / hub id of a OneFormerConfig ("" = built from keys below)
+    _C.MODEL.ONE_FORMER.BACKBONE = "resnet50"  # resnet50 | swin_large (used when HF_CONFIG is empty)
+    _C.MODEL.ONE_FORMER.TASK = "instance"
+    _C.MODEL.ONE_FORMER.NUM_CLASSES = 8
+    _C.MODEL.ONE_FORMER.NUM_OBJECT_QUERIES = 150
+    _C.MODEL.ONE_FORMER.HIDDEN_DIM = 256
+    _C.MODEL.ONE_FORMER.DEC_LAYERS = 10
+    _C.MODEL.ONE_FORMER.ENC_LAYERS = 6
+    _C.MODEL.ONE_FORMER.NHEADS = 8
+    _C.MODEL.ONE_FORMER.DIM_FEEDFORWARD = 2048
+    _C.MODEL.ONE_FORMER.NO_OBJECT_WEIGHT = 0.1
+    _C.MODEL.ONE_FORMER.CLASS_WEIGHT = 2.0
+    _C.MODEL.ONE_FORMER.MASK_WEIGHT = 5.0
+    _C.MODEL.ONE_FORMER.DICE_WEIGHT = 5.0
+    _C.MODEL.ONE_FORMER.CONTRASTIVE_WEIGHT = 0.5
+    _C.MODEL.ONE_FORMER.CONTRASTIVE_TEMPERATURE = 0.07
+    _C.MODEL.ONE_FORMER.TRAIN_NUM_POINTS = 112 * 112
+    _C.MODEL.ONE_FORMER.OVERSAMPLE_RATIO = 3.0
+    _C.MODEL.ONE_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
+    _C.MODEL.ONE_FORMER.MAX_SEQ_LEN = 77
+    _C.MODEL.ONE_FORMER.TASK_SEQ_LEN = 77
+    _C.MODEL.ONE_FORMER.TOKENIZER = ""  # local folder / hub id of a CLIP tokenizer ("" = built-in)
+    _C.MODEL.ONE_FORMER.SIZE_DIVISIBILITY = 32
+    _C.MODEL.ONE_FORMER.TEST = CN()
+    _C.MODEL.ONE_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.8
+    _C.MODEL.ONE_FORMER.TEST.OVERLAP_THRESHOLD = 0.8
+
+    # ------------------------------------------------------------------ data
+    _C.DATASETS = CN()
+    _C.DATASETS.TRAIN = ("cityscapes_fine_instance_seg_train",)
+    _C.DATASETS.TEST = ("cityscapes_fine_instance_seg_val",)
+    _C.DATALOADER = CN()
+    _C.DATALOADER.NUM_WORKERS = 4
+    _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
+
+    _C.INPUT = CN()
+    _C.INPUT.FORMAT = "RGB"
+    _C.INPUT.MIN_SIZE_TRAIN = (512, 576, 640, 704, 768, 832, 896, 960, 1024)
+    _C.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"  # choice | range
+    _C.INPUT.MAX_SIZE_TRAIN = 4096
+    _C.INPUT.MIN_SIZE_TEST = 1024
+    _C.INPUT.MAX_SIZE_TEST = 2048
+    _C.INPUT.RANDOM_FLIP = "horizontal"  # horizontal | none
+    _C.INPUT.SIZE_DIVISIBILITY = -1  # -1: the model's own (FASTINST.SIZE_DIVISIBILITY)
+    _C.INPUT.CROP = CN()
+    _C.INPUT.CROP.ENABLED = True
+    _C.INPUT.CROP.TYPE = "absolute"  # absolute | relative | relative_range | absolute_range
+    _C.INPUT.CROP.SIZE = (512, 1024)  # (height, width)
+
+    # ------------------------------------------------------------------ solver
+    _C.SOLVER = CN()
+    _C.SOLVER.OPTIMIZER = "ADAMW"
+    _C.SOLVER.BASE_LR = 0.0001
+    _C.SOLVER.WEIGHT_DECAY = 0.05
+    _C.SOLVER.WEIGHT_DECAY_NORM = 0.0
+    _C.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    _C.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    _C.SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR"  # WarmupPolyLR | WarmupConstantLR
+    _C.SOLVER.POLY_LR_POWER = 0.9
+    _C.SOLVER.WARMUP_ITERS = 10
+    _C.SOLVER.WARMUP_FACTOR = 1.0
+    _C.SOLVER.IMS_PER_BATCH = 16  # total over all processes
+    _C.SOLVER.MAX_ITER = 90000
+    _C.SOLVER.CHECKPOINT_PERIOD = 5000
+    _C.SOLVER.CLIP_GRADIENTS = CN()
+    _C.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    _C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.01
+    _C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+    _C.SOLVER.AMP = CN()
+    _C.SOLVER.AMP.ENABLED = True  # fp16 autocast on CUDA; ignored on CPU
+
+    _C.TEST = CN()
+    _C.TEST.EVAL_PERIOD = 5000  # 0: only after training
+    _C.TEST.DETECTIONS_PER_IMAGE = 100
+    _C.TEST.CITYSCAPES_EVAL = True  # also run the official Cityscapes evaluation when available
+    return _C
+
+
+_DEFAULTS = _defaults()
+
+
+def get_cfg() -> CN:
+    """A fresh copy of the default configuration."""
+    return _DEFAULTS.clone()
+
+
+def _load_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The mapping of ``path`` with its ``_BASE_`` files merged underneath (recursively)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(path, "circular _BASE_ chain: " + " -> ".join(map(str, seen + (path,))))
+    if not path.is_file():
+        raise ConfigError(path, "config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, f"not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, "a config file must be a mapping of keys")
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    merged = _load_yaml_tree(path.parent / base, seen + (path,))
+    _deep_update(merged, data)
+    return merged
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _deep_update(dst[key], value)
+        else:
+            dst[key] = value
+
+
+def _unknown_key(source: str, prefix: str, key: str, node: CN) -> ConfigError:
+    valid = sorted(node.keys())
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {prefix}{close[0]}?" if close else ""
+    return ConfigError(source, f"unknown config key {prefix}{key}.{hint} Valid keys under "
+                               f"{prefix.rstrip('.') or 'the top level'}: {', '.join(valid)}")
+
+
+def _coerce(source: str, full_key: str, old: Any, new: Any) -> Any:
+    """``new`` converted to the type of the default ``old`` (list<->tuple, int->float), or an error."""
+    if old is None or new is None or type(old) is type(new):
+        return new
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return type(old)(new)
+    if isinstance(old, (list, tuple)) and isinstance(new, (int, float, str)):
+        return type(old)([new])
+    if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
+        return float(new)
+    raise ConfigError(source, f"{full_key} must be of type {type(old).__name__}, got {new!r} "
+                              f"({type(new).__name__})")
+
+
+def merge_dict(cfg: CN, data: dict, source: str, prefix: str = "") -> None:
+    """Merge a nested mapping into ``cfg``; every key must already exist (see :class:`ConfigError`)."""
+    for key, value in data.items():
+        if key not in cfg:
+            raise _unknown_key(source, prefix, key, cfg)
+        full_key = prefix + key
+        if isinstance(cfg[key], CN):
+            if not isinstance(value, dict):
+                raise ConfigError(source, f"{full_key} is a group of keys ({', '.join(sorted(cfg[key]))}), "
+                                          f"got {value!r}")
+            merge_dict(cfg[key], value, source, full_key + ".")
+        else:
+            if isinstance(value, dict):
+                raise ConfigError(source, f"{full_key} is a single value, got a mapping {value!r}")
+            cfg[key] = _coerce(source, full_key, cfg[key], value)
+
+
+def _parse_value(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text
+    try:
+        return literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def merge_opts(cfg: CN, opts: Iterable[str]) -> None:
+    """Merge ``KEY VALUE`` pairs (``SOLVER.MAX_ITER 20``) given on the command line."""
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ConfigError("opts", f"expected KEY VALUE pairs, got an odd number of items: {opts}")
+    for full_key, text in zip(opts[0::2], opts[1::2]):
+        *parents, leaf = full_key.split(".")
+        node, prefix = cfg, ""
+        for part in parents:
+            if part not in node or not isinstance(node[part], CN):
+                raise _unknown_key("opts", prefix, part, node)
+            node, prefix = node[part], prefix + part + "."
+        merge_dict(node, {leaf: _parse_value(text)}, "opts", prefix)
+
+
+def load_config(path: str | os.PathLike | None = None, opts: Iterable[str] = ()) -> CN:
+    """Defaults <- YAML file (with its ``_BASE_`` chain) <- ``opts``; returns a frozen CfgNode."""
+    cfg = get_cfg()
+    if path:
+        merge_dict(cfg, _load_yaml_tree(Path(path)), str(path))
+    merge_opts(cfg, opts)
+    cfg.freeze()
+    return cfg
+
+
+def dump_config(cfg: CN, path: str | os.PathLike) -> Path:
+    """Write the merged config as YAML (atomically) so that a run can be reproduced from it."""
+    from instsynth.io import write_bytes
+
+    return write_bytes(path, cfg.dump().encode())
