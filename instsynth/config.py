@@ -48,7 +48,6 @@ def _defaults() -> CN:
     _C.MODEL.RESNETS.DEPTH = 50
     _C.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
     _C.MODEL.RESNETS.NORM = "FrozenBN"  # FrozenBN | BN | SyncBN | GN
-    _C.MODEL.RESNETS.WIDTH_PER_GROUP = 64  # base width (64 = torchvision); smaller for tiny test models
 
     _C.MODEL.FASTINST = CN()
     _C.MODEL.FASTINST.NUM_CLASSES = 8
@@ -203,7 +202,10 @@ def _unknown_key(source: str, prefix: str, key: str, node: CN) -> ConfigError:
 
 
 def _coerce(source: str, full_key: str, old: Any, new: Any) -> Any:
-    """``new`` converted to the type of the default ``old`` (list<->tuple, int->float), or an error."""
+    """``new`` converted to the type of the default ``old`` (list<->tuple, int->float), or an error.
+    Strings are parsed as Python literals unless the default is a string (``("a",)`` -> tuple)."""
+    if isinstance(new, str) and not isinstance(old, str):
+        new = _parse_value(new)
     if old is None or new is None or type(old) is type(new):
         return new
     if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
@@ -254,7 +256,7 @@ def merge_opts(cfg: CN, opts: Iterable[str]) -> None:
             if part not in node or not isinstance(node[part], CN):
                 raise _unknown_key("opts", prefix, part, node)
             node, prefix = node[part], prefix + part + "."
-        merge_dict(node, {leaf: _parse_value(text)}, "opts", prefix)
+        merge_dict(node, {leaf: text}, "opts", prefix)
 
 
 def load_config(path: str | os.PathLike | None = None, opts: Iterable[str] = ()) -> CN:

@@ -1,0 +1,106 @@
+"""Checkpoints in Detectron2's layout: ``model_XXXXXXX.pth`` / ``model_final.pth`` plus a
+``last_checkpoint`` file naming the newest, and loading of ``MODEL.WEIGHTS``.
+
+A checkpoint holds ``{"model", "optimizer", "scheduler", "scaler", "iteration", "rng"}``; everything is
+stored as tensors and plain Python values so it loads with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from instsynth.io import InstSynthError, atomic_path, get_logger, write_bytes
+
+log = get_logger("instsynth.engine")
+LAST_CHECKPOINT = "last_checkpoint"
+_TORCHVISION_RESNET_KEYS = ("conv1.weight", "layer1.0.conv1.weight")
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"key": np_state[0], "state": torch.from_numpy(np_state[1].astype(np.int64)),
+                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_name(iteration: int) -> str:
+    """File name of the checkpoint saved after ``iteration`` (0-based) iterations' updates."""
+    return f"model_{iteration:07d}.pth"
+
+
+def save_checkpoint(output_dir: str | Path, name: str, model: nn.Module, optimizer=None, scheduler=None,
+                    scaler=None, iteration: int = -1) -> Path:
+    """Write ``output_dir/name`` atomically and point ``last_checkpoint`` at it."""
+    output_dir = Path(output_dir)
+    data = {"model": model.state_dict(), "iteration": iteration, "rng": rng_state()}
+    if optimizer is not None:
+        data["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        data["scheduler"] = scheduler.state_dict()
+    if scaler is not None:
+        data["scaler"] = scaler.state_dict()
+    path = output_dir / name
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
+    write_bytes(output_dir / LAST_CHECKPOINT, name.encode())
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint named by ``output_dir/last_checkpoint``, or None when there is none."""
+    marker = Path(output_dir) / LAST_CHECKPOINT
+    if not marker.is_file():
+        return None
+    path = Path(output_dir) / marker.read_text().strip()
+    if not path.is_file():
+        raise InstSynthError(marker, f"names {path.name}, which does not exist")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InstSynthError(path, "checkpoint (MODEL.WEIGHTS) not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file for the user
+        raise InstSynthError(path, f"not a loadable PyTorch checkpoint ({exc})") from None
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a full checkpoint (``{"model": ...}``), a plain state dict of this model, or a torchvision
+    ResNet state dict (into the backbone). Mismatched shapes are skipped with a warning."""
+    data = read_checkpoint(path)
+    state = data.get("model", data) if isinstance(data, dict) else data
+    if not isinstance(state, dict):
+        raise InstSynthError(path, "checkpoint holds no state dict")
+    if all(k in state for k in _TORCHVISION_RESNET_KEYS) and hasattr(model, "backbone"):
+        state = {f"backbone.body.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    for k in skipped:
+        log.warning("not loading %s: shape %s in checkpoint, %s in model", k, tuple(state[k].shape), tuple(own[k].shape))
+        del state[k]
+    result = model.load_state_dict(state, strict=False)
+    loaded = len(state) - len(result.unexpected_keys)
+    if loaded == 0:
+        raise InstSynthError(path, "no parameter of the checkpoint matches this model")
+    log.info("loaded %d tensors from %s (%d model tensors not in it, %d checkpoint tensors unused)",
+             loaded, path, len(result.missing_keys), len(result.unexpected_keys))
