@@ -88,8 +88,9 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1, start_iter: int 
     dataset = StreamDataset(train_dataset_dicts(cfg), mapper, cfg.SEED)
     sampler = StreamBatchSampler(cfg.SOLVER.IMS_PER_BATCH, rank, world_size, start_iter)
     workers = cfg.DATALOADER.NUM_WORKERS
+    # an own generator: creating the iterator must not consume the global RNG (exact --resume)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=trivial_collate, num_workers=workers,
-                      persistent_workers=False, pin_memory=False, prefetch_factor=2 if workers else None)
+                      prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(cfg.SEED))
 
 
 class _TestDataset(Dataset):

@@ -38,7 +38,8 @@ def _quiet():
 def evaluate_coco(results: list[dict], json_file: str | Path, class_names: dict[int, str],
                   output_dir: str | Path | None = None) -> dict[str, float]:
     """Mask AP of ``results`` against a COCO file, in percent: ``AP``, ``AP50``, ``AP75``, ``APs``,
-    ``APm``, ``APl`` and ``AP-<class>``. Writes ``coco_instances_results.json`` to ``output_dir``."""
+    ``APm``, ``APl`` and ``AP-<class>`` (None where the ground truth has no instance of that kind).
+    Writes ``coco_instances_results.json`` to ``output_dir``."""
     if output_dir is not None:
         write_json(Path(output_dir) / "coco_instances_results.json", results, indent=None)
     with _quiet():
@@ -53,18 +54,19 @@ def evaluate_coco(results: list[dict], json_file: str | Path, class_names: dict[
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    metrics = {n: float(v * 100) if v >= 0 else float("nan") for n, v in zip(names, ev.stats[:6])}
+    metrics = {n: float(v * 100) if v >= 0 else None for n, v in zip(names, ev.stats[:6])}
     precision = ev.eval["precision"]  # T, R, K, A, M
     for k, cat_id in enumerate(ev.params.catIds):
         p = precision[:, :, k, 0, -1]
         p = p[p > -1]
-        metrics[f"AP-{class_names.get(cat_id, cat_id)}"] = float(p.mean() * 100) if p.size else float("nan")
+        metrics[f"AP-{class_names.get(cat_id, cat_id)}"] = float(p.mean() * 100) if p.size else None
     return metrics
 
 
-def format_table(metrics: dict[str, float], title: str) -> str:
-    """A two-column text table of metrics."""
+def format_table(metrics: dict, title: str) -> str:
+    """A two-column text table of metrics (numbers with two decimals, None as n/a)."""
     width = max(len(k) for k in metrics) if metrics else 6
     lines = [title, f"{'metric':<{width}} | value", f"{'-' * width}-|-------"]
-    lines += [f"{k:<{width}} | {v:6.2f}" for k, v in metrics.items()]
+    lines += [f"{k:<{width}} | " + (f"{v:6.2f}" if isinstance(v, (int, float)) else f"{'n/a':>6}")
+              for k, v in metrics.items()]
     return "\n".join(lines)

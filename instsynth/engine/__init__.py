@@ -1,0 +1,1 @@
+"""Training engine: trainer (accelerate), checkpoints, COCO evaluation, multi-process launch."""
