@@ -1,0 +1,190 @@
+"""What every generation backend shares: settings, seeds, prompt choice, sample jobs, resizing and
+compositing, and the small :class:`Backend` interface.
+
+Seeds never depend on processing order: an instance's seed is a stable hash of (base seed, instance
+key) and picks its prompt; a sample's seed is a stable hash of (base seed, key, sample index) and
+drives every random draw of that sample (its own CPU ``torch.Generator`` for diffusion backends).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import cv2
+import numpy as np
+
+from ..labels import DEFAULT_PROMPTS
+
+MODE_NAMES = {"recolor": "Recolor", "diffinpainting": "DiffPainting", "bld": "BlendedDiff", "gligen": "gligen"}
+"""Output folder name of each backend (the paper's folder names)."""
+
+DEFAULT_MODELS = {
+    "recolor": None,
+    "diffinpainting": "stabilityai/stable-diffusion-2-inpainting",
+    "bld": "stabilityai/stable-diffusion-xl-base-1.0",
+    "gligen": "masterful/gligen-1-4-inpainting-text-box",
+}
+"""Model loaded by each backend when ``--model_path`` is not given (hub ids)."""
+
+GLIGEN_NEGATIVE_PROMPT = (
+    "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
+    "worst quality, low quality")
+"""The paper's default negative prompt for GLIGEN (the other backends default to none)."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Every knob of a generation run (recorded as ``params`` in the manifest)."""
+
+    mode: str = "recolor"
+    model_path: str | None = None
+    num_samples: int = 1
+    batch_size: int = 1
+    steps: int = 50
+    guidance_scale: float = 7.5
+    strength: float = 1.0
+    negative_prompt: str | None = None
+    blending_start_percentage: float = 0.25
+    plms: bool = True
+    resolution: int | None = None
+    seed: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    prompts: str = str(DEFAULT_PROMPTS)
+    attention_slicing: bool = False
+
+    @property
+    def mode_name(self) -> str:
+        return MODE_NAMES[self.mode]
+
+    @property
+    def model_id(self) -> str | None:
+        """The model actually loaded: ``model_path`` or the backend's default hub id."""
+        return self.model_path or DEFAULT_MODELS[self.mode]
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- seeds and prompts
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from a SHA-256 of the parts (independent of Python's hash randomisation)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def instance_seed(seed: int, key: str) -> int:
+    """Seed of an instance (chooses its prompt)."""
+    return stable_seed(seed, key)
+
+
+def sample_seed(seed: int, key: str, sample: int) -> int:
+    """Seed of one sample of an instance (drives all of that sample's randomness)."""
+    return stable_seed(seed, key, sample)
+
+
+def choose_prompt(prompts: Sequence[str], seed: int) -> str:
+    """One prompt of the class's list, chosen by the instance seed."""
+    return prompts[int(np.random.default_rng(seed).integers(len(prompts)))]
+
+
+# --------------------------------------------------------------------------- sample jobs
+@dataclass
+class SampleJob:
+    """One image to generate: sample ``sample`` of instance ``key``."""
+
+    key: str
+    sample: int
+    seed: int
+    prompt: str  # "a red car"
+    text: str  # "a photo of a red car"
+    class_name: str
+    crop_rgb: np.ndarray = field(repr=False)  # (H, W, 3) uint8
+    crop_mask: np.ndarray = field(repr=False)  # (H, W) bool
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the crop."""
+        return self.crop_mask.shape[:2]
+
+    def mask_box(self) -> tuple[float, float, float, float]:
+        """The instance's box inside the crop, normalised to [0, 1] (x0, y0, x1, y1)."""
+        ys, xs = np.nonzero(self.crop_mask)
+        h, w = self.size
+        return xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h
+
+
+# --------------------------------------------------------------------------- resizing, compositing
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an RGB uint8 image to (height, width): INTER_AREA to shrink, INTER_CUBIC to enlarge."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image.copy()
+    shrink = h * w < image.shape[0] * image.shape[1]
+    out = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    return out  # uint8 input: OpenCV saturates cubic overshoot
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a boolean mask to (height, width); a shrunk pixel is inside if any source pixel was.
+
+    Shrinking uses the covered fraction (INTER_AREA) so thin parts survive; enlarging thresholds a
+    bilinear resize at 0.5. The generated region thus covers the instance; the final composite uses
+    the original-resolution mask anyway.
+    """
+    h, w = size
+    m = mask.astype(np.float32)
+    if m.shape[:2] == (h, w):
+        return mask.astype(bool)
+    if h * w < m.shape[0] * m.shape[1]:
+        return cv2.resize(m, (w, h), interpolation=cv2.INTER_AREA) > 1e-3
+    return cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
+
+
+def composite(source: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``generated`` inside ``mask`` and ``source`` elsewhere (outside pixels byte-identical)."""
+    if generated.shape != source.shape:
+        generated = resize_image(generated, source.shape[:2])
+    return np.where(mask[..., None], generated, source).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- the backend interface
+class Backend:
+    """One way of regenerating instances. Subclasses set the class attributes and ``generate``."""
+
+    name: ClassVar[str]
+    output_params: ClassVar[tuple[str, ...]] = ("seed",)
+    """Settings that change the pixels: a resumed run must use the same values."""
+
+    def __init__(self, settings: GenerationSettings, local_rank: int = 0):
+        self.settings = settings
+        self.local_rank = local_rank  # GPU index of this process under accelerate launch / torchrun
+
+    def describe(self) -> dict:
+        """Resolved details recorded in the manifest's params (device, dtype, resolution, ...)."""
+        return {}
+
+    def generate(self, jobs: Sequence[SampleJob]) -> list[np.ndarray]:
+        """One RGB uint8 image per job, at the job's crop size (composited by the caller)."""
+        raise NotImplementedError
+
+
+def backend_class(mode: str) -> type[Backend]:
+    """The backend class of a mode (imported lazily: recolor needs neither torch nor diffusers)."""
+    if mode == "recolor":
+        from .recolor import RecolorBackend as cls
+    elif mode == "diffinpainting":
+        from .diffinpainting import DiffInpaintingBackend as cls
+    elif mode == "bld":
+        from .bld import BlendedLatentDiffusionBackend as cls
+    elif mode == "gligen":
+        from .gligen import GligenBackend as cls
+    else:
+        raise ValueError(f"unknown mode {mode!r}; choose from {sorted(MODE_NAMES)}")
+    return cls
+
+
+def resolve_prompts_path(path: str | Path | None) -> str:
+    return str(Path(path or DEFAULT_PROMPTS).resolve())

@@ -1,0 +1,356 @@
+"""The generation stage: plan the samples still missing, run a backend over them in batches, write
+PNGs and the manifest, and report.
+
+Scale-out: under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1) process ``r`` of ``n``
+takes instances ``r, r + n, ...`` of the metadata; since every sample's randomness comes from its own
+seed, the union of outputs is the same as one process's. Resume: a sample counts as done when the
+manifest (or a shard of an interrupted run) records it and its PNG exists.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..io import InstSynthError, get_logger, progress, read_png, write_json, write_png
+from ..labels import load_prompt_bank, render_prompt
+from ..selection import load_metadata
+from .common import (Backend, GenerationSettings, SampleJob, backend_class, choose_prompt, composite,
+                     instance_seed, sample_seed)
+from .manifest import (MANIFEST_NAME, MANIFEST_VERSION, REPORT_NAME, add_sample, existing_entries,
+                       read_manifest, sample_relpath, shard_files, shard_name, write_manifest)
+
+log = get_logger("instsynth.generation")
+
+METADATA_NAMES = ("metadata_refined.json", "metadata.json")
+"""Looked up in ``--folder`` when no ``--metadata`` is given (the paper's name first)."""
+
+
+@dataclass
+class Shard:
+    """This process's place in a multi-process run (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    state: Any = None
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+def current_shard() -> Shard:
+    """Rank and world size from ``accelerate launch`` / ``torchrun`` (via accelerate's PartialState)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Shard()
+    from accelerate import PartialState
+
+    state = PartialState()
+    return Shard(state.process_index, state.num_processes, state.local_process_index, state)
+
+
+@dataclass
+class InstancePlan:
+    """One instance of this shard: its metadata, its manifest entry and the samples still to make."""
+
+    inst: dict
+    entry: dict
+    pending: list[int]
+
+
+@dataclass
+class GenerationSummary:
+    """Where the stage wrote and what it did."""
+
+    manifest: Path
+    report: Path
+    instances: int
+    samples_written: int
+    samples_existing: int
+    skipped: int
+
+
+@dataclass
+class _RunState:
+    skipped: list[dict] = field(default_factory=list)
+    written: int = 0
+    existing: int = 0
+    oom_halvings: int = 0
+
+
+# --------------------------------------------------------------------------- inputs
+def find_metadata(folder: str | os.PathLike) -> Path:
+    """``metadata_refined.json`` or ``metadata.json`` inside the paper's ``--folder``."""
+    folder = Path(folder)
+    for name in METADATA_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise InstSynthError(folder, f"no {' or '.join(METADATA_NAMES)} found (run process_clean_ver.py or pass --metadata)")
+
+
+def validate_settings(settings: GenerationSettings, where: Path) -> None:
+    checks = [(settings.num_samples >= 1, "num_samples must be >= 1"),
+              (settings.batch_size >= 1, "batch_size must be >= 1"),
+              (settings.steps >= 1, "steps must be >= 1"),
+              (0.0 < settings.strength <= 1.0, "strength must be in (0, 1]"),
+              (0.0 <= settings.blending_start_percentage < 1.0, "blending_start_percentage must be in [0, 1)"),
+              (settings.resolution is None or (settings.resolution >= 8 and settings.resolution % 8 == 0),
+               "resolution must be a multiple of 8")]
+    for ok, problem in checks:
+        if not ok:
+            raise InstSynthError(where, problem)
+
+
+def load_crop(inst: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(crop RGB uint8, crop mask bool) of an instance, checked: same size, non-empty mask."""
+    rgb_path, mask_path = inst["crop_rgb_path"], inst["crop_mask_path"]
+    rgb = read_png(rgb_path, rgb=True, dtype=np.uint8)
+    mask = read_png(mask_path, dtype=np.uint8)
+    if mask.ndim != 2:
+        raise InstSynthError(mask_path, f"crop mask must be single-channel, found {mask.shape[2]} channels")
+    if mask.shape != rgb.shape[:2]:
+        raise InstSynthError(mask_path, f"size {mask.shape[1]}x{mask.shape[0]} differs from its crop {rgb_path} "
+                                        f"({rgb.shape[1]}x{rgb.shape[0]})")
+    mask = mask > 127
+    if not mask.any():
+        raise InstSynthError(mask_path, "empty instance mask (no pixel is 255)")
+    return rgb, mask
+
+
+# --------------------------------------------------------------------------- manifest bookkeeping
+def manifest_header(settings: GenerationSettings, meta: dict, meta_path: Path, template: str) -> dict:
+    return {"version": MANIFEST_VERSION, "backend": settings.mode, "mode_name": settings.mode_name,
+            "model_id": settings.model_id, "params": {**settings.as_json(), "prompt_template": template},
+            "metadata": str(meta_path), "dataset_root": meta["dataset_root"]}
+
+
+def check_compatible(old: dict | None, new: dict, output_params: Sequence[str], where: Path) -> None:
+    """Refuse to resume over samples made with settings that change the pixels."""
+    if old is None:
+        return
+    old_params, new_params = old.get("params", {}), new["params"]
+    keys = [("backend", old.get("backend"), new["backend"]), ("model_id", old.get("model_id"), new["model_id"])]
+    keys += [(k, old_params.get(k), new_params.get(k)) for k in (*output_params, "prompt_template")]
+    changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in keys if a != b]
+    if changed:
+        raise InstSynthError(where, "existing samples were made with other settings (" + "; ".join(changed)
+                             + "); use another --folder or delete this folder to regenerate")
+
+
+def new_entry(inst: dict, split: str, prompt: str, text: str, seed: int) -> dict:
+    return {"image_id": inst["image_id"], "instance_id": inst["instance_id"], "class": inst["class"],
+            "split": split, "city": inst["city"], "prompt": prompt, "text": text, "seed": seed,
+            "samples": [], "sample_seeds": []}
+
+
+def plan_instances(instances: list[dict], split: str, settings: GenerationSettings, template: str,
+                   bank: dict[str, list[str]], done: dict[str, dict], mode_dir: Path, state: _RunState,
+                   skip_bad: bool, where: Path) -> list[InstancePlan]:
+    """Entry and missing sample indices of every instance (unknown classes raise or are skipped)."""
+    plans = []
+    for inst in instances:
+        key = inst["key"]
+        if inst["class"] not in bank:
+            problem = f"instance {key!r}: class {inst['class']!r} has no prompts in {settings.prompts}"
+            if not skip_bad:
+                raise InstSynthError(where, problem)
+            state.skipped.append({"key": key, "path": str(where), "problem": problem})
+            continue
+        seed = instance_seed(settings.seed, key)
+        prompt = choose_prompt(bank[inst["class"]], seed)
+        entry = new_entry(inst, split, prompt, render_prompt(template, prompt), seed)
+        old = done.get(key)
+        if old is not None and old["text"] != entry["text"]:
+            log.warning("%s: prompt changed (%r -> %r); its samples are made again", key, old["text"], entry["text"])
+            old = None
+        recorded = set(old["samples"]) if old else set()
+        pending = []
+        for j in range(settings.num_samples):
+            rel = sample_relpath(split, inst["city"], inst["image_id"], inst["instance_id"], settings.mode_name, j)
+            if rel in recorded and (mode_dir / rel).is_file():
+                state.existing += 1
+            else:
+                pending.append(j)
+        if old:  # keep what earlier runs recorded (e.g. quality scores) for samples still on disk
+            keep = [(s, sd) for s, sd in zip(old["samples"], old["sample_seeds"]) if (mode_dir / s).is_file()]
+            entry = {**old, **entry, "samples": [s for s, _ in keep], "sample_seeds": [sd for _, sd in keep]}
+            if len(keep) != len(old["samples"]):
+                entry.pop("scores", None)
+        plans.append(InstancePlan(inst, entry, pending))
+    return plans
+
+
+# --------------------------------------------------------------------------- running
+def iter_jobs(plans: list[InstancePlan], settings: GenerationSettings, state: _RunState,
+              skip_bad: bool) -> Iterator[tuple[InstancePlan, SampleJob]]:
+    """Every pending sample as a job; each instance's crop is read once, just before its samples."""
+    for plan in plans:
+        if not plan.pending:
+            continue
+        try:
+            rgb, mask = load_crop(plan.inst)
+        except InstSynthError as exc:
+            if not skip_bad:
+                raise
+            log.warning("skipping %s: %s", plan.inst["key"], exc)
+            state.skipped.append({"key": plan.inst["key"], "path": str(exc.path), "problem": exc.problem})
+            plan.pending = []
+            continue
+        for j in plan.pending:
+            yield plan, SampleJob(plan.inst["key"], j, sample_seed(settings.seed, plan.inst["key"], j),
+                                  plan.entry["prompt"], plan.entry["text"], plan.inst["class"], rgb, mask)
+
+
+def chunks(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def generate_with_oom_halving(backend: Backend, jobs: list[SampleJob], limit: list[int],
+                              state: _RunState) -> list[np.ndarray]:
+    """Run ``jobs`` in calls of at most ``limit[0]`` images, halving it (for the rest of the run) on OOM."""
+    outputs: list[np.ndarray] = []
+    start = 0
+    while start < len(jobs):
+        part = jobs[start:start + limit[0]]
+        try:
+            outputs += backend.generate(part)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+            if not is_out_of_memory(exc) or len(part) == 1:
+                raise
+            limit[0] = max(1, len(part) // 2)
+            state.oom_halvings += 1
+            log.warning("out of GPU memory with %d images per call; retrying with %d", len(part), limit[0])
+            sys.modules["torch"].cuda.empty_cache()
+            continue
+        start += len(part)
+    return outputs
+
+
+def write_samples(mode_dir: Path, batch: list[tuple[InstancePlan, SampleJob]], images: list[np.ndarray]) -> None:
+    """Composite each image through its original mask, write it atomically, record it in its entry."""
+    for (plan, job), image in zip(batch, images):
+        if image.shape[:2] != job.size:
+            raise RuntimeError(f"backend returned {image.shape[:2]} for a crop of size {job.size}")
+        inst = plan.inst
+        rel = sample_relpath(plan.entry["split"], inst["city"], inst["image_id"], inst["instance_id"],
+                             mode_dir.name, job.sample)
+        write_png(mode_dir / rel, composite(job.crop_rgb, image, job.crop_mask))
+        add_sample(plan.entry, rel, job.seed)
+
+
+def generate_instances(metadata: str | os.PathLike, out: str | os.PathLike | None = None,
+                       settings: GenerationSettings = GenerationSettings(), skip_bad: bool = False
+                       ) -> GenerationSummary:
+    """Generate ``settings.num_samples`` images of every instance of a stage-1 ``metadata.json``.
+
+    Writes ``<out>/<ModeName>/<split>/<city>/<image_id>_<instance_id>_<ModeName>_<sample:06d>.png``,
+    the manifest ``<out>/<ModeName>/generation.json`` and ``generation_report.json``; ``out``
+    defaults to the metadata's folder. Samples already recorded are skipped. Bad input raises
+    InstSynthError; with ``skip_bad`` the instance is skipped and listed in the report.
+    """
+    started = time.time()
+    meta_path = Path(metadata).resolve()
+    meta = load_metadata(meta_path, check_files=False)
+    out = Path(out).resolve() if out is not None else meta_path.parent
+    mode_dir = out / settings.mode_name
+    validate_settings(settings, meta_path)
+    template, bank = load_prompt_bank(settings.prompts)
+    shard = current_shard()
+    backend_cls = backend_class(settings.mode)
+
+    header = manifest_header(settings, meta, meta_path, template)
+    done, old_header = existing_entries(mode_dir)
+    check_compatible(old_header, header, backend_cls.output_params, mode_dir)
+    state = _RunState()
+    order = [inst["key"] for inst in meta["instances"]]
+    plans = plan_instances(meta["instances"][shard.rank::shard.world], meta["split"], settings, template, bank,
+                           done, mode_dir, state, skip_bad, meta_path)
+    entries = {key: e for key, e in done.items() if key in set(order)} if shard.world == 1 else {}
+    entries.update({p.inst["key"]: p.entry for p in plans})
+    manifest_path = mode_dir / (MANIFEST_NAME if shard.world == 1 else shard_name(shard.rank, shard.world))
+
+    pending = sum(len(p.pending) for p in plans)
+    backend = backend_cls(settings, local_rank=shard.local_rank) if pending else None
+    if backend is not None:
+        header["params"]["resolved"] = backend.describe()
+    elif old_header is not None and "resolved" in old_header.get("params", {}):
+        header["params"]["resolved"] = old_header["params"]["resolved"]
+    limit = [settings.batch_size]
+    batches = chunks(iter_jobs(plans, settings, state, skip_bad), settings.batch_size)
+    for batch in progress(batches, f"generating ({settings.mode})", math.ceil(pending / settings.batch_size)):
+        images = generate_with_oom_halving(backend, [job for _, job in batch], limit, state)
+        write_samples(mode_dir, batch, images)
+        state.written += len(batch)
+        extra = {} if shard.world == 1 else {"skipped": state.skipped, "stats": _stats(state)}
+        write_manifest(manifest_path, {**header, **extra}, {k: e for k, e in entries.items() if e["samples"]}, order)
+    if shard.world > 1:  # the final shard file carries this process's skips and counts
+        write_manifest(manifest_path, {**header, "skipped": state.skipped, "stats": _stats(state)},
+                       {k: e for k, e in entries.items() if e["samples"]}, order)
+    shard.barrier()
+    summary = None
+    if shard.rank == 0:
+        summary = finalize(mode_dir, header, order, state, shard.world, time.time() - started)
+    shard.barrier()
+    if summary is None:
+        manifest = mode_dir / MANIFEST_NAME
+        summary = GenerationSummary(manifest, mode_dir / REPORT_NAME, len(plans), state.written, state.existing,
+                                    len(state.skipped))
+    return summary
+
+
+def _stats(state: _RunState) -> dict:
+    return {"samples_written": state.written, "samples_existing": state.existing, "oom_halvings": state.oom_halvings}
+
+
+def finalize(mode_dir: Path, header: dict, order: list[str], state: _RunState, world: int,
+             seconds: float) -> GenerationSummary:
+    """Merge shard manifests into ``generation.json``, write the report, delete the shards."""
+    shards = shard_files(mode_dir)
+    entries, _ = existing_entries(mode_dir)
+    skipped, stats = list(state.skipped) if world == 1 else [], _stats(state) if world == 1 else None
+    if world > 1:
+        stats = {"samples_written": 0, "samples_existing": 0, "oom_halvings": 0}
+        for path in shards:
+            shard = read_manifest(path)
+            skipped += shard.get("skipped", [])
+            for k in stats:
+                stats[k] += shard.get("stats", {}).get(k, 0)
+    header = {k: v for k, v in header.items() if k not in ("skipped", "stats")}
+    keys = set(order)
+    entries = {k: e for k, e in entries.items() if k in keys and e["samples"]}
+    manifest = mode_dir / MANIFEST_NAME
+    write_manifest(manifest, header, entries, order)
+    for path in shards:
+        path.unlink(missing_ok=True)
+    position = {key: i for i, key in enumerate(order)}
+    skipped.sort(key=lambda s: position.get(s["key"], -1))
+    report = {"version": MANIFEST_VERSION, "backend": header["backend"], "mode_name": header["mode_name"],
+              "metadata": header["metadata"], "instances_in_metadata": len(order),
+              "instances_with_samples": len(entries),
+              "samples_total": sum(len(e["samples"]) for e in entries.values()), **stats,
+              "skipped_count": len(skipped), "skipped": skipped, "processes": world,
+              "resolved": header["params"].get("resolved", {}), "seconds": round(seconds, 2)}
+    write_json(mode_dir / REPORT_NAME, report)
+    log.info("generation (%s): %d samples written, %d already there, %d instances skipped -> %s",
+             header["backend"], stats["samples_written"], stats["samples_existing"], len(skipped), manifest)
+    return GenerationSummary(manifest, mode_dir / REPORT_NAME, len(entries), stats["samples_written"],
+                             stats["samples_existing"], len(skipped))
