@@ -85,7 +85,8 @@ def corner_polygons(mask: np.ndarray) -> tuple[list[np.ndarray], bool]:
 def centre_polygons(mask: np.ndarray) -> list[np.ndarray]:
     """Outer contours through boundary-pixel centres (Cityscapes polygons.json convention)."""
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    return [c[:, 0, :] for c in contours]
+    # 1- and 2-point contours (one pixel, a thin line) are closed to 3 points so that PIL can draw them
+    return [c[:, 0, :] if len(c) >= 3 else np.resize(c[:, 0, :], (3, 2)) for c in contours]
 
 
 def rle_encode(mask: np.ndarray, top: int, left: int, height: int, width: int) -> dict:
@@ -244,8 +245,11 @@ def _map_images(images: list[CityscapesImage], options: ConversionOptions, worke
         for image in progress(images, desc):
             yield convert_image(image, options)
         return
+    # not "fork": OpenCV's thread pool, once used in this process, can deadlock a forked child
     methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload([__name__])
     chunksize = max(1, min(16, len(images) // (workers * 4)))
     with ctx.Pool(workers, initializer=_init_worker) as pool:
         jobs = pool.imap(_convert_star, [(img, options) for img in images], chunksize=chunksize)
