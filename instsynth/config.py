@@ -29,7 +29,7 @@ def _defaults() -> CN:
     _C = CN()
     _C.SEED = 42
     _C.OUTPUT_DIR = "output"
-    _C.VIS_PERIOD = 0
+    _C.VIS_PERIOD = 0  # > 0: every N iterations write OUTPUT_DIR/vis/iter_*.png (ground truth | predictions)
     _C.LOG_PERIOD = 20
     _C.CUDNN_BENCHMARK = False
     _C.VERSION = 2

@@ -87,6 +87,10 @@ def read_checkpoint(path: str | Path) -> dict:
 def load_model_weights(model: nn.Module, path: str | Path) -> None:
     """Load a full checkpoint (``{"model": ...}``), a plain state dict of this model, or a torchvision
     ResNet state dict (into the backbone). Mismatched shapes are skipped with a warning."""
+    if not Path(path).is_file():
+        raise InstSynthError(path, "MODEL.WEIGHTS not found. For the ImageNet ResNet-50 of the Cityscapes configs: "
+                                   "mkdir -p weights && wget -P weights https://download.pytorch.org/models/"
+                                   "resnet50-0676ba61.pth (or pass MODEL.WEIGHTS '' to train from scratch)")
     data = read_checkpoint(path)
     state = data.get("model", data) if isinstance(data, dict) else data
     if not isinstance(state, dict):

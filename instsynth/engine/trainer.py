@@ -24,6 +24,7 @@ from instsynth.data.catalog import get_metadata
 from instsynth.engine.checkpoint import (checkpoint_name, last_checkpoint, load_model_weights, read_checkpoint,
                                          save_checkpoint, set_rng_state)
 from instsynth.engine.coco_eval import evaluate_coco, format_table, instances_to_coco
+from instsynth.engine.visualize import save_training_visual
 from instsynth.io import InstSynthError, get_logger, write_json
 from instsynth.modeling import build_model
 
@@ -180,6 +181,8 @@ def do_train(cfg, model: nn.Module, accelerator, resume: bool = False) -> nn.Mod
         if done % cfg.LOG_PERIOD == 0 or it == start_iter or done == max_iter:
             _log_step(accelerator, writer, it, losses, total, lr, data_time, time.perf_counter() - timer, max_iter)
         timer = time.perf_counter()
+        if cfg.VIS_PERIOD > 0 and done % cfg.VIS_PERIOD == 0 and accelerator.is_main_process:
+            save_training_visual(raw_model, batch[0], out / "vis" / f"iter_{it:07d}.png")
         if done % cfg.SOLVER.CHECKPOINT_PERIOD == 0 and done != max_iter:
             _save(accelerator, out, checkpoint_name(it), raw_model, optimizer, scheduler, it)
         if cfg.TEST.EVAL_PERIOD > 0 and done % cfg.TEST.EVAL_PERIOD == 0 and done != max_iter:
@@ -278,6 +281,8 @@ def do_test(cfg, model: nn.Module, accelerator, iteration: int | None = None, wr
 def run(cfg, eval_only: bool = False, resume: bool = False) -> dict:
     """What ``train_net.py`` does: set up, build the model, train (unless ``eval_only``) and evaluate."""
     accelerator = make_accelerator(cfg)
+    if not accelerator.is_main_process:  # one process reports progress
+        logging.getLogger("instsynth").setLevel(logging.WARNING)
     setup_output(cfg, accelerator)
     seed_everything(cfg.SEED + accelerator.process_index)
     log.info("running on %s (%d process(es)), mixed precision: %s", accelerator.device, accelerator.num_processes,
