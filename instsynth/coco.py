@@ -282,7 +282,7 @@ def convert_split(datadir: str | Path, split: str, options: ConversionOptions, c
         dropped += result["dropped"]
         polygons_written += result["polygons_written"]
         holes += result["holes_as_rle"]
-    coco = {"info": {"description": f"Cityscapes-format dataset {datadir.name}, split {split} (InstSynth)",
+    coco = {"info": {"description": f"Cityscapes instances, split {split} (InstSynth stage 5)",
                      "version": "1.0"},
             "licenses": [], "images": coco_images, "annotations": coco_anns, "categories": categories}
     out = write_json(coco_json_path(datadir, split), coco, indent=None)
