@@ -1,0 +1,259 @@
+"""Generation quality metrics (SSIM/PSNR in and out of the mask, FID, CLIP) and the quality gate."""
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from instsynth import quality
+from instsynth.io import InstSynthError, read_json
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from instsynth.testing.tiny_eval_models import build_tiny_clip, build_tiny_inception
+
+    root = tmp_path_factory.mktemp("tiny_eval_models")
+    return {"clip": build_tiny_clip(root / "clip"), "inception": build_tiny_inception(root / "inception")}
+
+
+@pytest.fixture(scope="module")
+def recolor_run(demo_root, tmp_path_factory):
+    """Stage 1 (k=2) and the recolor backend (2 samples per instance) on the demo train split."""
+    from instsynth.generation.common import GenerationSettings
+    from instsynth.generation.runner import generate_instances
+    from instsynth.selection import select_instances
+
+    out = tmp_path_factory.mktemp("recolor_run")
+    selection = select_instances(demo_root, "train", k=2, out=out / "stage1", workers=1)
+    summary = generate_instances(selection.metadata, out / "gen", GenerationSettings(mode="recolor", num_samples=2))
+    return summary.manifest
+
+
+@pytest.fixture
+def run_copy(recolor_run, tmp_path):
+    """A private copy of the generation folder (the manifest may be modified)."""
+    dst = tmp_path / recolor_run.parent.name
+    shutil.copytree(recolor_run.parent, dst)
+    return dst / recolor_run.name
+
+
+def random_pair(seed=0, size=(48, 40)):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    mask = np.zeros(size, bool)
+    mask[10:30, 8:28] = True
+    return image, mask
+
+
+# --------------------------------------------------------------------------- pixel metrics
+def test_identical_images_give_ssim_one_and_infinite_psnr():
+    image, mask = random_pair()
+    m = quality.pixel_metrics(image, image.copy(), mask)
+    assert m["ssim_in"] == 1.0 and m["ssim_out"] == 1.0
+    assert m["psnr_in"] == math.inf and m["psnr_out"] == math.inf
+    assert m["mask_leak"] == 0.0 and m["changed_fraction"] == 0.0
+
+
+def test_change_inside_mask_leaves_outside_perfect():
+    image, mask = random_pair()
+    sample = image.copy()
+    sample[mask] = 255 - sample[mask]
+    m = quality.pixel_metrics(image, sample, mask)
+    assert m["ssim_out"] == 1.0 and m["psnr_out"] == math.inf and m["mask_leak"] == 0.0
+    assert m["ssim_in"] < 0.5 and 0 < m["psnr_in"] < 20 and m["changed_fraction"] > 0.9
+
+
+def test_change_outside_mask_is_measured():
+    image, mask = random_pair()
+    sample = image.copy()
+    sample[0:4, 0:4] = 255 - sample[0:4, 0:4]
+    m = quality.pixel_metrics(image, sample, mask)
+    assert m["ssim_in"] == 1.0 and m["psnr_in"] == math.inf
+    assert m["ssim_out"] < 1.0 and math.isfinite(m["psnr_out"]) and m["mask_leak"] == 1.0
+
+
+def test_psnr_and_mask_leak_known_values():
+    reference = np.full((20, 20, 3), 100, np.uint8)
+    mask = np.zeros((20, 20), bool)
+    mask[:10] = True
+    sample = reference.copy()
+    sample[mask] += 10  # MSE 100 inside
+    sample[~mask] += 1  # MSE 1 outside
+    m = quality.pixel_metrics(reference, sample, mask)
+    assert m["psnr_in"] == pytest.approx(10 * math.log10(255 ** 2 / 100))
+    assert m["psnr_out"] == pytest.approx(10 * math.log10(255 ** 2))
+    assert m["mask_leak"] == pytest.approx(1 / 101)
+    assert m["changed_fraction"] == 1.0  # 10 grey levels > tolerance
+
+
+def test_json_numbers_are_strict():
+    assert quality.json_number(math.inf) == "inf" and quality.json_number(float("nan")) is None
+    assert quality.read_number("inf") == math.inf and quality.json_number(0.1234567) == 0.123457
+
+
+# --------------------------------------------------------------------------- FID
+def test_frechet_distance_known_values():
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2 for standard deviations s1, s2
+    assert quality.frechet_distance([0.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(9 + 1)
+    sigma1, sigma2 = np.diag([1.0, 4.0]), np.diag([9.0, 16.0])
+    assert quality.frechet_distance([0, 0], sigma1, [1, 1], sigma2) == pytest.approx(2 + (1 - 3) ** 2 + (2 - 4) ** 2)
+
+
+@pytest.mark.parametrize("n,d", [(12, 64), (200, 16)])
+def test_fid_of_a_set_against_itself_is_zero(n, d):
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(n, d))
+    assert abs(quality.fid_from_features(features, features)) < 1e-6
+    other = rng.normal(size=(n, d)) + 0.5
+    assert quality.fid_from_features(features, other) > 1.0
+
+
+def test_fid_few_samples_matches_full_computation():
+    rng = np.random.default_rng(2)
+    real, fake = rng.normal(size=(15, 40)), rng.normal(size=(13, 40)) * 1.5 + 0.2
+    full = quality.frechet_distance(real.mean(0), np.cov(real, rowvar=False), fake.mean(0), np.cov(fake, rowvar=False))
+    assert quality.fid_from_features(real, fake) == pytest.approx(full, rel=1e-4)
+
+
+def test_tiny_inception_fid(tiny_models):
+    features = quality.load_feature_extractor(tiny_models["inception"])
+    rng = np.random.default_rng(3)
+    dark = [rng.integers(0, 90, (50 + i, 50, 3), dtype=np.uint8) for i in range(6)]
+    bright = [rng.integers(160, 256, (50, 50 + i, 3), dtype=np.uint8) for i in range(6)]
+    f_dark = features(dark)
+    assert f_dark.shape == (6, 232) and np.isfinite(f_dark).all()
+    assert abs(quality.fid_from_features(f_dark, features(dark))) < 1e-3
+    assert quality.fid_from_features(f_dark, features(bright)) > 1e-3
+
+
+def test_inception_v3_state_dict_file_loads(tmp_path):
+    """A plain torchvision Inception-v3 state_dict with 1008 classes (pytorch-fid's pt_inception layout)."""
+    import torch
+    from torchvision.models.inception import Inception3
+
+    path = tmp_path / "pt_inception.pth"
+    torch.save(Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict(), path)
+    features = quality.load_feature_extractor(path)
+    assert features.input_size == 299
+    assert features([np.zeros((40, 30, 3), np.uint8)]).shape == (1, 2048)
+
+
+def test_missing_models_give_clear_errors(tmp_path):
+    with pytest.raises(InstSynthError, match="huggingface-cli download openai/clip-vit-base-patch32"):
+        quality.load_clip("instsynth-tests/no-such-clip")  # HF_HUB_OFFLINE=1 (conftest): no network tried
+    with pytest.raises(InstSynthError, match="pt_inception-2015-12-05"):
+        quality.load_feature_extractor("instsynth-tests/no-such-inception")
+    with pytest.raises(InstSynthError, match="not found"):
+        quality.load_feature_extractor(tmp_path / "missing.pth")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InstSynthError, match="CLIP"):
+        quality.load_clip(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------- evaluation of a run
+def test_clip_scores_are_cosines(tiny_models):
+    clip = quality.load_clip(tiny_models["clip"])
+    image, _ = random_pair()
+    images = clip.images([image, 255 - image])
+    texts = clip.texts(["a photo of a red car", "a photo of a man"])
+    scores = images @ texts.T
+    assert np.isfinite(scores).all() and (np.abs(scores) <= 1 + 1e-9).all()
+    assert np.allclose(clip.texts(["a photo of a man"]), texts[1:])  # independent of batching
+
+
+def test_evaluate_recolor_run(recolor_run, tiny_models, tmp_path, capsys):
+    out = tmp_path / "evaluation.json"
+    result = quality.evaluate_generation(recolor_run, inception=tiny_models["inception"], clip=tiny_models["clip"],
+                                         out=out, device="cpu", batch_size=4)
+    manifest = json.loads(recolor_run.read_text())
+    n_samples = sum(len(e["samples"]) for e in manifest["instances"].values())
+    summary = result["summary"]
+    assert summary["samples"] == n_samples == len(result["samples"]) and summary["instances"] == len(manifest["instances"])
+    # recolor pastes through the mask: outside is untouched, inside changed
+    assert summary["outside_identical"] == n_samples and summary["ssim_out"] == 1.0 and summary["psnr_out"] == math.inf
+    assert summary["mask_leak_max"] == 0.0 and summary["ssim_in"] < 1.0 and math.isfinite(summary["psnr_in"])
+    assert math.isfinite(summary["fid"]) and summary["fid"] > 0
+    for record in result["samples"]:
+        assert -1 <= record["clip_prompt"] <= 1 and -1 <= record["clip_source"] <= 1
+    written = read_json(out)  # strict JSON: infinity as "inf"
+    assert written["summary"]["psnr_out"] == "inf" and written["samples"][0]["ssim_out"] == 1.0
+    assert "Infinity" not in out.read_text()
+    table = quality.format_table(result)
+    assert "psnr_out" in table and "inf" in table and f"{n_samples}/{n_samples}" in table
+
+
+def test_evaluate_without_models_skips_with_notes(recolor_run, tmp_path):
+    result = quality.evaluate_generation(recolor_run, out=tmp_path / "e.json", device="cpu")
+    assert result["summary"]["fid"] is None and result["summary"]["clip_prompt"] is None
+    assert any("FID skipped" in n for n in result["notes"]) and any("CLIP scores skipped" in n for n in result["notes"])
+    assert "skipped" in quality.format_table(result)
+
+
+def test_evaluate_detects_a_sample_changed_outside_its_mask(run_copy, tmp_path):
+    from instsynth.io import read_png, write_png
+
+    entry = next(iter(json.loads(run_copy.read_text())["instances"].values()))
+    sample_path = run_copy.parent / entry["samples"][0]
+    sample = read_png(sample_path, rgb=True)
+    sample[0, 0] = 255 - sample[0, 0]  # a corner pixel: outside every demo crop's mask
+    write_png(sample_path, sample)
+    result = quality.evaluate_generation(run_copy, out=tmp_path / "e.json", device="cpu")
+    assert result["summary"]["outside_identical"] == result["summary"]["samples"] - 1
+    assert result["summary"]["mask_leak_max"] > 0 and math.isfinite(result["summary"]["psnr_out"])
+
+
+# --------------------------------------------------------------------------- quality gate
+def test_filter_writes_scores_and_is_idempotent(run_copy, tiny_models):
+    report = quality.score_generation(run_copy, clip=tiny_models["clip"], device="cpu")
+    manifest = json.loads(run_copy.read_text())
+    for entry in manifest["instances"].values():
+        assert len(entry["scores"]) == len(entry["samples"])
+        for score in entry["scores"]:
+            assert set(quality.SCORE_NAMES) <= set(score)
+            assert -1 <= score["clip_prompt"] <= 1 and score["mask_leak"] == 0.0
+            assert score["clip_margin"] is not None and -2 <= score["clip_margin"] <= 2
+    assert report["scored_now"] == report["samples"] > 0
+    kept = [row["samples_kept"] for row in report["min_clip_score"]]
+    assert kept == sorted(kept, reverse=True)  # stricter threshold, fewer samples
+    assert report["top_fraction"][-1] == {"fraction": 1.0, "samples_kept": report["samples"],
+                                          "instances_kept": report["instances"]}
+    assert read_json(run_copy.parent / quality.FILTER_REPORT_NAME)["samples"] == report["samples"]
+
+    before = run_copy.read_bytes()
+    again = quality.score_generation(run_copy, clip=tiny_models["clip"], device="cpu")
+    assert again["scored_now"] == 0 and run_copy.read_bytes() == before
+    from instsynth.generation.manifest import load_manifest
+
+    assert load_manifest(run_copy)["instances"]  # still a valid manifest (contract 2)
+
+
+def test_filter_cli(run_copy, tiny_models, capsys):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("filter_generation", REPO / "generation" / "filter_generation.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    cli.main(["--manifest", str(run_copy.parent), "--clip", str(tiny_models["clip"]), "--device", "cpu",
+              "--thresholds", "0.0", "0.5"])
+    out = capsys.readouterr().out
+    assert "min_clip_score 0.00" in out and "top_fraction 0.50" in out
+    with pytest.raises(SystemExit, match="error: .*no-such"):
+        cli.main(["--manifest", str(run_copy), "--clip", "instsynth-tests/no-such", "--device", "cpu", "--force"])
+
+
+def test_passing_samples_thresholds_and_top_fraction():
+    scores = {"a": [0.30, 0.10], "b": [0.25, 0.20, 0.05]}
+    manifest = {"instances": {k: {"samples": [f"{k}{i}.png" for i in range(len(v))],
+                                  "scores": [{"clip_prompt": s} for s in v]} for k, v in scores.items()}}
+    assert quality.passing_samples(manifest) == {"a": [0, 1], "b": [0, 1, 2]}
+    assert quality.passing_samples(manifest, min_clip_score=0.2) == {"a": [0], "b": [0, 1]}
+    assert quality.passing_samples(manifest, top_fraction=0.4) == {"a": [0], "b": [0]}  # ceil(0.4 * 5) = 2
+    assert quality.passing_samples(manifest, min_clip_score=0.26, top_fraction=0.4) == {"a": [0], "b": []}
+    del manifest["instances"]["b"]["scores"]
+    with pytest.raises(InstSynthError, match="filter_generation"):
+        quality.passing_samples(manifest, min_clip_score=0.2)
