@@ -658,7 +658,7 @@ def passing_samples(manifest: dict, min_clip_score: float | None = None, top_fra
     """Sample indices per instance key that pass the gate (all samples when neither is given).
 
     A sample passes when ``scores[i][score] >= min_clip_score`` and it is among the best
-    ``ceil(top_fraction * N)`` of all N scored samples of the run (ties: manifest order).
+    ``ceil(top_fraction * N)`` of all N scored samples of the run (ties: key, then index).
     Instances without scores raise InstSynthError when a criterion is given.
     """
     instances = manifest["instances"]
@@ -675,8 +675,8 @@ def passing_samples(manifest: dict, min_clip_score: float | None = None, top_fra
         ranked += [(read_number(s.get(score)), key, i) for i, s in enumerate(scores)]
     keep = {(key, i) for value, key, i in ranked if min_clip_score is None or value >= min_clip_score}
     if top_fraction is not None:
-        order = sorted(range(len(ranked)), key=lambda n: (-ranked[n][0], n))
-        best = {(ranked[n][1], ranked[n][2]) for n in order[:math.ceil(top_fraction * len(ranked) - 1e-9)]}
+        order = sorted(ranked, key=lambda item: (-item[0], item[1], item[2]))
+        best = {(key, i) for _, key, i in order[:math.ceil(top_fraction * len(ranked) - 1e-9)]}
         keep &= best
     return {key: [i for i in range(len(e["samples"])) if (key, i) in keep] for key, e in instances.items()}
 
