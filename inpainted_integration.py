@@ -1,0 +1,62 @@
+"""Stage 2 of InstSynth: paste generated instances into their images and cut new image/label pairs.
+
+For every sample listed in ``GEN_DIR/generation.json`` writes the full-size pasted image (panorama)
+and ``--crops_per_sample`` random context crops around the instance, each with its instanceIds, to
+``OUT/leftImg8bit/<split>/<city>_syn/`` and ``OUT/gtFine/<split>/<city>_syn/``, plus
+``OUT/integration.json``, ``OUT/cropped_region_coordinates.json`` (input of
+drop_color_and_labelIds_clean_ver.py) and ``OUT/integration_report.json``. All logic lives in
+:mod:`instsynth.integration`.
+"""
+import argparse
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--inpainting_dir", required=True,
+                   help="generation backend folder holding generation.json (e.g. ROOT/Recolor, ROOT/DiffPainting)")
+    p.add_argument("--metadata_path", default=None,
+                   help="stage-1 metadata.json (default: the one recorded in generation.json)")
+    p.add_argument("--cropped_region_coordinates", default=None,
+                   help="stage-1 cropped_region_coordinates.json, checked against the metadata (optional)")
+    p.add_argument("--output_folder_name", required=True, help="output dataset folder OUT")
+    p.add_argument("--crops_per_sample", type=int, default=1, help="random context crops per sample (default 1)")
+    p.add_argument("--blend", choices=["hard", "feather", "normalized"], default="hard",
+                   help="paste mode: hard mask, feathered mask edge, or the paper's mean colour correction (default hard)")
+    p.add_argument("--seed", type=int, default=1, help="base seed of the random crops (default 1)")
+    p.add_argument("--min_instance_pixels", type=int, default=4,
+                   help="redraw a crop that cuts an instance to fewer pixels than this (default 4, as the paper)")
+    p.add_argument("--max_tries", type=int, default=100,
+                   help="crop draws before falling back to the smallest crop centred on the instance (default 100)")
+    p.add_argument("--feather_pixels", type=int, default=3, help="width of the feathered edge in pixels (default 3)")
+    p.add_argument("--min_clip_score", type=float, default=None,
+                   help="keep only samples whose quality score clip_prompt is at least this (needs the quality filter)")
+    p.add_argument("--top_fraction", type=float, default=None,
+                   help="keep only the best fraction (0, 1] of all samples by clip_prompt (needs the quality filter)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip bad samples or images (listed in integration_report.json) instead of stopping")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from instsynth.integration import IntegrationParams, integrate_samples
+    from instsynth.io import InstSynthError
+
+    params = IntegrationParams(blend=args.blend, crops_per_sample=args.crops_per_sample, seed=args.seed,
+                               min_instance_pixels=args.min_instance_pixels, max_tries=args.max_tries,
+                               feather_pixels=args.feather_pixels)
+    try:
+        summary = integrate_samples(args.inpainting_dir, args.output_folder_name, metadata_path=args.metadata_path,
+                                    coordinates_path=args.cropped_region_coordinates, params=params,
+                                    workers=args.workers, skip_bad=args.skip_bad,
+                                    min_clip_score=args.min_clip_score, top_fraction=args.top_fraction)
+    except InstSynthError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"{summary.samples} samples -> {summary.new_images} new images ({summary.files_written} files written, "
+          f"{summary.skipped} samples skipped) -> {summary.integration}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Stage 4: crop gtFine labelIds and color to match the image/label pairs written by stage 2.
+
+Stage 2 (:mod:`instsynth.integration`) writes every new image with its instanceIds and records, in
+``OUT/cropped_region_coordinates.json``, which source label files and which box it came from.
+:func:`drop_color_and_label_ids` reads that file and writes the matching ``_gtFine_labelIds.png`` and
+``_gtFine_color.png``: the source maps cut with the same box and resized to the same size with the
+same nearest-neighbour rule as the instanceIds (:func:`crop_resize_labels`), so the three label maps
+of a new image always agree. A box covering the whole image at the same size (a panorama) copies the
+source file's bytes. Reruns compare bytes and rewrite nothing that is already right.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from .io import InstSynthError, default_workers, encode_png, get_logger, progress, read_json, read_png
+from .selection import write_if_changed
+
+COORDINATES_VERSION = 1
+STAGE4_KINDS = ("labelIds", "color")
+"""Label maps written by stage 4 (stage 2 writes leftImg8bit and instanceIds itself)."""
+
+log = get_logger("instsynth.label_crops")
+
+
+# --------------------------------------------------------------------------- crop + resize
+def crop_resize_labels(labels: np.ndarray, box: Sequence[int], size: tuple[int, int]) -> np.ndarray:
+    """Cut ``box`` (x0, y0, x1, y1, half-open) out of a label map and resize it to ``size`` (w, h).
+
+    Nearest neighbour with pixel-centre sampling (``INTER_NEAREST_EXACT``), so every label value in
+    the output exists in the source and all channels (color) and dtypes (uint16 instanceIds) map
+    their pixels identically. When enlarging, every source pixel of the box appears in the output.
+    """
+    x0, y0, x1, y1 = map(int, box)
+    crop = labels[y0:y1, x0:x1]
+    if crop.shape[1::-1] == tuple(size):
+        return crop.copy()
+    return cv2.resize(crop, tuple(size), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def crop_resize_rgb(rgb: np.ndarray, box: Sequence[int], size: tuple[int, int]) -> np.ndarray:
+    """Cut ``box`` out of an RGB image and resize it to ``size`` (w, h): area filter to shrink, bilinear to enlarge."""
+    x0, y0, x1, y1 = map(int, box)
+    crop = rgb[y0:y1, x0:x1]
+    w, h = size
+    if crop.shape[:2] == (h, w):
+        return crop.copy()
+    shrink = w * h < crop.shape[0] * crop.shape[1]
+    return cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def is_identity(box: Sequence[int], size: tuple[int, int], source_shape: tuple[int, ...]) -> bool:
+    """True when ``box`` is the whole source image and ``size`` its own size (a panorama)."""
+    h, w = source_shape[:2]
+    return list(map(int, box)) == [0, 0, w, h] and tuple(size) == (w, h)
+
+
+def label_bytes(source: Path, box: Sequence[int], size: tuple[int, int]) -> bytes:
+    """PNG bytes of a source label file cut with ``box`` and resized to ``size`` (the source bytes if unchanged)."""
+    labels = read_png(source)
+    if is_identity(box, size, labels.shape):
+        return source.read_bytes()
+    x0, y0, x1, y1 = map(int, box)
+    h, w = labels.shape[:2]
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise InstSynthError(source, f"box {list(box)} is not inside the {w}x{h} image")
+    return encode_png(crop_resize_labels(labels, box, size))
+
+
+# --------------------------------------------------------------------------- the coordinates file
+def check_coordinates(path: Path, data: object) -> list[dict]:
+    """The ``images`` list of a stage-2 cropped_region_coordinates.json, validated."""
+    if not isinstance(data, dict) or data.get("version") != COORDINATES_VERSION or not isinstance(data.get("images"), list):
+        raise InstSynthError(path, "not a stage-2 cropped_region_coordinates.json (expected an object with "
+                                   f"version {COORDINATES_VERSION} and an 'images' list; stage 1's file of the "
+                                   "same name is the input of inpainted_integration.py, not of this command)")
+    for n, entry in enumerate(data["images"]):
+        ok = (isinstance(entry, dict) and isinstance(entry.get("image_id"), str)
+              and isinstance(entry.get("bbox_coordinate"), list) and len(entry["bbox_coordinate"]) == 4
+              and isinstance(entry.get("size"), list) and len(entry["size"]) == 2
+              and all(isinstance(entry.get("source", {}).get(k), str) for k in STAGE4_KINDS)
+              and all(isinstance(entry.get("output", {}).get(k), str) for k in STAGE4_KINDS))
+        if not ok:
+            raise InstSynthError(path, f"images[{n}] lacks image_id, bbox_coordinate, size or source/output "
+                                       f"paths of {', '.join(STAGE4_KINDS)}")
+    return data["images"]
+
+
+@dataclass
+class _LabelResult:
+    written: int = 0
+    existing: int = 0
+    error: tuple[str, str] | None = None
+
+
+def _write_entry_labels(task: tuple[dict, Path]) -> _LabelResult:
+    """Worker: write labelIds and color of one new image (errors returned, not raised)."""
+    entry, folder = task
+    result = _LabelResult()
+    try:
+        for kind in STAGE4_KINDS:
+            data = label_bytes(Path(entry["source"][kind]), entry["bbox_coordinate"], tuple(entry["size"]))
+            if write_if_changed(folder / entry["output"][kind], data):
+                result.written += 1
+            else:
+                result.existing += 1
+    except InstSynthError as exc:
+        result.error = (str(exc.path), exc.problem)
+    return result
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)
+
+
+@dataclass
+class LabelCropSummary:
+    """What stage 4 did."""
+
+    images: int
+    files_written: int
+    files_existing: int
+    bad: list[dict] = field(default_factory=list)
+
+
+def drop_color_and_label_ids(coordinates_path: str | os.PathLike, workers: int | None = None,
+                             skip_bad: bool = False) -> LabelCropSummary:
+    """Write labelIds and color of every image listed in a stage-2 ``cropped_region_coordinates.json``.
+
+    Output paths in the file are relative to its folder. Bad input raises InstSynthError naming the
+    file; with ``skip_bad`` the image is skipped with a warning and listed in the returned summary.
+    """
+    path = Path(coordinates_path).resolve()
+    entries = check_coordinates(path, read_json(path))
+    workers = default_workers() if workers is None else max(1, int(workers))
+    tasks = [(entry, path.parent) for entry in entries]
+    if workers <= 1 or len(tasks) <= 1:
+        results = map(_write_entry_labels, tasks)
+        pool = None
+    else:
+        pool = multiprocessing.Pool(min(workers, len(tasks)), initializer=_init_worker)
+        results = pool.imap(_write_entry_labels, tasks, chunksize=4)
+    counts, bad = Counter(), []
+    try:
+        for entry, result in zip(entries, progress(results, "stage 4: label crops", len(tasks))):
+            if result.error is not None:
+                if not skip_bad:
+                    raise InstSynthError(*result.error)
+                log.warning("skipping %s: %s: %s", entry["image_id"], *result.error)
+                bad.append({"image_id": entry["image_id"], "path": result.error[0], "problem": result.error[1]})
+            counts.update(written=result.written, existing=result.existing)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    log.info("stage 4: %d images, %d label files written, %d already up to date, %d bad",
+             len(entries), counts["written"], counts["existing"], len(bad))
+    return LabelCropSummary(len(entries), counts["written"], counts["existing"], bad)
