@@ -97,7 +97,10 @@ def read_image_pair(image: CityscapesImage) -> tuple[np.ndarray, np.ndarray]:
     instance_ids = read_png(ids_path, dtype=np.uint16)
     if instance_ids.ndim != 2:
         raise InstSynthError(ids_path, f"expected a single-channel instanceIds image, found {instance_ids.shape[2]} channels")
-    rgb = read_png(image.left, rgb=True, shape=instance_ids.shape)
+    rgb = read_png(image.left, rgb=True)
+    if rgb.shape[:2] != instance_ids.shape:
+        (h, w), (lh, lw) = instance_ids.shape, rgb.shape[:2]
+        raise InstSynthError(ids_path, f"size {w}x{h} differs from its image {image.left} ({lw}x{lh})")
     return instance_ids, rgb
 
 
@@ -226,7 +229,11 @@ def _iter_results(tasks: list, workers: int):
     if workers <= 1 or len(tasks) <= 1:
         yield from map(_select_task, tasks)
         return
-    with multiprocessing.Pool(min(workers, len(tasks)), initializer=_init_worker) as pool:
+    # forkserver: workers never inherit the parent's threads (forking a process whose OpenCV thread
+    # pool has run can deadlock the child); the server imports this module once for all workers.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker) as pool:
         yield from pool.imap(_select_task, tasks, chunksize=1)
 
 
