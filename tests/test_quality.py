@@ -138,6 +138,7 @@ def test_inception_v3_state_dict_file_loads(tmp_path):
     torch.save(Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict(), path)
     features = quality.load_feature_extractor(path)
     assert features.input_size == 299
+    assert type(features.net.Mixed_7c).__name__ == "FidInceptionEMax"  # pytorch-fid's pooling variant
     assert features([np.zeros((40, 30, 3), np.uint8)]).shape == (1, 2048)
 
 
