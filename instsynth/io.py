@@ -88,10 +88,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
+    """Write ``data`` to ``path`` atomically; a file that already holds exactly ``data`` is left untouched."""
+    path = Path(path)
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return path
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-    return Path(path)
+    return path
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:

@@ -98,3 +98,12 @@ def test_cityscapes_names():
     assert split_image_id("new_york_000001_000019") == ("new_york", "000001", "000019")
     with pytest.raises(InstSynthError):
         image_id_of("photo.png")
+
+
+def test_identical_rewrite_keeps_the_file(tmp_path):
+    target = write_json(tmp_path / "a.json", {"a": 1})
+    before = target.stat().st_mtime_ns
+    write_json(target, {"a": 1})
+    assert target.stat().st_mtime_ns == before
+    write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2}

@@ -1,0 +1,98 @@
+"""End-of-run summary of a full InstSynth run: counts per stage and COCO statistics before/after.
+
+``python -m instsynth.summary --work_dir WORK --output OUT [--mode recolor] [--json PATH]``
+
+"Before" is the original images of the output dataset, "after" all of them (original + the
+synthetic ``*_syn`` folders), both read from the COCO files of stage 5. ``--write-before DIR``
+also writes the "before" subset as COCO JSON (for ``visualization/visualize.py stats``).
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from .io import is_generated_folder, read_json, write_json
+
+COCO_NAME = "instancesonly_filtered_gtFine_{}.json"
+
+
+def original_subset(coco: dict) -> dict:
+    """The COCO dict restricted to images outside InstSynth's generated city folders."""
+    keep = {im["id"] for im in coco["images"] if not is_generated_folder(Path(im["file_name"]).parent.name)}
+    return {**coco, "images": [im for im in coco["images"] if im["id"] in keep],
+            "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}
+
+
+def coco_stats(coco: dict) -> dict:
+    """Images, instances (non-crowd annotations) and instances per class name of a COCO dict."""
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    per_class = Counter(names[a["category_id"]] for a in coco["annotations"] if not a.get("iscrowd"))
+    return {"images": len(coco["images"]), "instances": sum(per_class.values()),
+            "per_class": {n: per_class.get(n, 0) for n in sorted(names.values())}}
+
+
+def _report(path: Path, *keys: str) -> dict:
+    if not path.is_file():
+        return {"missing": str(path)}
+    data = read_json(path)
+    return {k: data[k] for k in keys if k in data} or data
+
+
+def run_summary(work_dir: str | Path, output: str | Path, mode_name: str = "Recolor",
+                splits=("train", "val"), write_before: str | Path | None = None) -> dict:
+    """Collect the stage reports and COCO statistics of a run into one dict."""
+    work_dir, output = Path(work_dir), Path(output)
+    stages = {
+        "selection": _report(work_dir / "selection" / "selection_report.json"),
+        "generation": _report(work_dir / "generation" / mode_name / "generation_report.json"),
+        "integration": _report(output / "integration_report.json"),
+    }
+    coco = {}
+    for split in splits:
+        path = output / "annotations" / COCO_NAME.format(split)
+        if not path.is_file():
+            continue
+        data = read_json(path)
+        before = original_subset(data)
+        coco[split] = {"file": str(path), "before": coco_stats(before), "after": coco_stats(data)}
+        if write_before:
+            write_json(Path(write_before) / COCO_NAME.format(split), before, indent=None)
+    return {"work_dir": str(work_dir), "output": str(output), "stages": stages, "coco": coco}
+
+
+def _scalars(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items() if isinstance(v, (int, float, str)))
+
+
+def format_summary(summary: dict) -> str:
+    """Human-readable table of a run summary."""
+    lines = ["", "=" * 72, "InstSynth run summary", "=" * 72]
+    for stage, rep in summary["stages"].items():
+        lines.append(f"{stage:<12} {_scalars(rep) or '(see report)'}")
+    for split, s in summary["coco"].items():
+        b, a = s["before"], s["after"]
+        lines += ["", f"COCO {split}: images {b['images']} -> {a['images']}, "
+                      f"instances {b['instances']} -> {a['instances']}  ({s['file']})",
+                  f"  {'class':<12}{'before':>8}{'after':>8}"]
+        lines += [f"  {n:<12}{b['per_class'][n]:>8}{a['per_class'][n]:>8}" for n in a["per_class"]]
+    lines += ["", f"output dataset: {summary['output']}", f"work folder:    {summary['work_dir']}", "=" * 72]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m instsynth.summary", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work_dir", required=True, help="the run's work folder (selection/, generation/)")
+    parser.add_argument("--output", required=True, help="the output dataset root")
+    parser.add_argument("--mode_name", default="Recolor", help="generation folder name (Recolor, DiffPainting, ...)")
+    parser.add_argument("--json", help="also write the summary here")
+    parser.add_argument("--write-before", help="write the original-only COCO subsets into this folder")
+    args = parser.parse_args(argv)
+    summary = run_summary(args.work_dir, args.output, args.mode_name, write_before=args.write_before)
+    if args.json:
+        write_json(args.json, summary)
+    print(format_summary(summary))
+
+
+if __name__ == "__main__":
+    main()

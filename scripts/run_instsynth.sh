@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# InstSynth, the whole run: edit the variables below (or set them in the environment) and run
+#   bash scripts/run_instsynth.sh
+# Every stage is resumable: after a failure, fix the cause and run the script again; finished work
+# is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# ---- edit me ---------------------------------------------------------------------------------
+DATASET_PATH=${DATASET_PATH:-datasets/cityscapes}                       # source Cityscapes tree
+OUTPUT_DATASET_PATH=${OUTPUT_DATASET_PATH:-datasets/cityscapes_instsynth} # original + synthetic
+WORK_DIR=${WORK_DIR:-${OUTPUT_DATASET_PATH}_work}   # stage-1 crops and generated samples
+MODE=${MODE:-recolor}              # recolor | diffinpainting | bld | gligen
+MODEL_PATH=${MODEL_PATH:-}         # local folder or hub id; empty: the backend's default model
+K=${K:-3}                          # instances selected per image
+NUM_SAMPLES=${NUM_SAMPLES:-1}      # generated samples per instance
+BATCH_SIZE=${BATCH_SIZE:-4}        # images per diffusion call
+STEPS=${STEPS:-50}                 # denoising steps
+SEED=${SEED:-1}
+BLEND=${BLEND:-hard}               # hard | feather | normalized
+CROPS_PER_SAMPLE=${CROPS_PER_SAMPLE:-1}
+CLIP_MODEL=${CLIP_MODEL:-}         # quality gate: CLIP folder or hub id; empty: gate off
+MIN_CLIP_SCORE=${MIN_CLIP_SCORE:-0.2}  # used only with CLIP_MODEL
+TRAIN_CONFIG=${TRAIN_CONFIG:-}     # e.g. configs/cityscapes/instance-segmentation/fastinst_R50_ppm-fpn_x1_576_D1_instsynth.yaml; empty: no training
+TRAIN_OPTS=${TRAIN_OPTS:-}         # extra "KEY VALUE" overrides for train_net.py
+PYTHON=${PYTHON:-python}
+# ----------------------------------------------------------------------------------------------
+
+case "$MODE" in
+  recolor) MODE_NAME=Recolor ;; diffinpainting) MODE_NAME=DiffPainting ;;
+  bld) MODE_NAME=BlendedDiff ;; gligen) MODE_NAME=gligen ;;
+  *) echo "MODE must be recolor, diffinpainting, bld or gligen (got '$MODE')" >&2; exit 2 ;;
+esac
+SEL_DIR="$WORK_DIR/selection"
+GEN_DIR="$WORK_DIR/generation/$MODE_NAME"
+stage() { echo; echo "==> [$(date +%H:%M:%S)] $*"; }
+
+stage "1/7 instance selection"
+"$PYTHON" process_clean_ver.py --train_folder "$DATASET_PATH" --k "$K" --out "$SEL_DIR"
+
+stage "2/7 instance generation ($MODE)"
+"$PYTHON" generation/instance_generation.py --mode "$MODE" --metadata "$SEL_DIR/metadata.json" \
+  --folder "$WORK_DIR/generation" ${MODEL_PATH:+--model_path "$MODEL_PATH"} --num_samples "$NUM_SAMPLES" \
+  --batch_size "$BATCH_SIZE" --steps "$STEPS" --seed "$SEED"
+
+GATE=()
+if [ -n "$CLIP_MODEL" ]; then
+  stage "2b/7 quality gate (CLIP $CLIP_MODEL, min score $MIN_CLIP_SCORE)"
+  "$PYTHON" generation/filter_generation.py --manifest "$GEN_DIR/generation.json" --clip "$CLIP_MODEL"
+  GATE=(--min_clip_score "$MIN_CLIP_SCORE")
+fi
+
+stage "3/7 integration: paste samples, cut new image/label pairs"
+"$PYTHON" inpainted_integration.py --inpainting_dir "$GEN_DIR" --metadata_path "$SEL_DIR/metadata.json" \
+  --cropped_region_coordinates "$SEL_DIR/cropped_region_coordinates.json" \
+  --output_folder_name "$OUTPUT_DATASET_PATH" --crops_per_sample "$CROPS_PER_SAMPLE" --blend "$BLEND" \
+  --seed "$SEED" ${GATE[@]+"${GATE[@]}"}
+
+stage "4/7 assembly: original splits into the output dataset"
+"$PYTHON" move_folder_clean_ver.py --src_path "$DATASET_PATH" --des_path "$OUTPUT_DATASET_PATH"
+
+stage "5/7 label crops: labelIds and color of the new pairs"
+"$PYTHON" drop_color_and_labelIds_clean_ver.py \
+  --cropped_region_coordinates_path "$OUTPUT_DATASET_PATH/cropped_region_coordinates.json"
+
+stage "6/7 COCO conversion"
+"$PYTHON" cityscapes-to-coco-conversion/main_defined_clean_ver.py --dataset cityscapes --datadir "$OUTPUT_DATASET_PATH"
+
+if [ -n "$TRAIN_CONFIG" ]; then
+  stage "7/7 training ($TRAIN_CONFIG)"
+  # shellcheck disable=SC2086
+  "$PYTHON" train_net.py --config-file "$TRAIN_CONFIG" --resume $TRAIN_OPTS
+else
+  stage "7/7 training skipped (TRAIN_CONFIG is empty)"
+fi
+
+"$PYTHON" -m instsynth.summary --work_dir "$WORK_DIR" --output "$OUTPUT_DATASET_PATH" --mode_name "$MODE_NAME" \
+  --json "$WORK_DIR/summary.json" --write-before "$WORK_DIR/coco_original"

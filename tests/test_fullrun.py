@@ -1,0 +1,81 @@
+"""The bash wrapper runs every stage on the demo dataset, summarises it, and a rerun does no work."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from instsynth.demo import write_demo_dataset
+from instsynth.io import read_json
+from instsynth.summary import coco_stats, original_subset
+
+from conftest import REPO
+
+SUMMARY_FILES = ("summary.json", "coco_original")
+
+
+def _snapshot(*roots):
+    """mtime of every output file under the roots (stage reports and the summary describe each run)."""
+    return {p: p.stat().st_mtime_ns for r in roots for p in r.rglob("*")
+            if p.is_file() and "_report" not in p.name and not any(s in p.parts for s in SUMMARY_FILES)}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fullrun")
+    write_demo_dataset(tmp / "cityscapes", cities=1, images_per_city=3, size=(512, 256))
+    env = dict(os.environ, PYTHON=sys.executable, DATASET_PATH=str(tmp / "cityscapes"),
+               OUTPUT_DATASET_PATH=str(tmp / "out"), WORK_DIR=str(tmp / "work"), MODE="recolor", K="2",
+               NUM_SAMPLES="2", SEED="3")
+
+    def run():
+        return subprocess.run(["bash", str(REPO / "scripts/run_instsynth.sh")], env=env, capture_output=True,
+                              text=True, timeout=300)
+    first = run()
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return tmp, run, first
+
+
+def test_wrapper_runs_every_stage_and_summarises(full_run):
+    tmp, _, first = full_run
+    for n in range(1, 8):
+        assert f"==> [" in first.stdout and f"{n}/7" in first.stdout
+    summary = read_json(tmp / "work" / "summary.json")
+    train = summary["coco"]["train"]
+    selected = summary["stages"]["selection"]["instances_selected"]
+    assert selected == 4  # k=2 in each of the two non-empty images
+    assert summary["stages"]["generation"]["samples_total"] == 2 * selected
+    # every sample gives a panorama and one context crop
+    assert train["after"]["images"] == train["before"]["images"] + 2 * 2 * selected
+    assert train["after"]["instances"] > train["before"]["instances"]
+    assert "InstSynth run summary" in first.stdout and "COCO train: images 3 -> 19" in first.stdout
+    before = read_json(tmp / "work" / "coco_original" / "instancesonly_filtered_gtFine_train.json")
+    assert coco_stats(before) == train["before"]
+
+
+def test_rerun_does_no_work(full_run):
+    tmp, run, _ = full_run
+    before = _snapshot(tmp / "out", tmp / "work")
+    second = run()
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert _snapshot(tmp / "out", tmp / "work") == before
+    summary = read_json(tmp / "work" / "summary.json")
+    assert summary["stages"]["generation"]["samples_written"] == 0
+
+
+def test_wrapper_rejects_unknown_mode(tmp_path):
+    res = subprocess.run(["bash", str(REPO / "scripts/run_instsynth.sh")], capture_output=True, text=True,
+                         env=dict(os.environ, MODE="magic", PYTHON=sys.executable))
+    assert res.returncode == 2 and "MODE must be" in res.stderr
+
+
+def test_original_subset_drops_generated_folders():
+    coco = {"images": [{"id": 1, "file_name": "a/a_000000_000019_leftImg8bit.png"},
+                       {"id": 2, "file_name": "a_syn/a_000000_000019123_leftImg8bit.png"}],
+            "annotations": [{"image_id": 1, "category_id": 26}, {"image_id": 2, "category_id": 26},
+                            {"image_id": 2, "category_id": 24, "iscrowd": 1}],
+            "categories": [{"id": 24, "name": "person"}, {"id": 26, "name": "car"}]}
+    sub = original_subset(coco)
+    assert [im["id"] for im in sub["images"]] == [1]
+    assert coco_stats(sub) == {"images": 1, "instances": 1, "per_class": {"car": 1, "person": 0}}
+    assert coco_stats(coco)["instances"] == 2
