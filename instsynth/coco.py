@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import multiprocessing
 import struct
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,7 +194,7 @@ def _convert_image(image: CityscapesImage, options: ConversionOptions) -> dict:
     has_polygons = poly_path.exists()
     if has_polygons:
         _check_polygons_json(poly_path)
-    regions = ndimage.find_objects(instance_ids.astype(np.int32, copy=False)) if instance_ids.max() > 0 else []
+    regions = ndimage.find_objects(instance_ids) if instance_ids.max() > 0 else []
     file_name = f"{image.city}/{image.left.name}"
     anns, dropped, holes = [], [], 0
     for value in range(MIN_THING_VALUE, len(regions) + 1):
@@ -239,25 +241,30 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _map_images(images: list[CityscapesImage], options: ConversionOptions, workers: int, desc: str):
-    """Yield convert_image results in image order (worker processes when workers > 1)."""
-    if workers <= 1 or len(images) < 2:
-        for image in progress(images, desc):
-            yield convert_image(image, options)
-        return
-    # not "fork": OpenCV's thread pool, once used in this process, can deadlock a forked child
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload([__name__])
-    chunksize = max(1, min(16, len(images) // (workers * 4)))
-    with ctx.Pool(workers, initializer=_init_worker) as pool:
-        jobs = pool.imap(_convert_star, [(img, options) for img in images], chunksize=chunksize)
-        yield from progress(jobs, desc, total=len(images))
-
-
 def _convert_star(args) -> dict:
     return convert_image(*args)
+
+
+def _map_images(images: list[CityscapesImage], options: ConversionOptions, workers: int, desc: str) -> list[dict]:
+    """convert_image results in image order, computed by ``workers`` processes when > 1.
+
+    Workers come from a forkserver (or spawn), not fork: a forked child can deadlock in OpenCV once
+    the parent has used OpenCV's thread pool. If the workers cannot start (e.g. ``python -`` reading
+    the script from stdin), the images are converted in this process instead.
+    """
+    if workers > 1 and len(images) > 1:
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if ctx.get_start_method() == "forkserver":
+            ctx.set_forkserver_preload([__name__])
+        chunksize = max(1, min(16, len(images) // (workers * 4)))
+        try:
+            with ProcessPoolExecutor(min(workers, len(images)), mp_context=ctx, initializer=_init_worker) as pool:
+                jobs = pool.map(_convert_star, [(image, options) for image in images], chunksize=chunksize)
+                return list(progress(jobs, desc, total=len(images)))
+        except BrokenProcessPool as exc:
+            log.warning("worker processes failed (%s); converting in this process", exc)
+    return [convert_image(image, options) for image in progress(images, desc)]
 
 
 def convert_split(datadir: str | Path, split: str, options: ConversionOptions, categories: list[dict],
