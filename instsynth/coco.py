@@ -145,20 +145,17 @@ def _cityscapes_label(value: int) -> str:
     return name if index is not None or lab not in THING_LABEL_IDS else name + "group"
 
 
-def polygons_json(instance_ids: np.ndarray, regions: list) -> dict:
+def polygons_json(instance_ids: np.ndarray, regions: dict[int, tuple]) -> dict:
     """Cityscapes polygons.json content of an instanceIds map (stuff and things, larger objects first).
 
+    ``regions`` maps each value present to its bounding slices (see :func:`image_regions`).
     Cityscapes draws objects in order with no holes, so objects are ordered by decreasing area: what
-    fills another object's hole is smaller and is drawn later. Label 0 (unlabeled) is left out.
+    fills another object's hole is smaller and is drawn later. Label 0 (unlabeled) has no region.
     """
     objects = []
-    for value, sl in enumerate(regions):
-        if sl is None or value == 0 or MAX_LABEL_ID < value < INSTANCE_ID_OFFSET:
-            continue
+    for value, sl in regions.items():
         local = instance_ids[sl] == value
-        area = int(local.sum())
-        if not area:
-            continue
+        area = int(np.count_nonzero(local))
         offset = np.array([sl[1].start, sl[0].start])
         for poly in centre_polygons(local):
             objects.append((area, value, {"label": _cityscapes_label(value), "polygon": (poly + offset).tolist()}))
@@ -167,11 +164,35 @@ def polygons_json(instance_ids: np.ndarray, regions: list) -> dict:
     return {"imgHeight": int(h), "imgWidth": int(w), "objects": [o[2] for o in objects]}
 
 
+def image_regions(instance_ids: np.ndarray, path: Path) -> dict[int, tuple]:
+    """``{value: (row slice, column slice)}`` of every nonzero value in an instanceIds map, in value order.
+
+    Raises InstSynthError (naming ``path``) for a value that is neither a label id nor a thing instance.
+    """
+    slices = ndimage.find_objects(instance_ids) if instance_ids.max() > 0 else []
+    regions = {value: sl for value, sl in enumerate(slices, start=1) if sl is not None}
+    for value in regions:
+        if MAX_LABEL_ID < value and decode_instance_id(value)[0] not in THING_LABEL_IDS:
+            raise InstSynthError(path, f"value {value} is neither a Cityscapes label id nor a thing instance id")
+    return regions
+
+
+def segmentation_of(local: np.ndarray, top: int, left: int, height: int, width: int, fmt: str) -> tuple[object, bool]:
+    """(COCO segmentation, has_holes) of a bbox-local mask: pixel-edge polygons, or RLE for
+    ``fmt="rle"`` and for masks with holes (so a hole is never filled)."""
+    if fmt == "polygon":
+        polys, has_holes = corner_polygons(local)
+        if not has_holes:
+            return [(p + (left, top)).ravel().astype(float).tolist() for p in polys], False
+        return rle_encode(local, top, left, height, width), True
+    return rle_encode(local, top, left, height, width), False
+
+
 def convert_image(image: CityscapesImage, options: ConversionOptions) -> dict:
     """COCO annotations (without ids) of one image, plus what was dropped and written.
 
     Returns ``{"file_name", "height", "width", "annotations", "dropped", "polygons_written",
-    "holes_as_rle"}``; with ``options.skip_bad`` bad input returns ``{"skipped": reason}`` instead.
+    "holes_as_rle"}``; with ``options.skip_bad`` bad input returns ``{"skipped": reason, "image"}`` instead.
     """
     try:
         return _convert_image(image, options)
@@ -181,8 +202,9 @@ def convert_image(image: CityscapesImage, options: ConversionOptions) -> dict:
         return {"skipped": str(exc), "image": image.relative(image.gt("instanceIds"))}
 
 
-def _convert_image(image: CityscapesImage, options: ConversionOptions) -> dict:
-    inst_path, poly_path = image.gt("instanceIds"), image.gt("polygons")
+def _read_instance_ids(image: CityscapesImage) -> np.ndarray:
+    """The image's instanceIds map, after checking its leftImg8bit PNG and any existing polygons.json."""
+    inst_path = image.gt("instanceIds")
     instance_ids = read_png(inst_path, dtype=np.uint16)
     if instance_ids.ndim != 2:
         raise InstSynthError(inst_path, f"expected a single-channel instanceIds PNG, found shape {instance_ids.shape}")
@@ -191,22 +213,23 @@ def _convert_image(image: CityscapesImage, options: ConversionOptions) -> dict:
     if left_size != (height, width):
         raise InstSynthError(image.left, f"size {left_size[1]}x{left_size[0]} does not match {inst_path.name} "
                                          f"({width}x{height})")
-    has_polygons = poly_path.exists()
-    if has_polygons:
-        _check_polygons_json(poly_path)
-    regions = ndimage.find_objects(instance_ids) if instance_ids.max() > 0 else []
+    if image.gt("polygons").exists():
+        _check_polygons_json(image.gt("polygons"))
+    return instance_ids
+
+
+def _convert_image(image: CityscapesImage, options: ConversionOptions) -> dict:
+    instance_ids = _read_instance_ids(image)
+    regions = image_regions(instance_ids, image.gt("instanceIds"))
+    height, width = instance_ids.shape
     file_name = f"{image.city}/{image.left.name}"
     anns, dropped, holes = [], [], 0
-    for value in range(MIN_THING_VALUE, len(regions) + 1):
-        sl = regions[value - 1]
-        if sl is None or not (value >= INSTANCE_ID_OFFSET or value in THING_LABEL_IDS):
+    for value, sl in regions.items():
+        if value < MIN_THING_VALUE:
             continue
         lab, index = decode_instance_id(value)
-        if lab not in THING_LABEL_IDS:
-            raise InstSynthError(inst_path, f"value {value} is not a Cityscapes thing instance id")
         local = instance_ids[sl] == value
-        area = int(np.count_nonzero(local))
-        crowd = index is None
+        area, crowd = int(np.count_nonzero(local)), index is None
         info = {"image": file_name, "instance_id": value, "class": class_name(lab), "iscrowd": int(crowd), "area": area}
         if lab not in options.category_ids:
             dropped.append({**info, "reason": "class not in categories (see --include-ignored)"})
@@ -215,23 +238,14 @@ def _convert_image(image: CityscapesImage, options: ConversionOptions) -> dict:
             dropped.append({**info, "reason": f"area {area} < min_area {options.min_area}"})
             continue
         top, left = sl[0].start, sl[1].start
-        segmentation = None
-        if options.fmt == "polygon" and not crowd:
-            polys, has_holes = corner_polygons(local)
-            if has_holes:
-                holes += 1
-            else:
-                segmentation = [(p + (left, top)).ravel().astype(float).tolist() for p in polys]
-        if segmentation is None:
-            segmentation = rle_encode(local, top, left, height, width)
+        segmentation, has_holes = segmentation_of(local, top, left, height, width, "rle" if crowd else options.fmt)
+        holes += has_holes
         bbox = [float(left), float(top), float(sl[1].stop - left), float(sl[0].stop - top)]
         anns.append({"category_id": int(lab), "segmentation": segmentation, "area": area, "bbox": bbox,
                      "iscrowd": int(crowd), "instance_id": int(value)})
-    # regions index value-1 (find_objects labels start at 1); polygons_json wants index == value
-    written = False
-    if options.write_polygons and not has_polygons:
-        write_json(poly_path, polygons_json(instance_ids, [None] + list(regions)), indent=None)
-        written = True
+    written = options.write_polygons and not image.gt("polygons").exists()
+    if written:
+        write_json(image.gt("polygons"), polygons_json(instance_ids, regions), indent=None)
     return {"file_name": file_name, "height": int(height), "width": int(width), "annotations": anns,
             "dropped": dropped, "polygons_written": written, "holes_as_rle": holes}
 

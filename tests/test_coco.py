@@ -262,6 +262,14 @@ def test_min_area_and_ignored_classes_are_reported(tmp_path):
     assert {c["name"] for c in data["categories"]} >= {"caravan", "trailer"}
 
 
+def test_values_that_are_not_cityscapes_ids_are_an_error(tmp_path):
+    inst = np.full((20, 30), 7, np.uint16)
+    inst[2:8, 2:8] = 500
+    root = _tiny_tree(tmp_path / "ds", inst)
+    with pytest.raises(InstSynthError, match="town_000000_000000_gtFine_instanceIds.png: value 500"):
+        convert_cityscapes_to_coco(root, splits=("train",), workers=1)
+
+
 @pytest.mark.parametrize("damage, culprit", [
     ("missing_left", "_leftImg8bit.png"),
     ("corrupt_png", "_gtFine_instanceIds.png"),
