@@ -40,6 +40,7 @@ MIN_THING_VALUE = min(THING_LABEL_IDS)
 MAX_LABEL_ID = max(THING_LABEL_IDS)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 log = get_logger("instsynth.coco")
 
 
@@ -121,14 +122,19 @@ class ConversionOptions:
 
 
 def _png_size(path: Path) -> tuple[int, int]:
-    """(height, width) from a PNG header; InstSynthError if missing or not a PNG."""
+    """(height, width) from a PNG's header, after checking that it is a complete PNG (signature, IHDR
+    first, IEND last) without decoding it; InstSynthError naming the file otherwise."""
     try:
         with open(path, "rb") as f:
             head = f.read(24)
+            f.seek(max(0, f.seek(0, 2) - len(_PNG_END)))
+            tail = f.read()
     except FileNotFoundError:
         raise InstSynthError(path, "file not found (every annotated image needs its leftImg8bit PNG)") from None
     if len(head) < 24 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
-        raise InstSynthError(path, "not a PNG file (corrupt or truncated?)")
+        raise InstSynthError(path, "not a PNG file")
+    if tail != _PNG_END:
+        raise InstSynthError(path, "truncated PNG (no IEND chunk at the end)")
     width, height = struct.unpack(">II", head[16:24])
     return height, width
 

@@ -272,6 +272,7 @@ def test_values_that_are_not_cityscapes_ids_are_an_error(tmp_path):
 
 @pytest.mark.parametrize("damage, culprit", [
     ("missing_left", "_leftImg8bit.png"),
+    ("truncated_left", "_leftImg8bit.png"),
     ("corrupt_png", "_gtFine_instanceIds.png"),
     ("bad_polygons", "_gtFine_polygons.json"),
 ])
@@ -279,6 +280,8 @@ def test_bad_input_names_the_file_or_is_a_counted_skip(demo_copy, damage, culpri
     image = iter_cityscapes_images(demo_copy, "val")[1]
     if damage == "missing_left":
         image.left.unlink()
+    elif damage == "truncated_left":
+        image.left.write_bytes(image.left.read_bytes()[:-100])
     elif damage == "corrupt_png":
         image.gt("instanceIds").write_bytes(image.gt("instanceIds").read_bytes()[:200])
     else:
