@@ -46,13 +46,17 @@ class Shard:
             self.state.wait_for_everyone()
 
 
-def current_shard() -> Shard:
-    """Rank and world size from ``accelerate launch`` / ``torchrun`` (via accelerate's PartialState)."""
+def current_shard(device: str = "auto") -> Shard:
+    """Rank and world size from ``accelerate launch`` / ``torchrun`` (via accelerate's PartialState).
+
+    The process group uses NCCL on GPUs and gloo when the run is on CPU (``--device cpu`` or no GPU).
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Shard()
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
     return Shard(state.process_index, state.num_processes, state.local_process_index, state)
 
 
@@ -93,6 +97,16 @@ def find_metadata(folder: str | os.PathLike) -> Path:
         if (folder / name).is_file():
             return folder / name
     raise InstSynthError(folder, f"no {' or '.join(METADATA_NAMES)} found (run process_clean_ver.py or pass --metadata)")
+
+
+def remove_stale_temp_files(mode_dir: Path) -> int:
+    """Delete temporary files of atomic writes left by a killed run (``.<name>.<random>.tmp.<ext>``)."""
+    stale = [p for p in mode_dir.rglob(".*.tmp.*") if p.is_file()] if mode_dir.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temporary files left by an interrupted run", len(stale))
+    return len(stale)
 
 
 def validate_settings(settings: GenerationSettings, where: Path) -> None:
@@ -274,10 +288,13 @@ def generate_instances(metadata: str | os.PathLike, out: str | os.PathLike | Non
     mode_dir = out / settings.mode_name
     validate_settings(settings, meta_path)
     template, bank = load_prompt_bank(settings.prompts)
-    shard = current_shard()
+    shard = current_shard(settings.device)
     backend_cls = backend_class(settings.mode)
 
     header = manifest_header(settings, meta, meta_path, template)
+    if shard.rank == 0:
+        remove_stale_temp_files(mode_dir)
+    shard.barrier()
     done, old_header = existing_entries(mode_dir)
     check_compatible(old_header, header, backend_cls.output_params, mode_dir)
     state = _RunState()
