@@ -77,17 +77,38 @@ def _defaults() -> CN:
     _C.MODEL.FASTINST.TEST.MASK_THRESHOLD = 0.5
     _C.MODEL.FASTINST.TEST.SCORE_THRESHOLD = 0.0
 
+    # OneFormer (transformers' OneFormerForUniversalSegmentation); see instsynth/modeling/oneformer.py.
+    # MODEL.WEIGHTS may name a saved/hub OneFormer (folder or id) whose architecture and tokenizer are used.
     _C.MODEL.ONE_FORMER = CN()
     _C.MODEL.ONE_FORMER.HF_CONFIG = ""  # local folder / hub id of a OneFormerConfig ("" = built from keys below)
-    _C.MODEL.ONE_FORMER.BACKBONE = "resnet50"  # resnet50 | swin_large (used when HF_CONFIG is empty)
-    _C.MODEL.ONE_FORMER.TASK = "instance"
+    _C.MODEL.ONE_FORMER.TASK = "instance"  # task token "the task is instance" (only instance is trained here)
     _C.MODEL.ONE_FORMER.NUM_CLASSES = 8
-    _C.MODEL.ONE_FORMER.NUM_OBJECT_QUERIES = 150
+    _C.MODEL.ONE_FORMER.CLASS_NAMES = []  # text-query names in contiguous order ([] = labels.EVAL_THING_CLASSES)
+    _C.MODEL.ONE_FORMER.BACKBONE = "resnet"  # resnet | swin (transformers ResNetBackbone / SwinBackbone)
+    _C.MODEL.ONE_FORMER.BACKBONE_WEIGHTS = ""  # ImageNet backbone: folder / hub id (microsoft/resnet-50, ...)
+    _C.MODEL.ONE_FORMER.RESNET = CN()  # transformers ResNetConfig; defaults: ResNet-50
+    _C.MODEL.ONE_FORMER.RESNET.LAYER_TYPE = "bottleneck"  # bottleneck | basic
+    _C.MODEL.ONE_FORMER.RESNET.EMBEDDING_SIZE = 64
+    _C.MODEL.ONE_FORMER.RESNET.HIDDEN_SIZES = [256, 512, 1024, 2048]
+    _C.MODEL.ONE_FORMER.RESNET.DEPTHS = [3, 4, 6, 3]
+    _C.MODEL.ONE_FORMER.SWIN = CN()  # transformers SwinConfig; defaults: Swin-L, window 12, 384 pretraining
+    _C.MODEL.ONE_FORMER.SWIN.EMBED_DIM = 192
+    _C.MODEL.ONE_FORMER.SWIN.DEPTHS = [2, 2, 18, 2]
+    _C.MODEL.ONE_FORMER.SWIN.NUM_HEADS = [6, 12, 24, 48]
+    _C.MODEL.ONE_FORMER.SWIN.WINDOW_SIZE = 12
+    _C.MODEL.ONE_FORMER.SWIN.DROP_PATH_RATE = 0.3
+    _C.MODEL.ONE_FORMER.SWIN.PRETRAIN_IMG_SIZE = 384
+    _C.MODEL.ONE_FORMER.CONVS_DIM = 256  # pixel decoder
+    _C.MODEL.ONE_FORMER.MASK_DIM = 256
+    _C.MODEL.ONE_FORMER.ENC_LAYERS = 6  # deformable-attention pixel decoder layers
+    _C.MODEL.ONE_FORMER.ENC_DIM_FEEDFORWARD = 1024
+    _C.MODEL.ONE_FORMER.NUM_OBJECT_QUERIES = 150  # including the task query
     _C.MODEL.ONE_FORMER.HIDDEN_DIM = 256
     _C.MODEL.ONE_FORMER.DEC_LAYERS = 10
-    _C.MODEL.ONE_FORMER.ENC_LAYERS = 6
+    _C.MODEL.ONE_FORMER.QUERY_DEC_LAYERS = 2  # task-conditioned query transformer (CLASS_DEC_LAYERS upstream)
     _C.MODEL.ONE_FORMER.NHEADS = 8
     _C.MODEL.ONE_FORMER.DIM_FEEDFORWARD = 2048
+    _C.MODEL.ONE_FORMER.DROPOUT = 0.1
     _C.MODEL.ONE_FORMER.NO_OBJECT_WEIGHT = 0.1
     _C.MODEL.ONE_FORMER.CLASS_WEIGHT = 2.0
     _C.MODEL.ONE_FORMER.MASK_WEIGHT = 5.0
@@ -97,13 +118,18 @@ def _defaults() -> CN:
     _C.MODEL.ONE_FORMER.TRAIN_NUM_POINTS = 112 * 112
     _C.MODEL.ONE_FORMER.OVERSAMPLE_RATIO = 3.0
     _C.MODEL.ONE_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
-    _C.MODEL.ONE_FORMER.MAX_SEQ_LEN = 77
-    _C.MODEL.ONE_FORMER.TASK_SEQ_LEN = 77
-    _C.MODEL.ONE_FORMER.TOKENIZER = ""  # local folder / hub id of a CLIP tokenizer ("" = built-in)
+    _C.MODEL.ONE_FORMER.TEXT_ENCODER_WIDTH = 256  # must equal HIDDEN_DIM (context queries are concatenated)
+    _C.MODEL.ONE_FORMER.TEXT_ENCODER_NUM_LAYERS = 6
+    _C.MODEL.ONE_FORMER.TEXT_ENCODER_VOCAB_SIZE = 49408
+    _C.MODEL.ONE_FORMER.TEXT_ENCODER_PROJ_LAYERS = 2
+    _C.MODEL.ONE_FORMER.TEXT_ENCODER_N_CTX = 16  # learnable context queries; text queries = NUM_OBJECT_QUERIES - N_CTX
+    _C.MODEL.ONE_FORMER.MAX_SEQ_LEN = 77  # tokens per text query (= text encoder context length)
+    _C.MODEL.ONE_FORMER.TASK_SEQ_LEN = 77  # tokens of the task text
+    _C.MODEL.ONE_FORMER.TOKENIZER = ""  # folder / hub id of a CLIP tokenizer ("" = MODEL.WEIGHTS' or built-in)
     _C.MODEL.ONE_FORMER.SIZE_DIVISIBILITY = 32
     _C.MODEL.ONE_FORMER.TEST = CN()
-    _C.MODEL.ONE_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.8
-    _C.MODEL.ONE_FORMER.TEST.OVERLAP_THRESHOLD = 0.8
+    _C.MODEL.ONE_FORMER.TEST.MASK_THRESHOLD = 0.5  # on mask probabilities
+    _C.MODEL.ONE_FORMER.TEST.SCORE_THRESHOLD = 0.0  # drop predictions below (class x mask score)
 
     # ------------------------------------------------------------------ data
     _C.DATASETS = CN()
