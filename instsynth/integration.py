@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -50,7 +49,7 @@ from .generation.common import resize_image, stable_seed
 from .generation.manifest import load_manifest
 from .io import (CityscapesImage, InstSynthError, default_workers, encode_png, get_logger, progress,
                  read_json, read_png, split_image_id)
-from .label_crops import COORDINATES_VERSION, crop_resize_labels, crop_resize_rgb
+from .label_crops import COORDINATES_VERSION, crop_resize_labels, crop_resize_rgb, worker_pool
 from .selection import COORDINATES_NAME, load_metadata, write_if_changed
 
 INTEGRATION_VERSION = 1
@@ -266,46 +265,25 @@ def select_samples(instances: dict[str, dict], min_clip_score: float | None = No
                    top_fraction: float | None = None, where: Path = Path(".")) -> tuple[dict[str, list[int]], dict]:
     """Sample indices to integrate per instance key, and counts of what was dropped and why.
 
-    Without filters every sample is kept. ``min_clip_score`` keeps samples whose
-    ``scores[i]["clip_prompt"]`` is at least that value; ``top_fraction`` keeps the best
-    ``ceil(F x all samples)`` samples by ``clip_prompt`` over the whole manifest (ties: key, index);
-    both together keep samples passing both. Filters need the quality filter's ``scores``.
+    The quality gate of issue 8 (:func:`instsynth.quality.passing_samples`): without criteria every
+    sample is kept; ``min_clip_score`` keeps samples with ``scores[i]["clip_prompt"]`` at least that
+    value; ``top_fraction`` keeps the best ``ceil(F x all samples)`` of the run (ties: key, index);
+    both together keep samples passing both. Criteria need the quality filter's ``scores``.
     """
-    pairs = [(key, i) for key, entry in instances.items() for i in range(len(entry["samples"]))]
-    stats = {"samples_in_manifest": len(pairs), "dropped_below_min_clip_score": 0, "dropped_outside_top_fraction": 0}
-    if min_clip_score is None and top_fraction is None:
-        return _group(pairs), {**stats, "samples_selected": len(pairs)}
-    score = {}
-    for key, entry in instances.items():
-        scores = entry.get("scores")
-        if not isinstance(scores, list) or len(scores) != len(entry["samples"]):
-            raise InstSynthError(where, f"instance {key!r} has no quality scores for its samples; run the quality "
-                                        "filter first or drop --min_clip_score/--top_fraction")
-        for i, s in enumerate(scores):
-            try:
-                score[key, i] = float(s["clip_prompt"])
-            except (TypeError, KeyError, ValueError):
-                raise InstSynthError(where, f"instance {key!r}: scores[{i}] has no numeric 'clip_prompt'") from None
-    kept = set(pairs)
-    if min_clip_score is not None:
-        passing = {p for p in pairs if score[p] >= min_clip_score}
-        stats["dropped_below_min_clip_score"] = len(kept - passing)
-        kept &= passing
-    if top_fraction is not None:
-        if not 0.0 < top_fraction <= 1.0:
-            raise InstSynthError(where, f"top_fraction must be in (0, 1], got {top_fraction}")
-        ranked = sorted(pairs, key=lambda p: (-score[p], p))
-        top = set(ranked[: math.ceil(top_fraction * len(pairs) - 1e-9)])
-        stats["dropped_outside_top_fraction"] = len(kept - top)
-        kept &= top
-    return _group([p for p in pairs if p in kept]), {**stats, "samples_selected": len(kept)}
+    from .quality import passing_samples
 
+    def count(kept: dict[str, list[int]]) -> int:
+        return sum(map(len, kept.values()))
 
-def _group(pairs: list[tuple[str, int]]) -> dict[str, list[int]]:
-    grouped: dict[str, list[int]] = {}
-    for key, i in pairs:
-        grouped.setdefault(key, []).append(i)
-    return grouped
+    total = sum(len(e["samples"]) for e in instances.values())
+    try:
+        kept = passing_samples({"instances": instances}, min_clip_score, top_fraction, where=where)
+        by_score = passing_samples({"instances": instances}, min_clip_score, None, where=where)
+    except ValueError as exc:
+        raise InstSynthError(where, str(exc)) from None
+    stats = {"samples_in_manifest": total, "dropped_below_min_clip_score": total - count(by_score),
+             "dropped_outside_top_fraction": count(by_score) - count(kept), "samples_selected": count(kept)}
+    return {key: idx for key, idx in kept.items() if idx}, stats
 
 
 # --------------------------------------------------------------------------- per-image work
@@ -427,15 +405,11 @@ def integrate_image(task: ImageTask) -> list[SampleResult]:
     return results
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core already
-
-
 def _run_tasks(tasks: list[ImageTask], workers: int) -> Iterator[list[SampleResult]]:
     if workers <= 1 or len(tasks) <= 1:
         yield from map(integrate_image, tasks)
         return
-    with multiprocessing.Pool(min(workers, len(tasks)), initializer=_init_worker) as pool:
+    with worker_pool(min(workers, len(tasks)), __name__) as pool:
         yield from pool.imap(integrate_image, tasks, chunksize=1)
 
 

@@ -11,11 +11,12 @@ source file's bytes. Reruns compare bytes and rewrite nothing that is already ri
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.pool
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -117,7 +118,25 @@ def _write_entry_labels(task: tuple[dict, Path]) -> _LabelResult:
 
 
 def _init_worker() -> None:
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(1)  # one process per core already
+
+
+def worker_pool(processes: int, module: str) -> multiprocessing.pool.Pool:
+    """A process pool whose workers start from a forkserver that imported ``module`` once.
+
+    Not fork: a child forked from a process whose OpenCV thread pool has run can deadlock.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([module])
+    return ctx.Pool(processes, initializer=_init_worker)
+
+
+def _run(tasks: list[tuple[dict, Path]], workers: int) -> Iterator[_LabelResult]:
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(_write_entry_labels, tasks)
+        return
+    with worker_pool(min(workers, len(tasks)), __name__) as pool:
+        yield from pool.imap(_write_entry_labels, tasks, chunksize=4)
 
 
 @dataclass
@@ -141,24 +160,14 @@ def drop_color_and_label_ids(coordinates_path: str | os.PathLike, workers: int |
     entries = check_coordinates(path, read_json(path))
     workers = default_workers() if workers is None else max(1, int(workers))
     tasks = [(entry, path.parent) for entry in entries]
-    if workers <= 1 or len(tasks) <= 1:
-        results = map(_write_entry_labels, tasks)
-        pool = None
-    else:
-        pool = multiprocessing.Pool(min(workers, len(tasks)), initializer=_init_worker)
-        results = pool.imap(_write_entry_labels, tasks, chunksize=4)
     counts, bad = Counter(), []
-    try:
-        for entry, result in zip(entries, progress(results, "stage 4: label crops", len(tasks))):
-            if result.error is not None:
-                if not skip_bad:
-                    raise InstSynthError(*result.error)
-                log.warning("skipping %s: %s: %s", entry["image_id"], *result.error)
-                bad.append({"image_id": entry["image_id"], "path": result.error[0], "problem": result.error[1]})
-            counts.update(written=result.written, existing=result.existing)
-    finally:
-        if pool is not None:
-            pool.terminate()
+    for entry, result in zip(entries, progress(_run(tasks, workers), "stage 4: label crops", len(tasks))):
+        if result.error is not None:
+            if not skip_bad:
+                raise InstSynthError(*result.error)
+            log.warning("skipping %s: %s: %s", entry["image_id"], *result.error)
+            bad.append({"image_id": entry["image_id"], "path": result.error[0], "problem": result.error[1]})
+        counts.update(written=result.written, existing=result.existing)
     log.info("stage 4: %d images, %d label files written, %d already up to date, %d bad",
              len(entries), counts["written"], counts["existing"], len(bad))
     return LabelCropSummary(len(entries), counts["written"], counts["existing"], bad)
