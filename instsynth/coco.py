@@ -261,8 +261,19 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _convert_star(args) -> dict:
-    return convert_image(*args)
+def _convert_in_worker(args) -> dict:
+    """convert_image for a worker process; InstSynthError travels back as data (it does not unpickle)."""
+    try:
+        return convert_image(*args)
+    except InstSynthError as exc:
+        return {"error": (str(exc.path), exc.problem)}
+
+
+def _raise_errors(results):
+    for result in results:
+        if "error" in result:
+            raise InstSynthError(*result["error"])
+        yield result
 
 
 def _map_images(images: list[CityscapesImage], options: ConversionOptions, workers: int, desc: str) -> list[dict]:
@@ -280,8 +291,8 @@ def _map_images(images: list[CityscapesImage], options: ConversionOptions, worke
         chunksize = max(1, min(16, len(images) // (workers * 4)))
         try:
             with ProcessPoolExecutor(min(workers, len(images)), mp_context=ctx, initializer=_init_worker) as pool:
-                jobs = pool.map(_convert_star, [(image, options) for image in images], chunksize=chunksize)
-                return list(progress(jobs, desc, total=len(images)))
+                jobs = pool.map(_convert_in_worker, [(image, options) for image in images], chunksize=chunksize)
+                return list(_raise_errors(progress(jobs, desc, total=len(images))))
         except BrokenProcessPool as exc:
             log.warning("worker processes failed (%s); converting in this process", exc)
     return [convert_image(image, options) for image in progress(images, desc)]

@@ -286,8 +286,9 @@ def test_bad_input_names_the_file_or_is_a_counted_skip(demo_copy, damage, culpri
         image.gt("instanceIds").write_bytes(image.gt("instanceIds").read_bytes()[:200])
     else:
         image.gt("polygons").write_text("{not json")
-    with pytest.raises(InstSynthError, match=image.image_id + culprit):
-        convert_cityscapes_to_coco(demo_copy, splits=("val",), workers=1)
+    for workers in (1, 2):
+        with pytest.raises(InstSynthError, match=image.image_id + culprit):
+            convert_cityscapes_to_coco(demo_copy, splits=("val",), workers=workers)
     path = convert_cityscapes_to_coco(demo_copy, splits=("val",), workers=1, skip_bad=True)["val"]
     assert len(json.loads(path.read_text())["images"]) == 5
     report = json.loads(report_path(demo_copy, "val").read_text())
