@@ -198,3 +198,35 @@ def test_lr_schedule_warmup_and_poly():
     assert lr_factor(cfg, 5) == pytest.approx(0.55 * 0.95 ** 0.9)
     assert lr_factor(cfg, 50) == pytest.approx(0.5 ** 0.9)
     assert lr_factor(cfg, 100) == 0
+
+
+def test_fastinst_configs_load_with_paper_settings():
+    from instsynth.config import load_config
+
+    folder = REPO / "configs" / "cityscapes" / "instance-segmentation"
+    d1 = load_config(folder / "fastinst_R50_ppm-fpn_x1_576_D1.yaml")
+    d3 = load_config(folder / "fastinst_R50_ppm-fpn_x3_640_D3_instsynth.yaml")
+    assert (d1.MODEL.FASTINST.DEC_LAYERS, d3.MODEL.FASTINST.DEC_LAYERS) == (1, 3)
+    assert d1.MODEL.FASTINST.NUM_CLASSES == 8 and d1.MODEL.RESNETS.DEPTH == 50
+    assert d1.DATASETS.TRAIN == ("cityscapes_fine_instance_seg_train",)
+    assert d3.DATASETS.TRAIN == ("cityscapes_instsynth_train",)
+    assert d3.DATASETS.TEST == ("cityscapes_fine_instance_seg_val",)
+    assert d1.INPUT.CROP.SIZE == (512, 1024) and d1.SOLVER.MAX_ITER == 90000
+
+
+def test_torchvision_resnet_weights_load_into_backbone(tmp_path):
+    import torchvision
+
+    from instsynth.config import load_config
+    from instsynth.engine.checkpoint import maybe_load_weights
+    from instsynth.io import InstSynthError
+    from instsynth.modeling import build_model
+
+    torch.manual_seed(1)
+    resnet = torchvision.models.resnet18(weights=None)
+    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
+    model = build_model(load_config(QUICK))
+    assert maybe_load_weights(model, str(tmp_path / "resnet18.pth"))
+    torch.testing.assert_close(model.backbone.body.layer2[0].conv1.weight, resnet.layer2[0].conv1.weight)
+    with pytest.raises(InstSynthError, match="resnet50-0676ba61.pth"):
+        maybe_load_weights(model, str(tmp_path / "missing.pth"))

@@ -84,6 +84,21 @@ def read_checkpoint(path: str | Path) -> dict:
         raise InstSynthError(path, f"not a loadable PyTorch checkpoint ({exc})") from None
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pkl")
+
+
+def maybe_load_weights(model: nn.Module, weights: str) -> bool:
+    """Load ``MODEL.WEIGHTS`` unless it is empty or a folder / hub id that the model's builder loads
+    itself (models that can do so set ``loads_own_weights = True``). Returns whether it loaded."""
+    if not weights:
+        return False
+    path = Path(weights)
+    if path.suffix not in CHECKPOINT_SUFFIXES and not path.is_file() and getattr(model, "loads_own_weights", False):
+        return False
+    load_model_weights(model, path)
+    return True
+
+
 def load_model_weights(model: nn.Module, path: str | Path) -> None:
     """Load a full checkpoint (``{"model": ...}``), a plain state dict of this model, or a torchvision
     ResNet state dict (into the backbone). Mismatched shapes are skipped with a warning."""

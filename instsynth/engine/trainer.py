@@ -21,8 +21,8 @@ from torch import nn
 from instsynth.config import dump_config
 from instsynth.data.build import build_test_loader, build_train_loader
 from instsynth.data.catalog import get_metadata
-from instsynth.engine.checkpoint import (checkpoint_name, last_checkpoint, load_model_weights, read_checkpoint,
-                                         save_checkpoint, set_rng_state)
+from instsynth.engine.checkpoint import (checkpoint_name, last_checkpoint, load_model_weights, maybe_load_weights,
+                                         read_checkpoint, save_checkpoint, set_rng_state)
 from instsynth.engine.coco_eval import evaluate_coco, format_table, instances_to_coco
 from instsynth.engine.visualize import save_training_visual
 from instsynth.io import InstSynthError, get_logger, write_json
@@ -146,8 +146,8 @@ def do_train(cfg, model: nn.Module, accelerator, resume: bool = False) -> nn.Mod
         set_rng_state(ckpt["rng"])
         start_iter = ckpt["iteration"] + 1
         log.info("resuming from %s: continuing at iteration %d", ckpt_path, start_iter)
-    elif cfg.MODEL.WEIGHTS and not getattr(raw_model, "loads_own_weights", False):
-        load_model_weights(raw_model, cfg.MODEL.WEIGHTS)
+    else:
+        maybe_load_weights(raw_model, cfg.MODEL.WEIGHTS)
 
     max_iter = cfg.SOLVER.MAX_ITER
     if start_iter >= max_iter:
@@ -293,10 +293,9 @@ def run(cfg, eval_only: bool = False, resume: bool = False) -> dict:
     log.info("model %s: %.1fM parameters", cfg.MODEL.META_ARCHITECTURE, sum(p.numel() for p in model.parameters()) / 1e6)
     if eval_only:
         ckpt = last_checkpoint(cfg.OUTPUT_DIR) if resume else None
-        weights = ckpt or cfg.MODEL.WEIGHTS
-        if weights and not (ckpt is None and getattr(model, "loads_own_weights", False)):
-            load_model_weights(model, weights)
-        elif not weights:
+        if ckpt is not None:
+            load_model_weights(model, ckpt)
+        elif not maybe_load_weights(model, cfg.MODEL.WEIGHTS) and not getattr(model, "loads_own_weights", False):
             log.warning("--eval-only without MODEL.WEIGHTS: evaluating a randomly initialised model")
         model = accelerator.prepare(model)
         return do_test(cfg, model, accelerator)

@@ -6,6 +6,10 @@ Every model follows one interface: ``model(batched_inputs)`` where each input is
 in eval mode a list of ``{"instances": {"pred_masks": BoolTensor[N, height, width],
 "pred_classes": LongTensor, "scores": FloatTensor}}``, one per input, at the original size.
 Register a model with ``@register_model("Name")`` on a ``builder(cfg) -> nn.Module``.
+
+``MODEL.WEIGHTS``: the trainer loads a checkpoint file (``.pth``: ours, a plain state dict, or a
+torchvision ResNet). A model whose builder loads a folder or hub id itself (``from_pretrained``) sets
+the attribute ``loads_own_weights = True``; the trainer then leaves such a value to it.
 """
 from __future__ import annotations
 
