@@ -19,6 +19,7 @@ def parse_args(argv=None):
                                                      "(e.g. openai/clip-vit-base-patch32)")
     parser.add_argument("--out", default=None, help="result JSON (default: evaluation.json next to the manifest)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--workers", type=int, default=None, help="processes for pixel metrics (default: all cores)")
     parser.add_argument("--batch_size", type=int, default=16, help="images per model call")
     return parser.parse_args(argv)
 
@@ -30,7 +31,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         result = evaluate_generation(args.manifest, inception=args.inception, clip=args.clip, out=args.out,
-                                     device=args.device, batch_size=args.batch_size)
+                                     device=args.device, batch_size=args.batch_size, workers=args.workers)
     except InstSynthError as exc:
         raise SystemExit(f"error: {exc}")
     print(format_table(result))

@@ -27,6 +27,7 @@ def parse_args(argv=None):
                         help="top_fraction values to tabulate")
     parser.add_argument("--force", action="store_true", help="rescore samples that already have scores")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--workers", type=int, default=None, help="processes for pixel metrics (default: all cores)")
     parser.add_argument("--batch_size", type=int, default=16, help="images per CLIP call")
     return parser.parse_args(argv)
 
@@ -39,7 +40,7 @@ def main(argv=None) -> None:
     try:
         report = score_generation(args.manifest, clip=args.clip, prompts=args.prompts, device=args.device,
                                   batch_size=args.batch_size, force=args.force, thresholds=args.thresholds,
-                                  top_fractions=args.top_fractions)
+                                  top_fractions=args.top_fractions, workers=args.workers)
     except InstSynthError as exc:
         raise SystemExit(f"error: {exc}")
     print(format_gate_table(report))

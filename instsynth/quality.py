@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .io import InstSynthError, get_logger, progress, read_json, read_png, write_json
+from .io import InstSynthError, default_workers, get_logger, progress, read_json, read_png, write_json
 
 log = get_logger("instsynth.quality")
 
@@ -544,14 +544,52 @@ def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start:start + max(1, size)]
 
 
-def sample_pixel_metrics(refs: Sequence[SampleRef], desc: str = "pixel metrics") -> list[dict]:
-    """:func:`pixel_metrics` of every sample (each source crop read once), in ``refs`` order."""
-    results: dict[tuple[str, int], dict] = {}
-    groups = _by_instance(refs)
-    for key, group in progress(groups.items(), desc, len(groups)):
+MIN_INSTANCES_PER_WORKER = 8
+"""Small runs stay in one process: starting workers costs more than it saves below this."""
+
+
+def _instance_pixel_metrics(group: Sequence[SampleRef]) -> list[dict] | tuple[str, str]:
+    """Metrics of one instance's samples, or (path, problem) on bad input (the error does not pickle)."""
+    try:
         crop, mask = read_crop(group[0])
-        for ref in group:
-            results[(key, ref.index)] = pixel_metrics(crop, read_sample(ref, crop.shape[:2]), mask)
+        return [pixel_metrics(crop, read_sample(ref, crop.shape[:2]), mask) for ref in group]
+    except InstSynthError as exc:
+        return str(exc.path), exc.problem
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core already
+
+
+def sample_pixel_metrics(refs: Sequence[SampleRef], desc: str = "pixel metrics", workers: int | None = None) -> list[dict]:
+    """:func:`pixel_metrics` of every sample, in ``refs`` order; one task per instance (its crop read once).
+
+    ``workers`` processes (default: every core); results do not depend on their number.
+    """
+    import multiprocessing
+
+    groups = list(_by_instance(refs).values())
+    workers = default_workers() if workers is None else max(1, int(workers))
+    workers = min(workers, len(groups) // MIN_INSTANCES_PER_WORKER)
+    pool = None
+    if workers <= 1:
+        outputs = map(_instance_pixel_metrics, groups)
+    else:  # forkserver: children never inherit the parent's (OpenCV, torch) threads
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        pool = ctx.Pool(workers, initializer=_init_worker)
+        outputs = pool.imap(_instance_pixel_metrics, groups, chunksize=1)
+    results: dict[tuple[str, int], dict] = {}
+    try:
+        for group, output in zip(groups, progress(outputs, desc, len(groups))):
+            if isinstance(output, tuple):
+                raise InstSynthError(*output)
+            results.update({(ref.key, ref.index): metrics for ref, metrics in zip(group, output)})
+    finally:
+        if pool is not None:
+            pool.terminate()
     return [results[(r.key, r.index)] for r in refs]
 
 
@@ -643,11 +681,12 @@ def format_table(result: dict) -> str:
 
 def evaluate_generation(manifest: str | os.PathLike, inception: str | None = None, clip: str | None = None,
                         out: str | os.PathLike | None = None, device: str | None = "auto",
-                        batch_size: int = 16) -> dict:
+                        batch_size: int = 16, workers: int | None = None) -> dict:
     """Measure a generation run; writes ``out`` (default ``<manifest folder>/evaluation.json``) and returns it.
 
     Pixel metrics are always computed. FID needs ``inception`` and CLIP scores need ``clip`` (local
-    path or hub id); without them those metrics are skipped and a note says so.
+    path or hub id); without them those metrics are skipped and a note says so. Pixel metrics run
+    in ``workers`` processes (default: every core).
     """
     device = resolve_device(device)
     run, refs = load_run(manifest)
@@ -656,7 +695,7 @@ def evaluate_generation(manifest: str | os.PathLike, inception: str | None = Non
     if not refs:
         raise InstSynthError(manifest_path, "the manifest lists no samples")
     records = [{"key": r.key, "sample": r.index, "path": r.rel, **m}
-               for r, m in zip(refs, sample_pixel_metrics(refs))]
+               for r, m in zip(refs, sample_pixel_metrics(refs, workers=workers))]
     notes, fid = [], None
     if clip:
         scorer = load_clip(clip, device, batch_size)
@@ -763,7 +802,7 @@ def _distribution(values: Sequence[float]) -> dict:
 
 
 def score_generation(manifest: str | os.PathLike, clip: str, prompts: str | os.PathLike | None = None,
-                     device: str | None = "auto", batch_size: int = 16, force: bool = False,
+                     device: str | None = "auto", batch_size: int = 16, force: bool = False, workers: int | None = None,
                      thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
                      top_fractions: Sequence[float] = DEFAULT_TOP_FRACTIONS) -> dict:
     """Score every sample (see :data:`SCORE_NAMES`) and write the scores into the manifest atomically.
@@ -784,7 +823,7 @@ def score_generation(manifest: str | os.PathLike, clip: str, prompts: str | os.P
     if stale:
         scorer = load_clip(clip, resolve_device(device), batch_size)
         text_scores, _ = clip_similarities(stale, scorer, other_prompts(run, prompts), desc="scoring (CLIP)")
-        pixels = sample_pixel_metrics(stale, desc="scoring (pixels)")
+        pixels = sample_pixel_metrics(stale, desc="scoring (pixels)", workers=workers)
         fresh = _by_instance(stale)
         for key, group in fresh.items():
             raw["instances"][key]["scores"] = [None] * len(raw["instances"][key]["samples"])

@@ -206,6 +206,22 @@ def test_evaluate_detects_a_sample_changed_outside_its_mask(run_copy, tmp_path):
     assert result["summary"]["mask_leak_max"] > 0 and math.isfinite(result["summary"]["psnr_out"])
 
 
+def test_pixel_metrics_do_not_depend_on_workers(recolor_run, monkeypatch):
+    _, refs = quality.load_run(recolor_run)
+    one = quality.sample_pixel_metrics(refs, workers=1)
+    monkeypatch.setattr(quality, "MIN_INSTANCES_PER_WORKER", 1)
+    assert quality.sample_pixel_metrics(refs, workers=2) == one and len(one) == len(refs)
+
+
+def test_bad_sample_names_the_file(run_copy, tmp_path):
+    from instsynth.io import write_png
+
+    entry = next(iter(json.loads(run_copy.read_text())["instances"].values()))
+    write_png(run_copy.parent / entry["samples"][-1], np.zeros((7, 5, 3), np.uint8))
+    with pytest.raises(InstSynthError, match=entry["samples"][-1].split("/")[-1] + ".*expected size"):
+        quality.evaluate_generation(run_copy, out=tmp_path / "e.json", device="cpu")
+
+
 # --------------------------------------------------------------------------- quality gate
 def test_filter_writes_scores_and_is_idempotent(run_copy, tiny_models):
     report = quality.score_generation(run_copy, clip=tiny_models["clip"], device="cpu")
