@@ -2,8 +2,9 @@
 
 Prints ratios against a single-process reference loop measured in the same run: the paper's
 approach (per sample: read the source image and labels, paste through the mask, draw crops with
-np.unique over the whole crop to check fragments, resize, write every PNG at default compression,
-stage 4 re-reading labelIds/color per image). Then instsynth.integration + label_crops in one process
+np.unique over the whole resized crop to check fragments, resize, re-read and crop every label map
+per new image; PNGs written with the same encoder, instsynth.io.write_png, since PNG encoding of
+2048x1024 images dominates either way). Then instsynth.integration + label_crops in one process
 and with --workers, and the cost of a rerun (nothing to do).
 
     python benchmarks/bench_integration.py [--images-per-city 3] [--samples 2] [--crops 2] [--workers N]
@@ -23,7 +24,7 @@ def reference_loop(gen_dir: Path, out: Path, crops: int, seed: int = 1) -> int:
     import numpy as np
 
     from instsynth.generation import load_manifest
-    from instsynth.io import CityscapesImage, read_png
+    from instsynth.io import CityscapesImage, read_png, write_png
     from instsynth.selection import load_metadata
 
     manifest = load_manifest(gen_dir)
@@ -32,10 +33,10 @@ def reference_loop(gen_dir: Path, out: Path, crops: int, seed: int = 1) -> int:
     for inst in meta["instances"]:
         image = CityscapesImage(root, meta["split"], inst["city"], inst["image_id"])
         for s, sample_path in enumerate(manifest["instances"][inst["key"]]["sample_paths"]):
-            rgb = cv2.imread(str(image.left))
-            ids = cv2.imread(str(image.gt("instanceIds")), cv2.IMREAD_UNCHANGED)
+            rgb = read_png(image.left, rgb=True)
+            ids = read_png(image.gt("instanceIds"))
             x0, y0, x1, y1 = inst["crop_box"]
-            sample = cv2.resize(cv2.imread(str(sample_path)), (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+            sample = cv2.resize(read_png(sample_path, rgb=True), (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
             mask = ids[y0:y1, x0:x1] == inst["instance_id"]
             rgb[y0:y1, x0:x1][mask] = sample[mask]
             height, width = ids.shape
@@ -59,11 +60,11 @@ def reference_loop(gen_dir: Path, out: Path, crops: int, seed: int = 1) -> int:
             for c, (cx0, cy0, cx1, cy1) in enumerate(boxes):
                 name = f"{inst['key']}_{s}_{c}"
                 size = (width, height)
-                cv2.imwrite(str(out / f"{name}_leftImg8bit.png"), cv2.resize(rgb[cy0:cy1, cx0:cx1], size))
+                write_png(out / f"{name}_leftImg8bit.png", cv2.resize(rgb[cy0:cy1, cx0:cx1], size))
                 for kind in ("instanceIds", "labelIds", "color"):
-                    src = cv2.imread(str(image.gt(kind)), cv2.IMREAD_UNCHANGED)
-                    cv2.imwrite(str(out / f"{name}_{kind}.png"),
-                                cv2.resize(src[cy0:cy1, cx0:cx1], size, interpolation=cv2.INTER_NEAREST))
+                    src = read_png(image.gt(kind))
+                    write_png(out / f"{name}_{kind}.png",
+                              cv2.resize(src[cy0:cy1, cx0:cx1], size, interpolation=cv2.INTER_NEAREST))
                 n += 1
     return n
 

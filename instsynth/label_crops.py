@@ -6,10 +6,13 @@ Stage 2 (:mod:`instsynth.integration`) writes every new image with its instanceI
 ``_gtFine_color.png``: the source maps cut with the same box and resized to the same size with the
 same nearest-neighbour rule as the instanceIds (:func:`crop_resize_labels`), so the three label maps
 of a new image always agree. A box covering the whole image at the same size (a panorama) copies the
-source file's bytes. Reruns compare bytes and rewrite nothing that is already right.
+source file's bytes. Reruns skip images recorded in ``label_crops_done.json`` (same entry, files
+present) and rewrite no file whose bytes are already right.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -25,6 +28,8 @@ from .io import InstSynthError, default_workers, encode_png, get_logger, progres
 from .selection import write_if_changed
 
 COORDINATES_VERSION = 1
+DONE_NAME = "label_crops_done.json"
+"""Hash of every coordinates entry whose labels were written: a rerun skips those (files present)."""
 STAGE4_KINDS = ("labelIds", "color")
 """Label maps written by stage 4 (stage 2 writes leftImg8bit and instanceIds itself)."""
 
@@ -94,6 +99,20 @@ def check_coordinates(path: Path, data: object) -> list[dict]:
     return data["images"]
 
 
+def entry_hash(entry: dict) -> str:
+    """SHA-256 of a coordinates entry: equal hashes mean equal label files."""
+    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()
+
+
+def finished_entries(path: Path) -> dict[str, str]:
+    """``{image_id: entry hash}`` of images an earlier run finished (empty if none or unreadable)."""
+    try:
+        images = read_json(path)["images"]
+        return images if isinstance(images, dict) else {}
+    except (InstSynthError, KeyError, TypeError):
+        return {}
+
+
 @dataclass
 class _LabelResult:
     written: int = 0
@@ -159,15 +178,30 @@ def drop_color_and_label_ids(coordinates_path: str | os.PathLike, workers: int |
     path = Path(coordinates_path).resolve()
     entries = check_coordinates(path, read_json(path))
     workers = default_workers() if workers is None else max(1, int(workers))
-    tasks = [(entry, path.parent) for entry in entries]
-    counts, bad = Counter(), []
-    for entry, result in zip(entries, progress(_run(tasks, workers), "stage 4: label crops", len(tasks))):
+    done_path = path.parent / DONE_NAME
+    done = finished_entries(done_path)
+    hashes = {e["image_id"]: entry_hash(e) for e in entries}
+    counts, bad, finished = Counter(), [], {}
+    todo = []
+    for entry in entries:
+        if done.get(entry["image_id"]) == hashes[entry["image_id"]] and all(
+                (path.parent / entry["output"][k]).is_file() for k in STAGE4_KINDS):
+            finished[entry["image_id"]] = hashes[entry["image_id"]]
+            counts["existing"] += len(STAGE4_KINDS)
+        else:
+            todo.append(entry)
+    tasks = [(entry, path.parent) for entry in todo]
+    for entry, result in zip(todo, progress(_run(tasks, workers), "stage 4: label crops", len(tasks))):
         if result.error is not None:
             if not skip_bad:
                 raise InstSynthError(*result.error)
             log.warning("skipping %s: %s: %s", entry["image_id"], *result.error)
             bad.append({"image_id": entry["image_id"], "path": result.error[0], "problem": result.error[1]})
+        else:
+            finished[entry["image_id"]] = hashes[entry["image_id"]]
         counts.update(written=result.written, existing=result.existing)
+    ordered = {e["image_id"]: finished[e["image_id"]] for e in entries if e["image_id"] in finished}
+    write_if_changed(done_path, (json.dumps({"version": COORDINATES_VERSION, "images": ordered}, indent=1) + "\n").encode())
     log.info("stage 4: %d images, %d label files written, %d already up to date, %d bad",
              len(entries), counts["written"], counts["existing"], len(bad))
     return LabelCropSummary(len(entries), counts["written"], counts["existing"], bad)
