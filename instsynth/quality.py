@@ -492,6 +492,14 @@ class SampleRef:
     text: str
 
 
+def manifest_file(path: str | os.PathLike) -> Path:
+    """Absolute path of a ``generation.json`` given it or its folder."""
+    from .generation.manifest import MANIFEST_NAME
+
+    path = Path(path).resolve()
+    return path / MANIFEST_NAME if path.is_dir() else path
+
+
 def load_run(manifest_path: str | os.PathLike) -> tuple[dict, list[SampleRef]]:
     """The manifest (validated, with ``sample_paths``) and every sample with its source crop, in manifest order.
 
@@ -502,8 +510,7 @@ def load_run(manifest_path: str | os.PathLike) -> tuple[dict, list[SampleRef]]:
     from .selection import load_metadata
 
     manifest = load_manifest(manifest_path)
-    path = Path(manifest_path).resolve()
-    path = path / "generation.json" if path.is_dir() else path
+    path = manifest_file(manifest_path)
     if not isinstance(manifest.get("metadata"), str):
         raise InstSynthError(path, "field 'metadata' (path of the stage-1 metadata.json) missing")
     crops = {inst["key"]: inst for inst in load_metadata(manifest["metadata"], check_files=False)["instances"]}
@@ -690,8 +697,7 @@ def evaluate_generation(manifest: str | os.PathLike, inception: str | None = Non
     """
     device = resolve_device(device)
     run, refs = load_run(manifest)
-    manifest_path = Path(manifest).resolve()
-    manifest_path = manifest_path / "generation.json" if manifest_path.is_dir() else manifest_path
+    manifest_path = manifest_file(manifest)
     if not refs:
         raise InstSynthError(manifest_path, "the manifest lists no samples")
     records = [{"key": r.key, "sample": r.index, "path": r.rel, **m}
@@ -814,8 +820,7 @@ def score_generation(manifest: str | os.PathLike, clip: str, prompts: str | os.P
     """
     from .generation.manifest import read_manifest
 
-    path = Path(manifest).resolve()
-    path = path / "generation.json" if path.is_dir() else path
+    path = manifest_file(manifest)
     run, refs = load_run(path)
     raw = read_manifest(path)  # the file as written, without the absolute paths load_run adds
     info = raw.get("quality_filter")
