@@ -9,6 +9,7 @@ blocks) saved to a folder and loaded back by path exactly like real weights:
   :func:`instsynth.quality.build_feature_network` (``tiny_inception``: 232-d features of 64x64 input).
 
 Seeded, so the same call gives the same weights. The scores they give are meaningless, only finite.
+CLI: ``python -m instsynth.testing.tiny_eval_models OUT`` writes ``OUT/clip`` and ``OUT/inception``.
 """
 from __future__ import annotations
 
@@ -81,3 +82,20 @@ def build_tiny_inception(out: str | Path, seed: int = 0) -> Path:
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
     return out
+
+
+def main(argv=None) -> None:
+    """``python -m instsynth.testing.tiny_eval_models OUT``: write OUT/clip and OUT/inception."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random CLIP (OUT/clip) and Inception feature net "
+                                                 "(OUT/inception) for offline demos and tests.")
+    parser.add_argument("out", help="folder to write into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_clip(Path(args.out) / "clip", args.seed))
+    print(build_tiny_inception(Path(args.out) / "inception", args.seed))
+
+
+if __name__ == "__main__":
+    main()
