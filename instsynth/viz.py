@@ -183,8 +183,9 @@ def segmentation_mask(segmentation, height: int, width: int) -> np.ndarray:
     from pycocotools import mask as mask_utils
 
     if isinstance(segmentation, list):
-        rles = mask_utils.frPyObjects(segmentation, height, width)
-        rle = mask_utils.merge(rles) if rles else None
+        if not segmentation:
+            return np.zeros((height, width), bool)
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
         rle = mask_utils.frPyObjects(segmentation, height, width)
     elif isinstance(segmentation, dict):
@@ -193,8 +194,6 @@ def segmentation_mask(segmentation, height: int, width: int) -> np.ndarray:
             rle["counts"] = rle["counts"].encode()
     else:
         raise ValueError(f"unknown segmentation format {type(segmentation).__name__}")
-    if rle is None:
-        return np.zeros((height, width), bool)
     return mask_utils.decode(rle).astype(bool)
 
 
