@@ -9,9 +9,11 @@ shifted to lie inside the image; only when the image is smaller than the square 
 ``<key>_rgb.png`` (RGB crop of leftImg8bit) and ``<key>_mask.png`` (0/255, exactly that instance's
 pixels), with ``key = <image_id>_<instance_id>``.
 
-Each image is read once: one histogram of the instanceIds map gives every area, one relabelling
-pass plus ``scipy.ndimage.find_objects`` gives the boxes of the selected instances, and all further
-work is local to those boxes. Images are processed by worker processes in order, so the output does
+Each image is decoded once: one histogram of the instanceIds map gives every area; each selected
+instance's box comes from one vectorised compare plus ``cv2.boundingRect``, and all further work is
+local to that box. Crops are PNGs encoded for speed: SUB-filtered rows with Huffman-only (RGB) or
+run-length (mask) deflate, within a few percent of zlib level 1's size on photographs and about
+3x faster to write. Images are processed by worker processes in order, so the output does
 not depend on ``workers``. Reruns rewrite only files whose bytes would change, and the three JSON
 files (``metadata.json``, ``cropped_region_coordinates.json``, ``selection_report.json``) are written
 atomically, after every image succeeded.
@@ -28,9 +30,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import ndimage
+import cv2
 
-from .io import (CityscapesImage, InstSynthError, default_workers, encode_png, get_logger,
+from .io import (CityscapesImage, InstSynthError, default_workers, get_logger,
                  iter_cityscapes_images, progress, read_json, read_png, write_bytes)
 from .labels import INSTANCE_ID_OFFSET, THING_CLASSES, THING_LABEL_IDS, class_name, label_id
 
@@ -104,9 +106,16 @@ def read_image_pair(image: CityscapesImage) -> tuple[np.ndarray, np.ndarray]:
     return instance_ids, rgb
 
 
+def pixel_counts(instance_ids: np.ndarray) -> np.ndarray:
+    """Pixels per value of a uint16 map (length 65536); OpenCV's histogram is ~4x faster than bincount."""
+    if instance_ids.size >= 1 << 24:  # float32 bins stop being exact
+        return np.bincount(instance_ids.ravel(), minlength=1 << 16)
+    return cv2.calcHist([instance_ids], [0], None, [1 << 16], [0, 1 << 16]).ravel().astype(np.int64)
+
+
 def rank_instances(instance_ids: np.ndarray, params: SelectionParams) -> tuple[list[tuple[int, int]], Counter]:
     """The selected ``[(instance id, area), ...]`` (largest first, ties by id) and skip counts by reason."""
-    counts = np.bincount(instance_ids.ravel(), minlength=INSTANCE_ID_OFFSET)
+    counts = pixel_counts(instance_ids)
     present = np.flatnonzero(counts)
     values, areas = present[present >= INSTANCE_ID_OFFSET], counts[present[present >= INSTANCE_ID_OFFSET]]
     skipped = Counter(group_region=int(np.isin(present, THING_LABEL_IDS).sum()))
@@ -121,14 +130,10 @@ def rank_instances(instance_ids: np.ndarray, params: SelectionParams) -> tuple[l
     return [(int(values[i]), int(areas[i])) for i in chosen], skipped
 
 
-def instance_boxes(instance_ids: np.ndarray, values: Sequence[int]) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
-    """A map labelling ``values[j]`` as j+1 (0 elsewhere) and each value's half-open box (x0, y0, x1, y1)."""
-    lut = np.zeros(1 << 16, np.uint8 if len(values) < 256 else np.uint16)
-    lut[np.asarray(values, np.int64)] = np.arange(1, len(values) + 1)
-    selected = lut[instance_ids]
-    boxes = [(sx.start, sy.start, sx.stop, sy.stop)
-             for sy, sx in ndimage.find_objects(selected, max_label=len(values))]
-    return selected, boxes
+def instance_box(instance_ids: np.ndarray, value: int) -> tuple[int, int, int, int]:
+    """Half-open box (x0, y0, x1, y1) of the pixels equal to ``value`` (which must occur)."""
+    x, y, w, h = cv2.boundingRect((instance_ids == value).view(np.uint8))
+    return x, y, x + w, y + h
 
 
 def square_crop_box(bbox: Sequence[int], width: int, height: int, context: float = 1.0) -> tuple[int, int, int, int]:
@@ -155,6 +160,24 @@ def crop_paths(image: CityscapesImage, key: str) -> tuple[str, str]:
     return f"{folder}/{key}_rgb.png", f"{folder}/{key}_mask.png"
 
 
+_SUB_FILTER = (cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB) if hasattr(cv2, "IMWRITE_PNG_FILTER") else ()
+_PNG_PARAMS = {  # zlib strategy by channel count: Huffman-only for RGB, run-length for 0/255 masks
+    3: [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY, *_SUB_FILTER],
+    1: [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE, *_SUB_FILTER],
+}
+
+
+def encode_crop(image: np.ndarray) -> bytes:
+    """PNG bytes of an RGB (H, W, 3) or mask (H, W) uint8 crop, encoded for speed (see the module docstring)."""
+    channels = 3 if image.ndim == 3 else 1
+    if channels == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image), _PNG_PARAMS[channels])
+    if not ok:  # pragma: no cover - OpenCV failure
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
 def write_if_changed(path: Path, data: bytes) -> bool:
     """Write ``data`` atomically unless ``path`` already holds exactly these bytes; True if written."""
     try:
@@ -174,15 +197,15 @@ def select_in_image(image: CityscapesImage, params: SelectionParams, out: Path) 
     result = ImageResult(image.image_id, skipped=skipped)
     if not chosen:
         return result
-    selected, boxes = instance_boxes(instance_ids, [v for v, _ in chosen])
-    for j, ((value, area), bbox) in enumerate(zip(chosen, boxes), start=1):
+    for value, area in chosen:
+        bbox = instance_box(instance_ids, value)
         crop = square_crop_box(bbox, width, height, params.context)
         x0, y0, x1, y1 = crop
-        mask = (selected[y0:y1, x0:x1] == j).astype(np.uint8) * 255
+        mask = (instance_ids[y0:y1, x0:x1] == value).astype(np.uint8) * 255
         key = f"{image.image_id}_{value}"
         rgb_rel, mask_rel = crop_paths(image, key)
-        result.crops_written += write_if_changed(out / rgb_rel, encode_png(rgb[y0:y1, x0:x1]))
-        result.crops_written += write_if_changed(out / mask_rel, encode_png(mask))
+        result.crops_written += write_if_changed(out / rgb_rel, encode_crop(rgb[y0:y1, x0:x1]))
+        result.crops_written += write_if_changed(out / mask_rel, encode_crop(mask))
         result.instances.append({
             "key": key, "image_id": image.image_id, "city": image.city, "instance_id": value,
             "label_id": value // INSTANCE_ID_OFFSET, "class": class_name(value // INSTANCE_ID_OFFSET),
@@ -202,8 +225,6 @@ def _select_task(task: tuple[CityscapesImage, SelectionParams, Path]) -> ImageRe
 
 
 def _init_worker() -> None:
-    import cv2
-
     cv2.setNumThreads(1)  # one process per core already
 
 
