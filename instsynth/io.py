@@ -31,6 +31,8 @@ GT_SUFFIXES = {
 GENERATED_FOLDER_SUFFIXES = ("_syn", "_inpainted")
 """City folders ending in these are written by InstSynth stages and skipped as sources."""
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _IMAGE_ID = re.compile(r"^(?P<city>.+)_(?P<seq>\d+)_(?P<frame>\d+)$")
 
 
@@ -40,6 +42,9 @@ class InstSynthError(Exception):
     def __init__(self, path: str | os.PathLike, problem: str):
         self.path, self.problem = Path(path), problem
         super().__init__(f"{path}: {problem}")
+
+    def __reduce__(self):  # picklable, so errors cross worker-process boundaries intact
+        return type(self), (self.path, self.problem)
 
 
 def get_logger(name: str = "instsynth") -> logging.Logger:
@@ -77,6 +82,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
     os.close(fd)
     try:
         yield Path(tmp)

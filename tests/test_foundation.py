@@ -107,3 +107,18 @@ def test_identical_rewrite_keeps_the_file(tmp_path):
     assert target.stat().st_mtime_ns == before
     write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 2}
+
+
+def test_errors_pickle_and_files_get_normal_permissions(tmp_path):
+    import pickle
+
+    err = pickle.loads(pickle.dumps(InstSynthError(tmp_path / "x.png", "broken")))
+    assert isinstance(err, InstSynthError) and str(err) == f"{tmp_path / 'x.png'}: broken"
+    mode = write_json(tmp_path / "p.json", {}).stat().st_mode & 0o777
+    assert mode == 0o666 & ~_current_umask()
+
+
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
