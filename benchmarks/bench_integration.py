@@ -120,7 +120,7 @@ def main(argv=None):
     print(f"instsynth, 1 worker             {t_one:7.2f} s  {n / t_one:6.2f} images/s  {t_ref / t_one:.2f}x")
     print(f"instsynth, {workers} workers{'':<{14 - len(str(workers))}}{t_many:7.2f} s  {n / t_many:6.2f} images/s  "
           f"{t_ref / t_many:.2f}x")
-    print(f"rerun, nothing to do            {t_rerun:7.2f} s  {'':>17}{t_ref / t_rerun:.2f}x")
+    print(f"rerun, nothing to do            {t_rerun:7.2f} s  ({t_rerun / t_many:.1%} of the first run)")
 
 
 if __name__ == "__main__":

@@ -431,7 +431,7 @@ def check_coordinates_match(path: Path, coordinates: Any, instances: list[dict])
 
 def sample_fingerprint(params: IntegrationParams, inst: dict, sample_path: Path) -> str:
     """SHA-256 of everything a sample's outputs depend on: parameters, instance, source and sample bytes."""
-    digest = hashlib.sha256(json.dumps({"params": asdict(params), "key": inst["key"], "bbox": inst["bbox"],
+    digest = hashlib.sha256(json.dumps({"version": INTEGRATION_VERSION, "params": asdict(params), "key": inst["key"], "bbox": inst["bbox"],
                                         "crop_box": inst["crop_box"], "image": str(inst["image_path"])},
                                        sort_keys=True).encode())
     digest.update(sample_path.read_bytes())
@@ -495,6 +495,121 @@ class IntegrationSummary:
     skipped: int
 
 
+@dataclass
+class _Plan:
+    """What a run has to do: samples to compute (grouped by source image), samples reused, skips."""
+
+    order: list[tuple[str, int]] = field(default_factory=list)
+    tasks: dict[str, ImageTask] = field(default_factory=dict)
+    reused: dict[tuple[str, int], list[dict]] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    previous: dict[str, dict] = field(default_factory=dict)  # new-image entries of the last run
+    skip_bad: bool = False
+
+    def skip(self, key: str, sample: int, path: str, problem: str, reason: str) -> None:
+        """Record a bad sample (InstSynthError unless skip_bad)."""
+        if not self.skip_bad:
+            raise InstSynthError(path, problem)
+        log.warning("skipping %s sample %d: %s: %s", key, sample, path, problem)
+        self.skipped.append({"key": key, "sample_index": sample, "reason": reason, "path": path, "problem": problem})
+
+
+def load_inputs(inpainting_dir: str | os.PathLike, out: Path, metadata_path: str | os.PathLike | None,
+                coordinates_path: str | os.PathLike | None) -> tuple[Path, dict, Path, dict]:
+    """(manifest path, manifest, metadata path, metadata), validated against each other."""
+    gen_dir = Path(inpainting_dir).resolve()
+    manifest_path = gen_dir / "generation.json" if gen_dir.is_dir() else gen_dir
+    manifest = load_manifest(manifest_path)
+    if metadata_path is None and not isinstance(manifest.get("metadata"), str):
+        raise InstSynthError(manifest_path, "names no stage-1 metadata; pass --metadata_path")
+    meta_path = Path(metadata_path or manifest["metadata"]).resolve()
+    meta = load_metadata(meta_path)
+    if coordinates_path is not None:
+        coordinates_path = Path(coordinates_path).resolve()
+        if coordinates_path == out / COORDINATES_NAME:
+            raise InstSynthError(out, f"stage 2 writes its own {COORDINATES_NAME} here; choose an output folder "
+                                      "other than the one holding stage 1's")
+        check_coordinates_match(coordinates_path, read_json(coordinates_path), meta["instances"])
+    unknown = sorted(set(manifest["instances"]) - {inst["key"] for inst in meta["instances"]})
+    if unknown:
+        raise InstSynthError(manifest_path, f"{len(unknown)} instances not in {meta_path}, e.g. {unknown[0]!r}")
+    return manifest_path, manifest, meta_path, meta
+
+
+def plan_samples(manifest_path: Path, manifest: dict, meta: dict, chosen: dict[str, list[int]],
+                 params: IntegrationParams, out: Path, skip_bad: bool) -> _Plan:
+    """Every chosen sample in metadata order: reused (unchanged since the last run), to do, or skipped."""
+    previous = previous_entries(out / INTEGRATION_NAME)
+    plan = _Plan(previous=previous, skip_bad=skip_bad)
+    root = Path(meta["dataset_root"])
+    for inst in meta["instances"]:
+        entry = manifest["instances"].get(inst["key"])
+        image = CityscapesImage(root, meta["split"], inst["city"], inst["image_id"])
+        for i in chosen.get(inst["key"], []) if entry is not None else []:
+            sample_path = entry["sample_paths"][i]
+            if i > MAX_SAMPLE_INDEX:
+                plan.skip(inst["key"], i, str(manifest_path), f"sample index {i} > {MAX_SAMPLE_INDEX}", "sample_index")
+                continue
+            if not sample_path.is_file():
+                plan.skip(inst["key"], i, str(sample_path), "sample file not found", "sample_missing")
+                continue
+            task = SampleTask(inst["key"], inst["instance_id"], inst["bbox"], inst["crop_box"], i, sample_path,
+                              entry["samples"][i], sample_fingerprint(params, inst, sample_path))
+            plan.order.append((task.key, i))
+            done = reusable(task, image, params, previous, out)
+            if done is not None:
+                plan.reused[task.key, i] = done
+            else:
+                plan.tasks.setdefault(image.image_id, ImageTask(image, [], params, out)).samples.append(task)
+    return plan
+
+
+def run_plan(plan: _Plan, workers: int) -> tuple[list[dict], Counter]:
+    """Compute the plan's samples; every new-image entry in plan order and file counts (written, existing)."""
+    results: dict[tuple[str, int], SampleResult] = {}
+    tasks = list(plan.tasks.values())
+    bar = progress(None, "stage 2: integrating", sum(len(t.samples) for t in tasks))
+    try:
+        for sample_results in _run_tasks(tasks, workers):
+            for res in sample_results:
+                results[res.task.key, res.task.sample] = res
+                bar.update(1)
+                if res.error is not None:
+                    plan.skip(res.task.key, res.task.sample, *res.error)
+    finally:
+        bar.close()
+    entries: list[dict] = []
+    for pair in plan.order:
+        if pair in plan.reused:
+            entries += plan.reused[pair]
+        elif pair in results and results[pair].error is None:
+            entries += results[pair].entries
+    files = Counter(written=sum(r.written for r in results.values()), existing=sum(r.existing for r in results.values()))
+    return entries, files
+
+
+def make_report(header: dict, selection: dict, plan: _Plan, entries: list[dict], files: Counter,
+                not_generated: list[str], stale: list[str]) -> dict:
+    """integration_report.json: what was selected, integrated, reused, skipped (and why), written."""
+    kinds = Counter(e["kind"] for e in entries)
+    converted = sorted({(e["sample"], note) for e in entries for note in e["sample_notes"]})
+    return {**header, **selection,
+            "samples_integrated": len({(e["key"], e["sample_index"]) for e in entries}),
+            "samples_reused": len(plan.reused), "samples_skipped": len(plan.skipped),
+            "skip_reasons": dict(Counter(s["reason"] for s in plan.skipped)), "skipped": plan.skipped,
+            "instances_not_generated": not_generated,
+            "new_images": len(entries), "panoramas": kinds["panorama"], "crops": kinds["crop"],
+            "files_written": files["written"], "files_already_right": files["existing"],
+            "stale_images_removed": stale,
+            "crop_redraws": sum(e["tries"] - 1 for e in entries if e["kind"] == "crop" and not e["fallback"]),
+            "crop_fallbacks": [e["image_id"] for e in entries if e["fallback"]],
+            "samples_converted": [{"sample": s, "note": n} for s, n in converted]}
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1) + "\n").encode()
+
+
 def integrate_samples(inpainting_dir: str | os.PathLike, out: str | os.PathLike,
                       metadata_path: str | os.PathLike | None = None,
                       coordinates_path: str | os.PathLike | None = None,
@@ -508,111 +623,27 @@ def integrate_samples(inpainting_dir: str | os.PathLike, out: str | os.PathLike,
     InstSynthError naming the file; with ``skip_bad`` the sample is skipped and listed in
     integration_report.json. The JSON files are written after every sample was handled.
     """
-    gen_dir = Path(inpainting_dir).resolve()
-    manifest_path = gen_dir / "generation.json" if gen_dir.is_dir() else gen_dir
-    manifest = load_manifest(manifest_path)
     out = Path(out).resolve()
     params.validate(out)
-    if metadata_path is None and not isinstance(manifest.get("metadata"), str):
-        raise InstSynthError(manifest_path, "names no stage-1 metadata; pass --metadata_path")
-    meta_path = Path(metadata_path or manifest["metadata"]).resolve()
-    meta = load_metadata(meta_path)
-    if coordinates_path is not None:
-        coordinates_path = Path(coordinates_path).resolve()
-        if coordinates_path == out / COORDINATES_NAME:
-            raise InstSynthError(out, f"stage 2 writes its own {COORDINATES_NAME} here; choose an output folder "
-                                      "other than the one holding stage 1's")
-        check_coordinates_match(coordinates_path, read_json(coordinates_path), meta["instances"])
-    by_key = {inst["key"]: inst for inst in meta["instances"]}
-    unknown = sorted(set(manifest["instances"]) - set(by_key))
-    if unknown:
-        raise InstSynthError(manifest_path, f"{len(unknown)} instances not in {meta_path}, e.g. {unknown[0]!r}")
+    manifest_path, manifest, meta_path, meta = load_inputs(inpainting_dir, out, metadata_path, coordinates_path)
     chosen, selection = select_samples(manifest["instances"], min_clip_score, top_fraction, manifest_path)
-    workers = default_workers() if workers is None else max(1, int(workers))
-    root, split = Path(meta["dataset_root"]), meta["split"]
+    plan = plan_samples(manifest_path, manifest, meta, chosen, params, out, skip_bad)
+    entries, files = run_plan(plan, default_workers() if workers is None else max(1, int(workers)))
+    stale = remove_stale(plan.previous, entries, out)
 
-    skipped: list[dict] = []
-
-    def skip(key: str, sample: int | None, path: str, problem: str, reason: str) -> None:
-        if not skip_bad:
-            raise InstSynthError(path, problem)
-        log.warning("skipping %s sample %s: %s: %s", key, sample, path, problem)
-        skipped.append({"key": key, "sample_index": sample, "reason": reason, "path": path, "problem": problem})
-
-    previous = previous_entries(out / INTEGRATION_NAME)
-    tasks: dict[str, ImageTask] = {}
-    reused: dict[tuple[str, int], list[dict]] = {}
-    order: list[tuple[str, int]] = []
-    for inst in meta["instances"]:
-        entry = manifest["instances"].get(inst["key"])
-        if entry is None:
-            continue
-        image = CityscapesImage(root, split, inst["city"], inst["image_id"])
-        for i in chosen.get(inst["key"], []):
-            sample_path = entry["sample_paths"][i]
-            if i > MAX_SAMPLE_INDEX:
-                skip(inst["key"], i, str(manifest_path), f"sample index {i} > {MAX_SAMPLE_INDEX}", "sample_index")
-                continue
-            if not sample_path.is_file():
-                skip(inst["key"], i, str(sample_path), "sample file not found", "sample_missing")
-                continue
-            task = SampleTask(inst["key"], inst["instance_id"], inst["bbox"], inst["crop_box"], i, sample_path,
-                              entry["samples"][i], sample_fingerprint(params, inst, sample_path))
-            order.append((task.key, i))
-            done = reusable(task, image, params, previous, out)
-            if done is not None:
-                reused[task.key, i] = done
-            else:
-                tasks.setdefault(image.image_id, ImageTask(image, [], params, out)).samples.append(task)
-
-    results: dict[tuple[str, int], SampleResult] = {}
-    task_list = list(tasks.values())
-    n_samples = sum(len(t.samples) for t in task_list)
-    bar = progress(None, "stage 2: integrating", n_samples)
-    try:
-        for sample_results in _run_tasks(task_list, workers):
-            for res in sample_results:
-                results[res.task.key, res.task.sample] = res
-                bar.update(1)
-                if res.error is not None:
-                    skip(res.task.key, res.task.sample, *res.error)
-    finally:
-        bar.close()
-
-    entries: list[dict] = []
-    for pair in order:
-        if pair in reused:
-            entries += reused[pair]
-        elif pair in results and results[pair].error is None:
-            entries += results[pair].entries
-    written = sum(r.written for r in results.values())
-    existing = sum(r.existing for r in results.values())
-    not_generated = [i["key"] for i in meta["instances"] if i["key"] not in manifest["instances"]]
-
+    root = Path(meta["dataset_root"])
     header = {"version": INTEGRATION_VERSION, "manifest": str(manifest_path), "backend": manifest["backend"],
-              "metadata": str(meta_path), "dataset_root": str(root), "split": split, "params": asdict(params),
+              "metadata": str(meta_path), "dataset_root": str(root), "split": meta["split"], "params": asdict(params),
               "filters": {"min_clip_score": min_clip_score, "top_fraction": top_fraction}}
-    integration = {**header, "images": entries}
+    not_generated = [i["key"] for i in meta["instances"] if i["key"] not in manifest["instances"]]
+    report = make_report(header, selection, plan, entries, files, not_generated, stale)
     coordinates = {"version": COORDINATES_VERSION, "dataset_root": str(root),
                    "images": [coordinates_entry(e, root) for e in entries]}
-    kinds = Counter(e["kind"] for e in entries)
-    stale = remove_stale(previous, entries, out)
-    converted = sorted({(e["sample"], note) for e in entries for note in e["sample_notes"]})
-    report = {**header, **selection,
-              "samples_integrated": len({(e["key"], e["sample_index"]) for e in entries}),
-              "samples_reused": len(reused), "samples_skipped": len(skipped),
-              "skip_reasons": dict(Counter(s["reason"] for s in skipped)), "skipped": skipped,
-              "instances_not_generated": not_generated,
-              "new_images": len(entries), "panoramas": kinds["panorama"], "crops": kinds["crop"],
-              "files_written": written, "files_already_right": existing,
-              "stale_images_removed": stale,
-              "crop_redraws": sum(e["tries"] - 1 for e in entries if e["kind"] == "crop" and not e["fallback"]),
-              "crop_fallbacks": [e["image_id"] for e in entries if e["fallback"]],
-              "samples_converted": [{"sample": s, "note": n} for s, n in converted]}
     paths = out / INTEGRATION_NAME, out / COORDINATES_NAME, out / REPORT_NAME
-    for path, obj in zip(paths, (integration, coordinates, report)):
-        write_if_changed(path, (json.dumps(obj, indent=1) + "\n").encode())
+    for path, obj in zip(paths, ({**header, "images": entries}, coordinates, report)):
+        write_if_changed(path, _json_bytes(obj))
     log.info("stage 2: %d samples -> %d new images (%d panoramas, %d crops), %d files written, %d skipped -> %s",
-             report["samples_integrated"], len(entries), kinds["panorama"], kinds["crop"], written, len(skipped), out)
+             report["samples_integrated"], len(entries), report["panoramas"], report["crops"], files["written"],
+             len(plan.skipped), out)
     return IntegrationSummary(*paths, samples=report["samples_integrated"], new_images=len(entries),
-                              files_written=written, skipped=len(skipped))
+                              files_written=files["written"], skipped=len(plan.skipped))

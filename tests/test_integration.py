@@ -352,3 +352,20 @@ def test_stage4_cli_refuses_stage1_coordinates(small_pipeline):
                           "--cropped_region_coordinates_path", str(small_pipeline.parent / COORDINATES_NAME)],
                          capture_output=True, text=True)
     assert res.returncode != 0 and "not a stage-2 cropped_region_coordinates.json" in res.stderr
+
+
+def test_quality_gate_selects_samples_and_reports_counts(small_pipeline, tmp_path):
+    path = small_pipeline / "generation.json"
+    manifest = read_json(path)
+    keys = list(manifest["instances"])
+    for n, key in enumerate(keys):
+        manifest["instances"][key]["scores"] = [{"clip_prompt": 0.1 + 0.01 * n}]
+    write_json(path, manifest)
+    summary = integrate_samples(small_pipeline, tmp_path / "out", workers=1, min_clip_score=0.1 + 0.01 * 2,
+                                top_fraction=0.5, params=IntegrationParams(crops_per_sample=0))
+    report = read_json(tmp_path / "out" / REPORT_NAME)
+    n = len(keys)
+    assert report["dropped_below_min_clip_score"] == 2
+    assert report["samples_selected"] == summary.samples == min(n - 2, -(-n // 2))
+    kept = {e["key"] for e in read_json(tmp_path / "out" / INTEGRATION_NAME)["images"]}
+    assert kept == set(keys[n - summary.samples:])  # the best scores
