@@ -369,3 +369,16 @@ def test_quality_gate_selects_samples_and_reports_counts(small_pipeline, tmp_pat
     assert report["samples_selected"] == summary.samples == min(n - 2, -(-n // 2))
     kept = {e["key"] for e in read_json(tmp_path / "out" / INTEGRATION_NAME)["images"]}
     assert kept == set(keys[n - summary.samples:])  # the best scores
+
+
+def test_stage4_missing_source_labels_is_an_error_or_a_listed_skip(small_pipeline, tmp_path):
+    out = tmp_path / "out"
+    integrate_samples(small_pipeline, out, workers=1, params=IntegrationParams(crops_per_sample=1))
+    images = read_json(out / COORDINATES_NAME)["images"]
+    victim = Path(images[0]["source"]["color"])
+    victim.unlink()
+    with pytest.raises(InstSynthError, match=f"{victim.name}: file not found"):
+        drop_color_and_label_ids(out / COORDINATES_NAME, workers=1)
+    summary = drop_color_and_label_ids(out / COORDINATES_NAME, workers=1, skip_bad=True)
+    affected = [e for e in images if e["source"]["color"] == str(victim)]
+    assert len(summary.bad) == len(affected) > 0 and summary.images == len(images)
