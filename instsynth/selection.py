@@ -20,6 +20,7 @@ atomically, after every image succeeded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
@@ -90,6 +91,7 @@ class SelectionSummary:
     instances: int
     crops_written: int
     bad_images: int
+    stale_removed: int = 0
 
 
 # --------------------------------------------------------------------------- per-image steps
@@ -262,6 +264,41 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
+@dataclass
+class _Gathered:
+    """Results of all images, in image order."""
+
+    instances: list[dict] = field(default_factory=list)
+    bad: list[dict] = field(default_factory=list)
+    without_instances: list[str] = field(default_factory=list)
+    fewer_than_k: int = 0
+    skipped: Counter = field(default_factory=lambda: Counter(dict.fromkeys(SKIP_REASONS, 0)))
+    crops_written: int = 0
+
+
+def _gather(images: list[CityscapesImage], params: SelectionParams, out: Path, workers: int,
+            skip_bad: bool) -> _Gathered:
+    """Run every image; the first bad one raises unless ``skip_bad`` (then it is logged and listed)."""
+    got = _Gathered()
+    results = _iter_results([(image, params, out) for image in images], workers)
+    with contextlib.closing(results):  # on error, stop the workers before the exception propagates
+        for image, result in zip(images, progress(results, "stage 1: selecting", len(images))):
+            if result.error is not None:
+                path, problem = result.error
+                if not skip_bad:
+                    raise InstSynthError(path, problem)
+                log.warning("skipping %s: %s: %s", image.image_id, path, problem)
+                got.bad.append({"image_id": image.image_id, "path": path, "problem": problem})
+                continue
+            got.instances += result.instances
+            got.skipped.update(result.skipped)
+            got.crops_written += result.crops_written
+            got.fewer_than_k += len(result.instances) < params.k
+            if not result.instances:
+                got.without_instances.append(image.image_id)
+    return got
+
+
 def select_instances(dataset_root: str | os.PathLike, split: str = "train", k: int = 3,
                      classes: Sequence[str] | None = None, min_area: int = DEFAULT_MIN_AREA,
                      context: float = 1.0, out: str | os.PathLike | None = None,
@@ -270,7 +307,7 @@ def select_instances(dataset_root: str | os.PathLike, split: str = "train", k: i
 
     ``out`` defaults to the dataset root (as the paper's pipeline expects). Bad input raises
     InstSynthError naming the file; with ``skip_bad`` the image is skipped with a warning and listed
-    in ``selection_report.json``. metadata.json is written only after every image was handled.
+    in ``selection_report.json``. The JSON files are written only after every image was handled.
     """
     root = Path(dataset_root).resolve()
     params = make_params(root, k, classes, min_area, context)
@@ -279,42 +316,50 @@ def select_instances(dataset_root: str | os.PathLike, split: str = "train", k: i
     if not images:
         raise InstSynthError(root / "gtFine" / split, "no *_gtFine_instanceIds.png found (empty dataset?)")
     workers = default_workers() if workers is None else max(1, int(workers))
+    got = _gather(images, params, out, workers, skip_bad)
 
-    instances, bad, empty, skipped, written = [], [], [], Counter({r: 0 for r in SKIP_REASONS}), 0
-    tasks = [(image, params, out) for image in images]
-    for image, result in zip(images, progress(_iter_results(tasks, workers), "stage 1: selecting", len(tasks))):
-        if result.error is not None:
-            path, problem = result.error
-            if not skip_bad:
-                raise InstSynthError(path, problem)
-            log.warning("skipping %s: %s: %s", image.image_id, path, problem)
-            bad.append({"image_id": image.image_id, "path": path, "problem": problem})
-            continue
-        instances += result.instances
-        skipped.update(result.skipped)
-        written += result.crops_written
-        if not result.instances:
-            empty.append(image.image_id)
-
-    metadata = {"version": METADATA_VERSION, "dataset_root": str(root), "split": split, "k": params.k,
-                "instances": instances}
+    header = {"version": METADATA_VERSION, "dataset_root": str(root), "split": split}
+    metadata = {**header, "k": params.k, "instances": got.instances}
     coordinates = [{"key": i["key"], "cropped_instance_mask": i["crop_mask"], "bbox_coordinate": i["crop_box"]}
-                   for i in instances]
-    report = {"version": METADATA_VERSION, "dataset_root": str(root), "split": split, "params": params.as_json(),
-              "images_seen": len(images), "images_selected_from": len(images) - len(bad) - len(empty),
-              "instances_selected": len(instances), "images_without_instances": empty,
-              "images_with_fewer_than_k": sum(1 for n in Counter(i["image_id"] for i in instances).values()
-                                              if n < params.k),
-              "instances_skipped": dict(skipped), "bad_images": bad}
+                   for i in got.instances]
+    report = {**header, "params": params.as_json(), "images_seen": len(images),
+              "images_with_instances": len(images) - len(got.bad) - len(got.without_instances),
+              "instances_selected": len(got.instances), "images_with_fewer_than_k": got.fewer_than_k,
+              "images_without_instances": got.without_instances, "instances_skipped": dict(got.skipped),
+              "bad_images": got.bad}
     paths = out / METADATA_NAME, out / COORDINATES_NAME, out / REPORT_NAME
+    stale = stale_crops(paths[0], metadata)
     for path, obj in zip(paths, (metadata, coordinates, report)):
         write_if_changed(path, _json_bytes(obj))
-    if not instances:
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if not got.instances:
         log.warning("no instance selected in %s (split %s)", root, split)
-    log.info("stage 1: %d instances from %d images (%d crop files written, %d bad images) -> %s",
-             len(instances), len(images), written, len(bad), paths[0])
-    return SelectionSummary(*paths, images=len(images), instances=len(instances), crops_written=written,
-                            bad_images=len(bad))
+    log.info("stage 1: %d instances from %d images (%d crop files written, %d stale removed, %d bad images) -> %s",
+             len(got.instances), len(images), got.crops_written, len(stale), len(got.bad), paths[0])
+    return SelectionSummary(*paths, images=len(images), instances=len(got.instances),
+                            crops_written=got.crops_written, bad_images=len(got.bad), stale_removed=len(stale))
+
+
+def stale_crops(metadata_path: Path, metadata: dict) -> list[Path]:
+    """Crop files listed by the previous metadata.json at ``metadata_path`` but not by ``metadata``.
+
+    Only a previous run of the same dataset root and split counts (another split's crops are kept,
+    with a warning that its metadata.json is being replaced); only files under ``crops/`` are listed.
+    """
+    try:
+        previous = read_json(metadata_path)
+        old = {(i["crop_rgb"], i["crop_mask"]) for i in previous["instances"]}
+        same_run = (previous["dataset_root"], previous["split"]) == (metadata["dataset_root"], metadata["split"])
+    except (InstSynthError, KeyError, TypeError):
+        return []
+    if not same_run:
+        log.warning("%s: replacing the metadata of %s split %s", metadata_path, previous["dataset_root"], previous["split"])
+        return []
+    crops = (metadata_path.parent / CROPS_DIR).resolve()
+    new = {(i["crop_rgb"], i["crop_mask"]) for i in metadata["instances"]}
+    paths = [(metadata_path.parent / rel).resolve() for pair in sorted(old - new) for rel in pair]
+    return [p for p in paths if p.is_relative_to(crops)]
 
 
 # --------------------------------------------------------------------------- reading it back

@@ -49,6 +49,18 @@ def test_selects_k_largest_per_image_in_order(selected, demo_root):
     assert sum(map(len, by_image.values())) == len(selected["instances"]) > 0
 
 
+def test_report_counts_images_and_skipped_instances(selected, demo_root):
+    report = read_json(selected["instances"][0]["crop_rgb_path"].parents[3] / REPORT_NAME)
+    images = iter_cityscapes_images(demo_root, "train")
+    candidates = {i.image_id: len(expected_ranking(read_png(i.gt("instanceIds")), 1000)) for i in images}
+    assert report["images_seen"] == len(images)
+    assert report["images_without_instances"] == [name for name, n in candidates.items() if n == 0] != []
+    assert report["images_with_instances"] == sum(n > 0 for n in candidates.values())
+    assert report["instances_selected"] == len(selected["instances"])
+    assert report["instances_skipped"]["beyond_k"] == sum(max(0, n - 3) for n in candidates.values())
+    assert report["bad_images"] == []
+
+
 def test_ties_are_broken_by_instance_id():
     ids = np.zeros((10, 10), np.uint16)
     ids[0, :4], ids[1, :4], ids[2, :4], ids[3, :6] = 26005, 24001, 26002, 33000
@@ -130,6 +142,14 @@ def test_rerun_rewrites_nothing_and_repairs_a_damaged_crop(demo_root, tmp_path):
     good = crop.read_bytes()
     crop.write_bytes(good[:100])
     assert run(demo_root, tmp_path).crops_written == 1 and crop.read_bytes() == good
+
+
+def test_rerun_with_smaller_k_removes_the_crops_it_no_longer_lists(demo_root, tmp_path):
+    run(demo_root, tmp_path, k=3)
+    summary = run(demo_root, tmp_path, k=1)
+    listed = {p for i in load_metadata(tmp_path / METADATA_NAME)["instances"] for p in (i["crop_rgb"], i["crop_mask"])}
+    assert summary.stale_removed > 0
+    assert {n for n in files_under(tmp_path) if n.startswith("crops/")} == listed
 
 
 # --------------------------------------------------------------------------- bad input
