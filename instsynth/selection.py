@@ -14,9 +14,10 @@ instance's box comes from one vectorised compare plus ``cv2.boundingRect``, and 
 local to that box. Crops are PNGs encoded for speed: SUB-filtered rows with Huffman-only (RGB) or
 run-length (mask) deflate, within a few percent of zlib level 1's size on photographs and about
 3x faster to write. Images are processed by worker processes in order, so the output does
-not depend on ``workers``. Reruns rewrite only files whose bytes would change, and the three JSON
-files (``metadata.json``, ``cropped_region_coordinates.json``, ``selection_report.json``) are written
-atomically, after every image succeeded.
+not depend on ``workers``. Reruns rewrite only files whose bytes would change and remove the crops
+an earlier run of the same split listed but this one does not; the three JSON files
+(``metadata.json``, ``cropped_region_coordinates.json``, ``selection_report.json``) are written
+atomically, after every image was handled.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import cv2
+import numpy as np
 
 from .io import (CityscapesImage, InstSynthError, default_workers, get_logger,
                  iter_cityscapes_images, progress, read_json, read_png, write_bytes)
