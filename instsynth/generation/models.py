@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,7 +61,9 @@ def load_pipeline(pipeline_class: Any, model_id: str, dtype) -> Any:
         raise InstSynthError(model_id, "model folder not found (pass --model_path a folder saved with "
                                        "save_pretrained, or a Hugging Face hub id)")
     try:
-        return pipeline_class.from_pretrained(str(local) if local.is_dir() else model_id, torch_dtype=dtype)
+        with warnings.catch_warnings():  # newer diffusers deprecate torch_dtype=; older ones lack dtype=
+            warnings.simplefilter("ignore", FutureWarning)
+            return pipeline_class.from_pretrained(str(local) if local.is_dir() else model_id, torch_dtype=dtype)
     except (OSError, ValueError) as exc:
         where = "folder" if local.is_dir() else "hub model"
         raise InstSynthError(model_id, f"cannot load the {where} ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
@@ -134,12 +136,15 @@ class DiffusionBackend(Backend):
     pipeline_class: Any = None
     output_params = ("seed", "steps", "guidance_scale", "resolution", "dtype", "negative_prompt")
 
-    def __init__(self, settings: GenerationSettings, local_rank: int = 0):
+    def __init__(self, settings: GenerationSettings, local_rank: int = 0, pipeline: Any = None):
+        """Load the model of ``settings`` (or use ``pipeline``, an already built one, e.g. in benchmarks)."""
         super().__init__(settings, local_rank)
-        logging.getLogger("diffusers").setLevel(logging.ERROR)
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()  # progress notes and dtype-cast notices would drown the log
         self.device = resolve_device(settings.device, local_rank)
         self.dtype = resolve_dtype(settings.dtype, self.device)
-        self.pipe = load_pipeline(self.load_class(), settings.model_id, self.dtype)
+        self.pipe = pipeline if pipeline is not None else load_pipeline(self.load_class(), settings.model_id, self.dtype)
         self.check_pipeline()
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -148,6 +153,12 @@ class DiffusionBackend(Backend):
         if self.device.type == "cpu":
             for module in self.row_modules():
                 run_rows_separately(module)
+        else:  # fixed shapes, convolution-heavy networks: NHWC layout and tuned cuDNN kernels
+            import torch
+
+            torch.backends.cudnn.benchmark = True
+            self.pipe.unet.to(memory_format=torch.channels_last)
+            self.pipe.vae.to(memory_format=torch.channels_last)
         self.size = settings.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         log.info("%s: %s on %s (%s), %dx%d", self.name, settings.model_id, self.device, str(self.dtype).split(".")[-1],
                  self.size, self.size)
