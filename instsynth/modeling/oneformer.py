@@ -25,7 +25,6 @@ OneFormer text encoder relies on (it pools at ``argmax`` of the ids), as in CLIP
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -122,11 +121,19 @@ def is_pretrained_source(weights: str) -> bool:
     return bool(weights) and Path(weights).suffix not in CHECKPOINT_SUFFIXES and not Path(weights).is_file()
 
 
+def looks_like_hub_id(source: str) -> bool:
+    """``org/name`` (one slash, no leading ``/``, ``.``, ``~``) and not an existing path."""
+    return source.count("/") == 1 and not source.startswith(("/", ".", "~")) and not Path(source).exists()
+
+
 def missing_weights_error(source: str, what: str, exc: Exception | None = None) -> InstSynthError:
     local = Path(source).expanduser()
     if local.is_dir():
         return InstSynthError(local, f"cannot load {what} from this folder ({exc}); it must hold the files "
                                      "written by save_pretrained (config.json, model.safetensors, tokenizer)")
+    if not looks_like_hub_id(source):
+        return InstSynthError(local, f"{what}: folder not found (give a folder written by save_pretrained or a "
+                                     "hub id such as shi-labs/oneformer_cityscapes_swin_large)")
     folder = f"weights/{source.rstrip('/').split('/')[-1]}"
     return InstSynthError(source, f"{what} not found locally and the hub is not reachable. Download it on a "
                                   f"machine with network access: `hf download {source} --local-dir {folder}`, "
@@ -206,6 +213,17 @@ def oneformer_config(cfg, names: Sequence[str], backbone_config=None):
         **loss_settings(cfg))
 
 
+def check_dims(config, source: str) -> None:
+    """transformers keeps the transformer module's input projections (conv_dim -> hidden_dim) in a plain
+    list, so they would be neither trained, saved nor moved to the GPU: only the identity case is usable.
+    Its query projection also reads the mask features with conv_dim channels."""
+    if config.conv_dim != config.hidden_dim or config.mask_dim != config.hidden_dim or config.enforce_input_proj:
+        raise InstSynthError(source, f"CONVS_DIM ({config.conv_dim}) and MASK_DIM ({config.mask_dim}) must equal "
+                                     f"HIDDEN_DIM ({config.hidden_dim}) and enforce_input_proj be off: transformers' "
+                                     "OneFormer does not register the projection layers otherwise (they would stay "
+                                     "random and untrained)")
+
+
 def _class_rows(checkpoint_names: list[str], names: Sequence[str]) -> list[int] | None:
     """Rows of a checkpoint's class head for ``names`` (+ its no-object row), or None if one is missing."""
     lowered = [n.lower() for n in checkpoint_names]
@@ -223,6 +241,7 @@ def load_pretrained(source: str, cfg, names: Sequence[str]):
         state = OneFormerForUniversalSegmentation.from_pretrained(source, config=ckpt_config).state_dict()
     except (OSError, ValueError) as exc:
         raise missing_weights_error(source, "MODEL.WEIGHTS (OneFormer)", exc) from None
+    check_dims(ckpt_config, source)
     ckpt_names = [ckpt_config.id2label[i] for i in range(ckpt_config.num_labels)]
     config = OneFormerConfig.from_pretrained(source)
     config.update(dict(num_labels=len(names), id2label=dict(enumerate(names)),
@@ -378,6 +397,7 @@ def build_hf_model(cfg, names: Sequence[str]):
         return load_pretrained(weights, cfg, names), weights
     backbone = pretrained_backbone(cfg.MODEL.ONE_FORMER.BACKBONE_WEIGHTS) if cfg.MODEL.ONE_FORMER.BACKBONE_WEIGHTS else None
     config = oneformer_config(cfg, names, backbone.config if backbone is not None else None)
+    check_dims(config, "MODEL.ONE_FORMER.CONVS_DIM")
     model = OneFormerForUniversalSegmentation(config)
     if backbone is not None:
         model.model.pixel_level_module.encoder.load_state_dict(backbone.state_dict())
@@ -401,7 +421,6 @@ def build_tokenizer(cfg, weights_source: str | None, vocab_size: int):
 @register_model("OneFormer")
 def build_oneformer(cfg) -> OneFormer:
     """OneFormer from the config (see the module docstring for how MODEL.WEIGHTS is used)."""
-    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)  # we report missing keys ourselves
     names = class_names(cfg)
     hf_model, weights_source = build_hf_model(cfg, names)
     tokenizer = build_tokenizer(cfg, weights_source, hf_model.config.text_encoder_vocab_size)
