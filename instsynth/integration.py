@@ -352,6 +352,11 @@ def integrate_sample(task: SampleTask, image: CityscapesImage, rgb: np.ndarray, 
                      ids_bytes: bytes, source_counts: np.ndarray, params: IntegrationParams, out: Path) -> SampleResult:
     """Paste one sample, cut its context crops and write every new image with its instanceIds."""
     result = SampleResult(task)
+    height, width = instance_ids.shape
+    x0, y0, x1, y1 = task.crop_box
+    if not (x1 <= width and y1 <= height):
+        raise InstSynthError(image.gt("instanceIds"), f"crop box {task.crop_box} of {task.key} lies outside the "
+                                                      f"{width}x{height} image (metadata of another dataset?)")
     mask = instance_mask(instance_ids, task.crop_box, task.instance_id)
     if not mask.any():
         result.error = (str(image.gt("instanceIds")), f"instance {task.instance_id} (key {task.key}) has no pixel "
@@ -359,7 +364,6 @@ def integrate_sample(task: SampleTask, image: CityscapesImage, rgb: np.ndarray, 
         return result
     sample, notes = load_sample(task)
     pasted = paste(rgb, sample, mask, task.crop_box, params.blend, params.feather_pixels)
-    height, width = instance_ids.shape
     full = (0, 0, width, height)
     crops = [ContextCrop(full, 0, 0, False)]
     crops += [choose_context_crop(instance_ids, task.bbox, crop_seed(params.seed, task.key, task.sample, c),
