@@ -8,6 +8,7 @@ manifest ``OUT/<ModeName>/generation.json`` and ``generation_report.json``. Scal
 """
 import argparse
 import sys
+from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +53,8 @@ def main(argv=None) -> None:
 
     if args.mode is None and args.model_path is not None:
         sys.exit("error: --model_path needs --mode (diffinpainting, bld or gligen)")
+    if args.model_path and Path(args.model_path).expanduser().is_dir():  # one spelling per local model
+        args.model_path = str(Path(args.model_path).expanduser().resolve())
     try:
         if args.metadata is None and args.folder is None:
             raise InstSynthError(".", "pass --metadata META or --folder DIR (holding metadata.json)")

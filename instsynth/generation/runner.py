@@ -271,6 +271,76 @@ def write_samples(mode_dir: Path, batch: list[tuple[InstancePlan, SampleJob]], i
         add_sample(plan.entry, rel, job.seed)
 
 
+@dataclass
+class _Run:
+    """Everything one process needs while generating."""
+
+    settings: GenerationSettings
+    mode_dir: Path
+    header: dict
+    order: list[str]
+    plans: list[InstancePlan]
+    entries: dict[str, dict]
+    shard: Shard
+    state: _RunState
+    skip_bad: bool
+
+    @property
+    def manifest_path(self) -> Path:
+        name = MANIFEST_NAME if self.shard.world == 1 else shard_name(self.shard.rank, self.shard.world)
+        return self.mode_dir / name
+
+    def write_manifest(self) -> None:
+        """This process's manifest (the shard's own, with its skips and counts, under a launcher)."""
+        extra = {} if self.shard.world == 1 else {"skipped": self.state.skipped, "stats": _stats(self.state)}
+        write_manifest(self.manifest_path, {**self.header, **extra},
+                       {k: e for k, e in self.entries.items() if e["samples"]}, self.order)
+
+
+def prepare_run(metadata: str | os.PathLike, out: str | os.PathLike | None, settings: GenerationSettings,
+                skip_bad: bool) -> _Run:
+    """Validate inputs and settings, read what earlier runs recorded, plan this shard's samples."""
+    meta_path = Path(metadata).resolve()
+    meta = load_metadata(meta_path, check_files=False)
+    mode_dir = (Path(out).resolve() if out is not None else meta_path.parent) / settings.mode_name
+    validate_settings(settings, meta_path)
+    template, bank = load_prompt_bank(settings.prompts)
+    shard = current_shard(settings.device)
+    header = manifest_header(settings, meta, meta_path, template)
+    if shard.rank == 0:
+        remove_stale_temp_files(mode_dir)
+    shard.barrier()
+    done, old_header = existing_entries(mode_dir)
+    check_compatible(old_header, header, backend_class(settings.mode).output_params, mode_dir)
+    if old_header is not None and "resolved" in old_header.get("params", {}):
+        header["params"]["resolved"] = old_header["params"]["resolved"]
+    order = [inst["key"] for inst in meta["instances"]]
+    state = _RunState()
+    plans = plan_instances(meta["instances"][shard.rank::shard.world], meta["split"], settings, template, bank,
+                           done, mode_dir, state, skip_bad, meta_path)
+    keys = set(order)
+    entries = {key: e for key, e in done.items() if key in keys} if shard.world == 1 else {}
+    entries.update({p.inst["key"]: p.entry for p in plans})
+    return _Run(settings, mode_dir, header, order, plans, entries, shard, state, skip_bad)
+
+
+def run_batches(run: _Run) -> None:
+    """Generate every pending sample of this shard, ``batch_size`` images per backend call."""
+    settings, state = run.settings, run.state
+    pending = sum(len(p.pending) for p in run.plans)
+    if not pending:
+        return
+    backend = backend_class(settings.mode)(settings, local_rank=run.shard.local_rank)
+    run.header["params"]["resolved"] = backend.describe()
+    limit = [settings.batch_size]
+    batches = chunks(iter_jobs(run.plans, settings, state, run.skip_bad), settings.batch_size)
+    for batch in progress(batches, f"generating ({settings.mode})", math.ceil(pending / settings.batch_size)):
+        images = generate_with_oom_halving(backend, [job for _, job in batch], limit, state)
+        write_samples(run.mode_dir, batch, images)
+        state.written += len(batch)
+        run.write_manifest()
+
+
 def generate_instances(metadata: str | os.PathLike, out: str | os.PathLike | None = None,
                        settings: GenerationSettings = GenerationSettings(), skip_bad: bool = False
                        ) -> GenerationSummary:
@@ -282,55 +352,18 @@ def generate_instances(metadata: str | os.PathLike, out: str | os.PathLike | Non
     InstSynthError; with ``skip_bad`` the instance is skipped and listed in the report.
     """
     started = time.time()
-    meta_path = Path(metadata).resolve()
-    meta = load_metadata(meta_path, check_files=False)
-    out = Path(out).resolve() if out is not None else meta_path.parent
-    mode_dir = out / settings.mode_name
-    validate_settings(settings, meta_path)
-    template, bank = load_prompt_bank(settings.prompts)
-    shard = current_shard(settings.device)
-    backend_cls = backend_class(settings.mode)
-
-    header = manifest_header(settings, meta, meta_path, template)
-    if shard.rank == 0:
-        remove_stale_temp_files(mode_dir)
-    shard.barrier()
-    done, old_header = existing_entries(mode_dir)
-    check_compatible(old_header, header, backend_cls.output_params, mode_dir)
-    state = _RunState()
-    order = [inst["key"] for inst in meta["instances"]]
-    plans = plan_instances(meta["instances"][shard.rank::shard.world], meta["split"], settings, template, bank,
-                           done, mode_dir, state, skip_bad, meta_path)
-    entries = {key: e for key, e in done.items() if key in set(order)} if shard.world == 1 else {}
-    entries.update({p.inst["key"]: p.entry for p in plans})
-    manifest_path = mode_dir / (MANIFEST_NAME if shard.world == 1 else shard_name(shard.rank, shard.world))
-
-    pending = sum(len(p.pending) for p in plans)
-    backend = backend_cls(settings, local_rank=shard.local_rank) if pending else None
-    if backend is not None:
-        header["params"]["resolved"] = backend.describe()
-    elif old_header is not None and "resolved" in old_header.get("params", {}):
-        header["params"]["resolved"] = old_header["params"]["resolved"]
-    limit = [settings.batch_size]
-    batches = chunks(iter_jobs(plans, settings, state, skip_bad), settings.batch_size)
-    for batch in progress(batches, f"generating ({settings.mode})", math.ceil(pending / settings.batch_size)):
-        images = generate_with_oom_halving(backend, [job for _, job in batch], limit, state)
-        write_samples(mode_dir, batch, images)
-        state.written += len(batch)
-        extra = {} if shard.world == 1 else {"skipped": state.skipped, "stats": _stats(state)}
-        write_manifest(manifest_path, {**header, **extra}, {k: e for k, e in entries.items() if e["samples"]}, order)
-    if shard.world > 1:  # the final shard file carries this process's skips and counts
-        write_manifest(manifest_path, {**header, "skipped": state.skipped, "stats": _stats(state)},
-                       {k: e for k, e in entries.items() if e["samples"]}, order)
-    shard.barrier()
+    run = prepare_run(metadata, out, settings, skip_bad)
+    run_batches(run)
+    if run.shard.world > 1:
+        run.write_manifest()  # also when this shard had nothing to do: it carries its skips and counts
+    run.shard.barrier()
     summary = None
-    if shard.rank == 0:
-        summary = finalize(mode_dir, header, order, state, shard.world, time.time() - started)
-    shard.barrier()
+    if run.shard.rank == 0:
+        summary = finalize(run.mode_dir, run.header, run.order, run.state, run.shard.world, time.time() - started)
+    run.shard.barrier()
     if summary is None:
-        manifest = mode_dir / MANIFEST_NAME
-        summary = GenerationSummary(manifest, mode_dir / REPORT_NAME, len(plans), state.written, state.existing,
-                                    len(state.skipped))
+        summary = GenerationSummary(run.mode_dir / MANIFEST_NAME, run.mode_dir / REPORT_NAME, len(run.plans),
+                                    run.state.written, run.state.existing, len(run.state.skipped))
     return summary
 
 
@@ -348,6 +381,8 @@ def finalize(mode_dir: Path, header: dict, order: list[str], state: _RunState, w
         stats = {"samples_written": 0, "samples_existing": 0, "oom_halvings": 0}
         for path in shards:
             shard = read_manifest(path)
+            if "resolved" not in header["params"] and "resolved" in shard["params"]:
+                header["params"]["resolved"] = shard["params"]["resolved"]  # rank 0 loaded no model
             skipped += shard.get("skipped", [])
             for k in stats:
                 stats[k] += shard.get("stats", {}).get(k, 0)
