@@ -149,3 +149,17 @@ def test_cli_paper_layout(stage1, tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "generation/instance_generation.py"), "--folder", str(tmp_path)],
                          capture_output=True, text=True, env=env)
     assert res.returncode != 0 and "metadata.json" in res.stderr
+
+
+def test_rerun_keeps_what_the_quality_filter_added(stage1, tmp_path):
+    summary = run(stage1, tmp_path, num_samples=1)
+    manifest = json.loads(summary.manifest.read_text())
+    manifest["quality_filter"] = {"clip": "x"}
+    key = next(iter(manifest["instances"]))
+    manifest["instances"][key]["scores"] = [{"clip_prompt": 0.3}]
+    summary.manifest.write_text(json.dumps(manifest))
+    run(stage1, tmp_path, num_samples=1)  # nothing to do: scores and header kept
+    kept = json.loads(summary.manifest.read_text())
+    assert kept["quality_filter"] == {"clip": "x"} and kept["instances"][key]["scores"] == [{"clip_prompt": 0.3}]
+    run(stage1, tmp_path, num_samples=2)  # new samples: their scores are stale, so dropped
+    assert "scores" not in json.loads(summary.manifest.read_text())["instances"][key]

@@ -312,8 +312,10 @@ def prepare_run(metadata: str | os.PathLike, out: str | os.PathLike | None, sett
     shard.barrier()
     done, old_header = existing_entries(mode_dir)
     check_compatible(old_header, header, backend_class(settings.mode).output_params, mode_dir)
-    if old_header is not None and "resolved" in old_header.get("params", {}):
-        header["params"]["resolved"] = old_header["params"]["resolved"]
+    if old_header is not None:  # keep what others added (e.g. the quality filter's "quality_filter")
+        header.update({k: v for k, v in old_header.items() if k not in header and k not in ("skipped", "stats")})
+        if "resolved" in old_header.get("params", {}):
+            header["params"]["resolved"] = old_header["params"]["resolved"]
     order = [inst["key"] for inst in meta["instances"]]
     state = _RunState()
     plans = plan_instances(meta["instances"][shard.rank::shard.world], meta["split"], settings, template, bank,
