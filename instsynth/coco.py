@@ -17,10 +17,7 @@ parts); an instance with a hole is written as RLE so the hole is never filled; g
 """
 from __future__ import annotations
 
-import multiprocessing
 import struct
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +26,10 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
+from .parallel import ordered_map
 from .io import (CityscapesImage, InstSynthError, default_workers, get_logger, iter_cityscapes_images,
                  progress, read_json, read_png, write_json)
-from .labels import (EVAL_THING_CLASSES, INSTANCE_ID_OFFSET, THING_CLASSES, THING_LABEL_IDS, class_name,
+from .labels import (EVAL_THING_CLASSES, THING_CLASSES, THING_LABEL_IDS, class_name,
                      decode_instance_id, label_id)
 
 FORMATS = ("polygon", "rle")
@@ -257,10 +255,6 @@ def _convert_image(image: CityscapesImage, options: ConversionOptions) -> dict:
 
 
 # --------------------------------------------------------------------------- per split
-def _init_worker() -> None:
-    cv2.setNumThreads(1)
-
-
 def _convert_in_worker(args) -> dict:
     """convert_image for a worker process; InstSynthError travels back as data (it does not unpickle)."""
     try:
@@ -277,25 +271,10 @@ def _raise_errors(results):
 
 
 def _map_images(images: list[CityscapesImage], options: ConversionOptions, workers: int, desc: str) -> list[dict]:
-    """convert_image results in image order, computed by ``workers`` processes when > 1.
-
-    Workers come from a forkserver (or spawn), not fork: a forked child can deadlock in OpenCV once
-    the parent has used OpenCV's thread pool. If the workers cannot start (e.g. ``python -`` reading
-    the script from stdin), the images are converted in this process instead.
-    """
-    if workers > 1 and len(images) > 1:
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        if ctx.get_start_method() == "forkserver":
-            ctx.set_forkserver_preload([__name__])
-        chunksize = max(1, min(16, len(images) // (workers * 4)))
-        try:
-            with ProcessPoolExecutor(min(workers, len(images)), mp_context=ctx, initializer=_init_worker) as pool:
-                jobs = pool.map(_convert_in_worker, [(image, options) for image in images], chunksize=chunksize)
-                return list(_raise_errors(progress(jobs, desc, total=len(images))))
-        except BrokenProcessPool as exc:
-            log.warning("worker processes failed (%s); converting in this process", exc)
-    return [convert_image(image, options) for image in progress(images, desc)]
+    """convert_image results in image order, computed by ``workers`` processes when > 1."""
+    chunksize = max(1, min(16, len(images) // (max(1, workers) * 4)))
+    jobs = ordered_map(_convert_in_worker, [(image, options) for image in images], workers, chunksize)
+    return list(_raise_errors(progress(jobs, desc, total=len(images))))
 
 
 def convert_split(datadir: str | Path, split: str, options: ConversionOptions, categories: list[dict],

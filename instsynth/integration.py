@@ -47,9 +47,10 @@ import numpy as np
 
 from .generation.common import resize_image, stable_seed
 from .generation.manifest import load_manifest
+from .parallel import ordered_map
 from .io import (CityscapesImage, InstSynthError, default_workers, encode_png, get_logger, progress,
                  read_json, read_png, split_image_id)
-from .label_crops import COORDINATES_VERSION, crop_resize_labels, crop_resize_rgb, worker_pool
+from .label_crops import COORDINATES_VERSION, crop_resize_labels, crop_resize_rgb
 from .selection import COORDINATES_NAME, load_metadata, write_if_changed
 
 INTEGRATION_VERSION = 1
@@ -410,11 +411,7 @@ def integrate_image(task: ImageTask) -> list[SampleResult]:
 
 
 def _run_tasks(tasks: list[ImageTask], workers: int) -> Iterator[list[SampleResult]]:
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(integrate_image, tasks)
-        return
-    with worker_pool(min(workers, len(tasks)), __name__) as pool:
-        yield from pool.imap(integrate_image, tasks, chunksize=1)
+    return ordered_map(integrate_image, tasks, workers)
 
 
 # --------------------------------------------------------------------------- inputs

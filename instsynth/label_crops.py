@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
-import multiprocessing.pool
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 
+from .parallel import ordered_map
 from .io import InstSynthError, default_workers, encode_png, get_logger, progress, read_json, read_png
 from .selection import write_if_changed
 
@@ -136,26 +135,8 @@ def _write_entry_labels(task: tuple[dict, Path]) -> _LabelResult:
     return result
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core already
-
-
-def worker_pool(processes: int, module: str) -> multiprocessing.pool.Pool:
-    """A process pool whose workers start from a forkserver that imported ``module`` once.
-
-    Not fork: a child forked from a process whose OpenCV thread pool has run can deadlock.
-    """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([module])
-    return ctx.Pool(processes, initializer=_init_worker)
-
-
 def _run(tasks: list[tuple[dict, Path]], workers: int) -> Iterator[_LabelResult]:
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(_write_entry_labels, tasks)
-        return
-    with worker_pool(min(workers, len(tasks)), __name__) as pool:
-        yield from pool.imap(_write_entry_labels, tasks, chunksize=4)
+    return ordered_map(_write_entry_labels, tasks, workers, chunksize=4)
 
 
 @dataclass

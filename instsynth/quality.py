@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .parallel import ordered_map
 from .io import InstSynthError, default_workers, get_logger, progress, read_json, read_png, write_json
 
 log = get_logger("instsynth.quality")
@@ -564,39 +565,20 @@ def _instance_pixel_metrics(group: Sequence[SampleRef]) -> list[dict] | tuple[st
         return str(exc.path), exc.problem
 
 
-def _init_worker() -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # one process per core already
-
-
 def sample_pixel_metrics(refs: Sequence[SampleRef], desc: str = "pixel metrics", workers: int | None = None) -> list[dict]:
     """:func:`pixel_metrics` of every sample, in ``refs`` order; one task per instance (its crop read once).
 
     ``workers`` processes (default: every core); results do not depend on their number.
     """
-    import multiprocessing
-
     groups = list(_by_instance(refs).values())
     workers = default_workers() if workers is None else max(1, int(workers))
     workers = min(workers, len(groups) // MIN_INSTANCES_PER_WORKER)
-    pool = None
-    if workers <= 1:
-        outputs = map(_instance_pixel_metrics, groups)
-    else:  # forkserver: children never inherit the parent's (OpenCV, torch) threads
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
-        pool = ctx.Pool(workers, initializer=_init_worker)
-        outputs = pool.imap(_instance_pixel_metrics, groups, chunksize=1)
+    outputs = ordered_map(_instance_pixel_metrics, groups, workers)
     results: dict[tuple[str, int], dict] = {}
-    try:
-        for group, output in zip(groups, progress(outputs, desc, len(groups))):
-            if isinstance(output, tuple):
-                raise InstSynthError(*output)
-            results.update({(ref.key, ref.index): metrics for ref, metrics in zip(group, output)})
-    finally:
-        if pool is not None:
-            pool.terminate()
+    for group, output in zip(groups, progress(outputs, desc, len(groups))):
+        if isinstance(output, tuple):
+            raise InstSynthError(*output)
+        results.update({(ref.key, ref.index): metrics for ref, metrics in zip(group, output)})
     return [results[(r.key, r.index)] for r in refs]
 
 

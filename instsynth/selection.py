@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import multiprocessing
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from .parallel import ordered_map
 from .io import (CityscapesImage, InstSynthError, default_workers, get_logger,
                  iter_cityscapes_images, progress, read_json, read_png, write_bytes)
 from .labels import INSTANCE_ID_OFFSET, THING_CLASSES, THING_LABEL_IDS, class_name, label_id
@@ -227,10 +227,6 @@ def _select_task(task: tuple[CityscapesImage, SelectionParams, Path]) -> ImageRe
         return ImageResult(image.image_id, error=(str(exc.path), exc.problem))
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core already
-
-
 # --------------------------------------------------------------------------- the stage
 def make_params(root: Path, k: int = 3, classes: Sequence[str] | None = None,
                 min_area: int = DEFAULT_MIN_AREA, context: float = 1.0) -> SelectionParams:
@@ -250,15 +246,7 @@ def make_params(root: Path, k: int = 3, classes: Sequence[str] | None = None,
 
 
 def _iter_results(tasks: list, workers: int):
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(_select_task, tasks)
-        return
-    # forkserver: workers never inherit the parent's threads (forking a process whose OpenCV thread
-    # pool has run can deadlock the child); the server imports this module once for all workers.
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker) as pool:
-        yield from pool.imap(_select_task, tasks, chunksize=1)
+    return ordered_map(_select_task, tasks, workers)
 
 
 def _json_bytes(obj: Any) -> bytes:

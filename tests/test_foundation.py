@@ -122,3 +122,19 @@ def _current_umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _square_or_fail(x):
+    if x == 7:
+        raise InstSynthError("task7.png", "bad task")
+    return x * x
+
+
+def test_ordered_map_keeps_order_for_any_worker_count():
+    from instsynth.parallel import ordered_map
+
+    tasks = [5, 3, 9, 1, 4, 8]
+    assert list(ordered_map(_square_or_fail, tasks, 1)) == list(ordered_map(_square_or_fail, tasks, 2)) \
+        == [x * x for x in tasks]
+    with pytest.raises(InstSynthError, match="task7.png: bad task"):
+        list(ordered_map(_square_or_fail, [1, 7, 2], 2))
