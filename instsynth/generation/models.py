@@ -197,5 +197,5 @@ class DiffusionBackend(Backend):
     @staticmethod
     def to_crops(images: np.ndarray, jobs: Sequence[SampleJob]) -> list[np.ndarray]:
         """Float [0, 1] NHWC model outputs as uint8 images at each job's crop size."""
-        out = np.clip(np.rint(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
+        out = np.clip(np.rint(np.nan_to_num(np.asarray(images, np.float32)) * 255.0), 0, 255).astype(np.uint8)
         return [resize_image(image, job.size) for image, job in zip(out, jobs)]
