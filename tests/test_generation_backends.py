@@ -176,3 +176,14 @@ def test_resizing_uses_proper_filters_and_composite_keeps_the_background():
     generated = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     out = composite(image, generated, mask)
     assert np.array_equal(out[~mask], image[~mask]) and out.shape == image.shape
+
+
+def test_sampler_and_blending_options(tiny, small_meta, tmp_path):
+    """gligen with DDIM (--no_plms) and bld blending from the first step both run and record their settings."""
+    ddim = generate_instances(small_meta, tmp_path / "g", settings("gligen", tiny, plms=False, batch_size=2))
+    assert load_manifest(ddim.manifest)["params"]["resolved"]["scheduler"] == "DDIMScheduler"
+    full = generate_instances(small_meta, tmp_path / "b", settings("bld-sd", tiny, blending_start_percentage=0.0,
+                                                                    batch_size=2))
+    assert full.samples_written == N_INSTANCES
+    with pytest.raises(InstSynthError, match="blending_start_percentage"):
+        generate_instances(small_meta, tmp_path / "c", settings("bld-sd", tiny, blending_start_percentage=1.0))
