@@ -65,11 +65,15 @@ def load_pipeline(pipeline_class: Any, model_id: str, dtype) -> Any:
             warnings.simplefilter("ignore", FutureWarning)
             return pipeline_class.from_pretrained(str(local) if local.is_dir() else model_id, torch_dtype=dtype)
     except (OSError, ValueError) as exc:
-        where = "folder" if local.is_dir() else "hub model"
-        raise InstSynthError(model_id, f"cannot load the {where} ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-                             f"Without network access download it elsewhere (huggingface-cli download {model_id} "
-                             f"--local-dir DIR) and pass --model_path DIR, or pre-fill the cache under HF_HOME "
-                             f"and set HF_HUB_OFFLINE=1") from exc
+        cause = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        if local.is_dir():
+            raise InstSynthError(model_id, f"cannot load this model folder with {pipeline_class.__name__} ({cause})") from exc
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise InstSynthError(model_id, f"cannot load this hub model: not in the Hugging Face cache ({HF_HUB_CACHE}) "
+                             f"and not downloadable here ({cause}). Download it where there is network access "
+                             f"(huggingface-cli download {model_id} --local-dir DIR), copy DIR over and pass "
+                             f"--model_path DIR, or pre-fill the cache under HF_HOME and set HF_HUB_OFFLINE=1") from exc
 
 
 # --------------------------------------------------------------------------- determinism helpers
