@@ -87,8 +87,9 @@ def test_sharded_run_over_two_processes_equals_one_process(tiny, small_meta, tmp
               "--steps", str(STEPS), "--num_samples", "2", "--batch_size", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "INSTSYNTH_NO_PROGRESS": "1"}
     script = str(REPO / "generation/instance_generation.py")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *common,
-                          "--folder", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    res = subprocess.run([*launcher, script, *common, "--folder", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     generate_instances(small_meta, tmp_path / "one", settings("diffinpainting", tiny, num_samples=2, batch_size=2))
     assert pngs(tmp_path / "two") == pngs(tmp_path / "one")

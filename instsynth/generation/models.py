@@ -4,8 +4,8 @@ error), per-sample CPU generators, batch-invariant CPU execution, working-resolu
 Batch size never changes a sample: its noise comes from its own CPU ``torch.Generator`` (seeded with
 the sample seed) and is moved to the device. On CPU the networks additionally run one row at a time
 (:func:`run_rows_separately`), because CPU kernels (oneDNN convolutions, GroupNorm on batch-1 layouts,
-matrix-vector products for one row) round differently for different batch sizes; batching brings no speed there anyway, so PNGs are
-byte-identical for every ``--batch_size``. On CUDA rows run together (the point of batching);
+matrix-vector products for one row) round differently for different batch sizes; batching brings no
+speed there anyway, so PNGs are byte-identical for every ``--batch_size``. On CUDA rows run together (the point of batching);
 results then agree across batch sizes up to float rounding.
 """
 from __future__ import annotations

@@ -35,7 +35,8 @@ HEAD_FRACTION = 0.18
 """Top part of a colourless instance's height treated as head (kept) for persons and riders."""
 
 BODY_RADIUS = 7.0
-"""Lab distance (lightness counted / 3, chroma relative to lightness) up to which a pixel fully belongs to the body; none at twice it."""
+"""Lab distance (lightness counted / 3, chroma relative to lightness) up to which a pixel fully
+belongs to the body; pixels at twice this distance or more do not belong at all."""
 
 NEAR_BLACK = 12.0
 """Lightness below which parts darker than the body (tyres, deep shadow) keep their colour."""
