@@ -78,14 +78,14 @@ def _defaults() -> CN:
     _C.MODEL.FASTINST.TEST.SCORE_THRESHOLD = 0.0
 
     # OneFormer (transformers' OneFormerForUniversalSegmentation); see instsynth/modeling/oneformer.py.
-    # MODEL.WEIGHTS may name a saved/hub OneFormer (folder or id) whose architecture and tokenizer are used.
+    # MODEL.WEIGHTS may name a saved/hub OneFormer (its architecture and tokenizer are used), an ImageNet
+    # backbone (folder or hub id, e.g. microsoft/resnet-50) or a .pth checkpoint of this project.
     _C.MODEL.ONE_FORMER = CN()
     _C.MODEL.ONE_FORMER.HF_CONFIG = ""  # local folder / hub id of a OneFormerConfig ("" = built from keys below)
     _C.MODEL.ONE_FORMER.TASK = "instance"  # task token "the task is instance" (only instance is trained here)
     _C.MODEL.ONE_FORMER.NUM_CLASSES = 8
     _C.MODEL.ONE_FORMER.CLASS_NAMES = []  # text-query names in contiguous order ([] = labels.EVAL_THING_CLASSES)
     _C.MODEL.ONE_FORMER.BACKBONE = "resnet"  # resnet | swin (transformers ResNetBackbone / SwinBackbone)
-    _C.MODEL.ONE_FORMER.BACKBONE_WEIGHTS = ""  # ImageNet backbone: folder / hub id (microsoft/resnet-50, ...)
     _C.MODEL.ONE_FORMER.RESNET = CN()  # transformers ResNetConfig; defaults: ResNet-50
     _C.MODEL.ONE_FORMER.RESNET.LAYER_TYPE = "bottleneck"  # bottleneck | basic
     _C.MODEL.ONE_FORMER.RESNET.EMBEDDING_SIZE = 64

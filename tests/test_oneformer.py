@@ -115,6 +115,20 @@ def test_save_pretrained_folder_loads_offline_as_model_weights(tiny_folder, trai
     assert torch.equal(a["scores"], b["scores"]) and torch.equal(a["pred_masks"], b["pred_masks"])
 
 
+def test_imagenet_backbone_folder_as_model_weights_initialises_the_backbone(tmp_path):
+    from transformers import ResNetForImageClassification
+
+    config = tiny_oneformer().oneformer.config.backbone_config  # saved like microsoft/resnet-50: a classifier
+    classifier = ResNetForImageClassification(type(config)(**{**config.to_dict(), "num_labels": 10}))
+    classifier.save_pretrained(tmp_path)
+    model = build_model(tiny_oneformer_cfg("MODEL.WEIGHTS", str(tmp_path)))
+    assert maybe_load_weights(model, str(tmp_path)) is False  # the trainer leaves it to the model
+    encoder = model.oneformer.model.pixel_level_module.encoder.state_dict()
+    imagenet = {k[len("resnet."):]: v for k, v in classifier.state_dict().items() if k.startswith("resnet.")}
+    assert encoder.keys() <= imagenet.keys()
+    assert all(torch.equal(v, imagenet[k]) for k, v in encoder.items() if "num_batches" not in k)
+
+
 def test_class_head_of_a_checkpoint_is_mapped_by_class_name(tmp_path):
     names = list(reversed(EVAL_THING_CLASSES))
     source = tiny_oneformer("MODEL.ONE_FORMER.CLASS_NAMES", str(names))
@@ -129,8 +143,8 @@ def test_missing_weights_and_bad_sizes_give_clear_errors(tmp_path):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     with pytest.raises(InstSynthError, match=r"hf download shi-labs/oneformer_cityscapes_swin_large --local-dir"):
         build_model(tiny_oneformer_cfg("MODEL.WEIGHTS", "shi-labs/oneformer_cityscapes_swin_large"))
-    with pytest.raises(InstSynthError, match="BACKBONE_WEIGHTS.*hf download microsoft/resnet-50"):
-        build_model(tiny_oneformer_cfg("MODEL.ONE_FORMER.BACKBONE_WEIGHTS", "microsoft/resnet-50"))
+    with pytest.raises(InstSynthError, match="hf download microsoft/resnet-50 --local-dir weights/resnet-50"):
+        build_model(tiny_oneformer_cfg("MODEL.WEIGHTS", "microsoft/resnet-50"))
     with pytest.raises(InstSynthError, match="folder not found"):
         build_model(tiny_oneformer_cfg("MODEL.WEIGHTS", str(tmp_path / "no_such_model")))
     with pytest.raises(InstSynthError, match="CONVS_DIM"):  # transformers would leave projections unregistered

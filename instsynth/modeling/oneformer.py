@@ -11,12 +11,16 @@ id 0). The loss is the transformers model's: class cross-entropy, mask BCE and d
 ``TEST.DETECTIONS_PER_IMAGE`` (query, class) pairs, as OneFormer / Mask2Former instance inference,
 scored by class probability x mean mask probability inside the mask.
 
-Weights (``MODEL.WEIGHTS``): a folder written by ``save_pretrained`` or a hub id (e.g.
-``shi-labs/oneformer_cityscapes_swin_large``) is loaded here, with its architecture and tokenizer;
-its class head is remapped by class name when it knows all classes (a 19-class Cityscapes OneFormer
-does), otherwise re-initialised. A ``.pth`` checkpoint of this project is loaded by the trainer.
-Without weights the model is built from the ``MODEL.ONE_FORMER`` keys (random init; the backbone
-from ``BACKBONE_WEIGHTS`` if set: ``microsoft/resnet-50``, ``microsoft/swin-large-patch4-window12-384``).
+Weights (``MODEL.WEIGHTS``), as in Detectron2 either a trained model or ImageNet backbone weights:
+
+- a OneFormer folder written by ``save_pretrained`` or hub id (``shi-labs/oneformer_cityscapes_swin_large``)
+  is loaded here with its architecture and tokenizer; its class head is remapped by class name when it
+  knows all classes (a 19-class Cityscapes OneFormer does), otherwise re-initialised;
+- a backbone folder / hub id (``microsoft/resnet-50``, ``microsoft/swin-large-patch4-window12-384``;
+  any transformers ``AutoBackbone``) initialises the backbone of a OneFormer built from the
+  ``MODEL.ONE_FORMER`` keys, whose ``BACKBONE`` / ``RESNET`` / ``SWIN`` settings it then replaces;
+- a ``.pth`` checkpoint of this project is loaded by the trainer into the model built from the keys;
+- empty: everything randomly initialised.
 
 Tokenizer: ``TOKENIZER`` if set, else the one saved with ``MODEL.WEIGHTS``, else a built-in
 word-level tokenizer over the few words these texts use (Cityscapes label names and the templates),
@@ -157,14 +161,22 @@ def _swin_config(cfg):
                       out_features=BACKBONE_OUT_FEATURES)
 
 
-def pretrained_backbone(source: str):
-    """An ImageNet backbone (transformers ``AutoBackbone``) from a folder or hub id."""
-    from transformers import AutoBackbone
+def pretrained_backbone(source: str, cfg, model_type: str):
+    """An ImageNet backbone (the transformers ``*Backbone`` class of ``model_type``) from a folder or hub
+    id; Swin gets the config's stochastic depth rate. (``AutoBackbone.from_pretrained`` asks the hub
+    even for a local folder, so the class is looked up here.)"""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
 
+    if model_type not in MODEL_FOR_BACKBONE_MAPPING_NAMES:
+        raise InstSynthError(source, f"MODEL.WEIGHTS is a {model_type!r} model: neither a OneFormer nor a "
+                                     f"backbone ({', '.join(sorted(MODEL_FOR_BACKBONE_MAPPING_NAMES))})")
+    backbone_class = getattr(transformers, MODEL_FOR_BACKBONE_MAPPING_NAMES[model_type])
+    extra = {"drop_path_rate": cfg.MODEL.ONE_FORMER.SWIN.DROP_PATH_RATE} if model_type == "swin" else {}
     try:
-        return AutoBackbone.from_pretrained(source, out_features=BACKBONE_OUT_FEATURES)
+        return backbone_class.from_pretrained(source, out_features=BACKBONE_OUT_FEATURES, **extra)
     except (OSError, ValueError) as exc:
-        raise missing_weights_error(source, "MODEL.ONE_FORMER.BACKBONE_WEIGHTS", exc) from None
+        raise missing_weights_error(source, "MODEL.WEIGHTS (ImageNet backbone)", exc) from None
 
 
 def loss_settings(cfg) -> dict:
@@ -388,20 +400,34 @@ class OneFormer(nn.Module):
 
 
 # --------------------------------------------------------------------------- builder
+def weights_model_type(source: str) -> str:
+    """``model_type`` of the config saved with a folder / hub id (oneformer, resnet, swin, ...)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source).model_type
+    except (OSError, ValueError) as exc:
+        raise missing_weights_error(source, "MODEL.WEIGHTS (a OneFormer or an ImageNet backbone)", exc) from None
+
+
 def build_hf_model(cfg, names: Sequence[str]):
-    """(transformers model, tokenizer source or None) following MODEL.WEIGHTS / HF_CONFIG / the keys."""
+    """(transformers model, tokenizer source or None): a OneFormer named by MODEL.WEIGHTS, or one built
+    from HF_CONFIG / the keys, with the ImageNet backbone named by MODEL.WEIGHTS if it names one."""
     from transformers import OneFormerForUniversalSegmentation
 
     weights = cfg.MODEL.WEIGHTS
+    backbone = None
     if is_pretrained_source(weights):
-        return load_pretrained(weights, cfg, names), weights
-    backbone = pretrained_backbone(cfg.MODEL.ONE_FORMER.BACKBONE_WEIGHTS) if cfg.MODEL.ONE_FORMER.BACKBONE_WEIGHTS else None
+        model_type = weights_model_type(weights)
+        if model_type == "oneformer":
+            return load_pretrained(weights, cfg, names), weights
+        backbone = pretrained_backbone(weights, cfg, model_type)
     config = oneformer_config(cfg, names, backbone.config if backbone is not None else None)
     check_dims(config, "MODEL.ONE_FORMER.CONVS_DIM")
     model = OneFormerForUniversalSegmentation(config)
     if backbone is not None:
         model.model.pixel_level_module.encoder.load_state_dict(backbone.state_dict())
-        log.info("backbone weights from %s", cfg.MODEL.ONE_FORMER.BACKBONE_WEIGHTS)
+        log.info("ImageNet backbone (%s) from %s", backbone.config.model_type, weights)
     return model, None
 
 
