@@ -29,6 +29,7 @@ OneFormer text encoder relies on (it pools at ``argmax`` of the ids), as in CLIP
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Sequence
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from instsynth.engine.checkpoint import CHECKPOINT_SUFFIXES
 from instsynth.io import InstSynthError, get_logger
 from instsynth.modeling import register_model
 
@@ -46,7 +48,6 @@ TASK_TEMPLATE = "the task is {}"
 TEXT_TEMPLATE = "a photo with a {}"
 PAD_TEXT = "an instance photo"
 SOT, EOT, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<pad>", "<unk>"
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pkl")
 BACKBONE_OUT_FEATURES = ["stage1", "stage2", "stage3", "stage4"]
 CLASS_HEAD = "model.transformer_module.decoder.class_embed."
 
@@ -110,7 +111,8 @@ def load_tokenizer(source: str, what: str):
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise missing_weights_error(source, what, exc) from None
+        raise missing_weights_error(source, f"{what} (or set MODEL.ONE_FORMER.TOKENIZER to a CLIP tokenizer)",
+                                    exc) from None
 
 
 def tokenize(tokenizer, texts: list[str], length: int) -> torch.Tensor:
@@ -121,7 +123,7 @@ def tokenize(tokenizer, texts: list[str], length: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- weights
 def is_pretrained_source(weights: str) -> bool:
-    """True when ``MODEL.WEIGHTS`` names a saved OneFormer folder or a hub id (not a .pth checkpoint)."""
+    """True when ``MODEL.WEIGHTS`` names a folder or hub id (a OneFormer or a backbone), not a checkpoint file."""
     return bool(weights) and Path(weights).suffix not in CHECKPOINT_SUFFIXES and not Path(weights).is_file()
 
 
@@ -255,7 +257,7 @@ def load_pretrained(source: str, cfg, names: Sequence[str]):
         raise missing_weights_error(source, "MODEL.WEIGHTS (OneFormer)", exc) from None
     check_dims(ckpt_config, source)
     ckpt_names = [ckpt_config.id2label[i] for i in range(ckpt_config.num_labels)]
-    config = OneFormerConfig.from_pretrained(source)
+    config = copy.deepcopy(ckpt_config)
     config.update(dict(num_labels=len(names), id2label=dict(enumerate(names)),
                        label2id={n: i for i, n in enumerate(names)}, **loss_settings(cfg)))
     model = OneFormerForUniversalSegmentation(config)
@@ -281,6 +283,7 @@ class OneFormer(nn.Module):
     """The shared model interface (see ``instsynth.modeling``) around ``OneFormerForUniversalSegmentation``."""
 
     loads_own_weights = True  # MODEL.WEIGHTS folders / hub ids are loaded by the builder
+    backbone_prefix = "oneformer.model.pixel_level_module.encoder"  # parameters that get SOLVER.BACKBONE_MULTIPLIER
 
     def __init__(self, hf_model, tokenizer, names: Sequence[str], pixel_mean, pixel_std, size_divisibility: int = 32,
                  task: str = "instance", max_detections: int = 100, mask_threshold: float = 0.5,
@@ -378,7 +381,7 @@ class OneFormer(nn.Module):
     def instance_inference(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, image_size: tuple[int, int],
                            padded_size, output_size: tuple[int, int], chunk: int = 16) -> dict:
         """Top-k (query, class) pairs -> bool masks at ``output_size``, classes and scores."""
-        num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+        num_classes = class_logits.shape[1] - 1
         probs = class_logits.float().softmax(-1)[:, :-1]
         k = min(self.max_detections, probs.numel())
         scores, index = probs.flatten().topk(k)
