@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -141,9 +142,13 @@ def missing_weights_error(source: str, what: str, exc: Exception | None = None) 
         return InstSynthError(local, f"{what}: folder not found (give a folder written by save_pretrained or a "
                                      "hub id such as shi-labs/oneformer_cityscapes_swin_large)")
     folder = f"weights/{source.rstrip('/').split('/')[-1]}"
-    return InstSynthError(source, f"{what} not found locally and the hub is not reachable. Download it on a "
-                                  f"machine with network access: `hf download {source} --local-dir {folder}`, "
-                                  f"copy {folder} here and set the config value to {folder}")
+    key = re.search(r"MODEL\.[A-Z_.]*[A-Z]", what)
+    key = key.group(0) if key else "the config value"
+    reason = str(exc).strip().splitlines()[0][:200] if exc else "not found"
+    return InstSynthError(source, f"{what} could not be loaded: no such local folder, not in the Hugging Face "
+                                  f"cache, and the hub did not provide it ({reason}). Download it on a machine "
+                                  f"with network access: `hf download {source} --local-dir {folder}`, copy "
+                                  f"{folder} here and set {key} to {folder}")
 
 
 def _resnet_config(cfg):
