@@ -22,10 +22,15 @@ Weights (``MODEL.WEIGHTS``), as in Detectron2 either a trained model or ImageNet
 - a ``.pth`` checkpoint of this project is loaded by the trainer into the model built from the keys;
 - empty: everything randomly initialised.
 
-Tokenizer: ``TOKENIZER`` if set, else the one saved with ``MODEL.WEIGHTS``, else a built-in
+Tokenizer: ``TOKENIZER`` if set, else the one saved with a OneFormer ``MODEL.WEIGHTS``, else a built-in
 word-level tokenizer over the few words these texts use (Cityscapes label names and the templates),
 so training from scratch needs no download. Its end-of-text token has the largest id, which the
 OneFormer text encoder relies on (it pools at ``argmax`` of the ids), as in CLIP's vocabulary.
+
+Sizes transformers' implementation needs (checked with clear errors): ``CONVS_DIM == MASK_DIM ==
+HIDDEN_DIM`` (otherwise its input projections are unregistered layers: never trained, saved or moved
+to the GPU) and ``TEXT_ENCODER_WIDTH == HIDDEN_DIM``, a multiple of 64 (one text attention head per
+64 channels; the context queries are concatenated with the projected text queries).
 """
 from __future__ import annotations
 
