@@ -138,6 +138,13 @@ def test_class_head_of_a_checkpoint_is_mapped_by_class_name(tmp_path):
     dst = loaded.state_dict()[f"oneformer.{CLASS_HEAD}weight"]
     assert torch.equal(dst[:-1], src[:-1].flip(0)) and torch.equal(dst[-1], src[-1])  # no-object row kept
 
+    other = tmp_path / "other_classes"  # a checkpoint that lacks our classes: its head starts from scratch
+    tiny_oneformer("MODEL.ONE_FORMER.NUM_CLASSES", "3", "MODEL.ONE_FORMER.CLASS_NAMES", "['road', 'sky', 'car']",
+                   seed=2).save_pretrained(other)
+    fresh = build_model(tiny_oneformer_cfg("MODEL.WEIGHTS", str(other)))
+    assert fresh.state_dict()[f"oneformer.{CLASS_HEAD}weight"].shape == (9, 64)
+    assert fresh.oneformer.config.num_labels == 8 and fresh.oneformer.config.id2label[7] == "bicycle"
+
 
 def test_missing_weights_and_bad_sizes_give_clear_errors(tmp_path):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -272,6 +272,7 @@ def load_pretrained(source: str, cfg, names: Sequence[str]):
                        label2id={n: i for i, n in enumerate(names)}, **loss_settings(cfg)))
     model = OneFormerForUniversalSegmentation(config)
     rows = _class_rows(ckpt_names, names)
+    state.pop("criterion.empty_weight", None)  # class weights of the loss: from NUM_CLASSES and NO_OBJECT_WEIGHT
     for key in (CLASS_HEAD + "weight", CLASS_HEAD + "bias"):
         if rows is None:
             state.pop(key)
@@ -281,8 +282,7 @@ def load_pretrained(source: str, cfg, names: Sequence[str]):
         log.warning("%s: its classes %s do not include all of %s; the class head starts from scratch",
                     source, ckpt_names, list(names))
     result = model.load_state_dict(state, strict=False)
-    fresh = sorted({k.split(".")[2] for k in result.missing_keys if k.startswith("model.")} |
-                   {k for k in result.missing_keys if not k.startswith("model.")})
+    fresh = sorted({".".join(k.split(".")[:3]) for k in result.missing_keys if k != "criterion.empty_weight"})
     log.info("loaded OneFormer %s (%d classes -> %d)%s", source, len(ckpt_names), len(names),
              f"; newly initialised: {', '.join(fresh)}" if fresh else "")
     return model
