@@ -43,6 +43,15 @@ def demo_sample(image, split="train", index=0, size=(128, 256)) -> dict:
                           "gt_masks": torch.from_numpy(np.stack([small_masks[i] for i in keep])).bool()}}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: one thread is as fast and does not stall when the shared cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def train_batch(demo_root):
     images = [im for im in iter_cityscapes_images(demo_root, "train") if gt_instances(read_png(im.gt("instanceIds")))[1]]
@@ -180,7 +189,7 @@ def test_cityscapes_eval_is_perfect_for_ground_truth_and_drops_when_corrupted(de
     dicts, gts = val_dicts_and_gt(demo_root)
     coco_results = [r for d, (m, c) in zip(dicts, gts)  # the trainer's format: COCO result entries
                     for r in instances_to_coco(as_outputs(m, c), d["image_id"], CONTIGUOUS_TO_LABEL)]
-    perfect = evaluate_cityscapes(coco_results, dicts, tmp_path / "gt", CONTIGUOUS_TO_LABEL)
+    perfect = evaluate_cityscapes(coco_results, dicts, tmp_path / "gt", CONTIGUOUS_TO_LABEL, workers=1)
     assert perfect["AP"] == pytest.approx(100) and perfect["AP50"] == pytest.approx(100)
     assert perfect["AP-car"] == pytest.approx(100) and perfect["AP-bicycle"] is None  # no bicycle in the demo val
 
@@ -190,8 +199,9 @@ def test_cityscapes_eval_is_perfect_for_ground_truth_and_drops_when_corrupted(de
         shifted = np.roll(masks, 12, axis=2)
         wrong = [(c + 1) % 8 if k < len(classes) // 2 else c for k, c in enumerate(classes)]
         corrupted.append({"image_id": d["image_id"], "instances": as_outputs(shifted, wrong)})
-    worse = evaluate_cityscapes(corrupted, dicts, out, CONTIGUOUS_TO_LABEL)
+    worse = evaluate_cityscapes(corrupted, dicts, out, CONTIGUOUS_TO_LABEL, workers=2)
     assert worse["AP"] < 60 and worse["AP50"] < perfect["AP50"]
+    assert evaluate_cityscapes(corrupted, dicts, tmp_path / "serial", CONTIGUOUS_TO_LABEL, workers=1) == worse
 
     txts = sorted((out / "cityscapes_instances").glob("*_pred.txt"))
     assert len(txts) == len(dicts)  # one file per evaluated image, also for the image without instances
@@ -215,7 +225,8 @@ def test_cityscapes_eval_names_missing_ground_truth(demo_copy, tmp_path):
 # --------------------------------------------------------------------------- train_net.py
 def test_quick_config_trains_and_loss_falls(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "INSTSYNTH_DEMO_DIR": str(tmp_path / "demo_cache"), "INSTSYNTH_NO_PROGRESS": "1"}
+    env = {**os.environ, "INSTSYNTH_DEMO_DIR": str(tmp_path / "demo_cache"), "INSTSYNTH_NO_PROGRESS": "1",
+           "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "train_net.py", "--config-file", "configs/quick_schedules/oneformer_quick.yaml",
                            "OUTPUT_DIR", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
