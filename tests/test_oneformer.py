@@ -54,7 +54,8 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def train_batch(demo_root):
-    images = [im for im in iter_cityscapes_images(demo_root, "train") if gt_instances(read_png(im.gt("instanceIds")))[1]]
+    images = [im for im in iter_cityscapes_images(demo_root, "train")
+              if gt_instances(read_png(im.gt("instanceIds")))[1]]
     return [demo_sample(im) for im in images[:2]]
 
 
@@ -227,8 +228,9 @@ def test_quick_config_trains_and_loss_falls(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "INSTSYNTH_DEMO_DIR": str(tmp_path / "demo_cache"), "INSTSYNTH_NO_PROGRESS": "1",
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "train_net.py", "--config-file", "configs/quick_schedules/oneformer_quick.yaml",
-                           "OUTPUT_DIR", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "train_net.py", "--config-file", "configs/quick_schedules/oneformer_quick.yaml",
+               "OUTPUT_DIR", str(out)]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     losses = [r["total_loss"] for r in records if "total_loss" in r]

@@ -149,7 +149,8 @@ def cityscapes_script(pred_dir: str | os.PathLike):
             warnings.simplefilter("ignore", RuntimeWarning)  # NaN means of classes without ground truth
             yield script, args
     except SystemExit:
-        raise InstSynthError(pred_dir, "cityscapesscripts evaluation failed: " + out.getvalue().strip()[-500:]) from None
+        message = out.getvalue().strip()[-500:]
+        raise InstSynthError(pred_dir, f"cityscapesscripts evaluation failed: {message}") from None
     finally:
         script.np, script.writeDict2JSON = original
 

@@ -219,8 +219,9 @@ def oneformer_config(cfg, names: Sequence[str], backbone_config=None):
                                                                     "TEXT_ENCODER_N_CTX > 0, got "
                                                                     f"{o.TEXT_ENCODER_WIDTH}")
     if o.TEXT_ENCODER_WIDTH % 64:
-        raise InstSynthError("MODEL.ONE_FORMER.TEXT_ENCODER_WIDTH", f"must be a multiple of 64 (one text attention "
-                                                                    f"head per 64 channels), got {o.TEXT_ENCODER_WIDTH}")
+        raise InstSynthError("MODEL.ONE_FORMER.TEXT_ENCODER_WIDTH",
+                             f"must be a multiple of 64 (one text attention head per 64 channels), "
+                             f"got {o.TEXT_ENCODER_WIDTH}")
     if backbone_config is None:
         builders = {"resnet": _resnet_config, "swin": _swin_config}
         if o.BACKBONE not in builders:
