@@ -14,6 +14,15 @@ from conftest import REPO
 QUICK = REPO / "configs" / "quick_schedules" / "fastinst_R50_quick.yaml"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin-wait and run up to 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory):
     """A private demo cache: the quick config builds the demo dataset and COCO files there on first use."""
@@ -25,7 +34,7 @@ def demo_cache(tmp_path_factory):
 
 
 def train_net(*args, env_dir, check=True):
-    env = {**os.environ, "INSTSYNTH_DEMO_DIR": str(env_dir), "INSTSYNTH_NO_PROGRESS": "1"}
+    env = {**os.environ, "INSTSYNTH_DEMO_DIR": str(env_dir), "INSTSYNTH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "train_net.py"), *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:

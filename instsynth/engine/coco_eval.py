@@ -47,7 +47,9 @@ def evaluate_coco(results: list[dict], json_file: str | Path, class_names: dict[
     names = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
     if not results:
         log.warning("no predictions: every AP is 0")
-        return {**{n: 0.0 for n in names}, **{f"AP-{class_names[c]}": 0.0 for c in sorted(class_names)}}
+        present = {a["category_id"] for a in gt.dataset["annotations"] if not a.get("iscrowd", 0)}
+        return {**{n: 0.0 for n in names},
+                **{f"AP-{class_names[c]}": 0.0 if c in present else None for c in sorted(class_names)}}
     with _quiet():
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, "segm")

@@ -70,8 +70,10 @@ def seed_everything(seed: int) -> None:
 
 # --------------------------------------------------------------------------- optimisation
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW (or SGD); backbone lr x BACKBONE_MULTIPLIER, own weight decay for norms and embeddings."""
+    """AdamW (or SGD); backbone lr x BACKBONE_MULTIPLIER, own weight decay for norms and embeddings.
+    The backbone is the submodule named by the model's ``backbone_prefix`` attribute (default "backbone")."""
     s = cfg.SOLVER
+    prefix = getattr(model, "backbone_prefix", "backbone")
     groups, seen = [], set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
@@ -79,7 +81,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
                 continue
             seen.add(id(p))
             lr, wd = s.BASE_LR, s.WEIGHT_DECAY
-            if module_name.startswith("backbone"):
+            if module_name == prefix or module_name.startswith(prefix + "."):
                 lr *= s.BACKBONE_MULTIPLIER
             if isinstance(module, NORM_TYPES) or "norm" in type(module).__name__.lower():
                 wd = s.WEIGHT_DECAY_NORM

@@ -27,6 +27,8 @@ def pad_batch(images: list[torch.Tensor], divisibility: int) -> torch.Tensor:
 
 
 class FastInst(nn.Module):
+    backbone_prefix = "backbone"  # parameters that get SOLVER.BACKBONE_MULTIPLIER
+
     def __init__(self, backbone: nn.Module, pixel_decoder: nn.Module, decoder: FastInstDecoder,
                  criterion: SetCriterion, loss_weights: dict[str, float], pixel_mean, pixel_std,
                  size_divisibility: int = 32, detections_per_image: int = 100, mask_threshold: float = 0.5,
