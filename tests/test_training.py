@@ -193,6 +193,16 @@ def test_mapper_flip_crop_and_crowd(demo_cache):
     kept = out["gt_masks"][:, 150:250, 300:500]
     assert 0 < len(cropped["gt_classes"]) < len(out["gt_classes"])
     assert torch.equal(cropped["gt_masks"], kept[kept.flatten(1).any(1)])
+    # polygons (transformed as coordinates) and RLE masks (warped as arrays) stay pixel-aligned when upscaled
+    from pycocotools import mask as mask_utils
+
+    from instsynth.data.mapper import annotation_mask
+    zoom = Geometry(256, 512, 512, 1024, 300, 100, 200, 400, True)
+    polys = [a["segmentation"] for a in record["annotations"] if isinstance(a["segmentation"], list)]
+    for poly in polys:
+        rle = mask_utils.merge(mask_utils.frPyObjects(poly, 256, 512))
+        assert np.array_equal(annotation_mask(poly, zoom), annotation_mask(rle, zoom))
+    assert sum(annotation_mask(p, zoom).sum() for p in polys) > 1000
     sample = mapper(record, np.random.default_rng(0))
     assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, 128, 256)
     assert sample["instances"]["gt_masks"].shape[1:] == (128, 256)

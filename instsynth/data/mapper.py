@@ -49,10 +49,17 @@ class Geometry:
     cw: int
     flip: bool
 
+    def _warp(self, array: np.ndarray, interpolation: int) -> np.ndarray:
+        """Resize and crop in one step: only the (ch, cw) output pixels are computed. Pixel centres
+        map as in a resize ((x + 0.5) / scale - 0.5), so images, masks and polygons stay aligned."""
+        if (self.rh, self.rw) == array.shape[:2]:
+            return array[self.y0:self.y0 + self.ch, self.x0:self.x0 + self.cw]
+        sx, sy = self.rw / self.src_w, self.rh / self.src_h
+        matrix = np.array([[sx, 0, 0.5 * sx - 0.5 - self.x0], [0, sy, 0.5 * sy - 0.5 - self.y0]])
+        return cv2.warpAffine(array, matrix, (self.cw, self.ch), flags=interpolation, borderMode=cv2.BORDER_REPLICATE)
+
     def image(self, img: np.ndarray) -> np.ndarray:
-        if (self.rh, self.rw) != img.shape[:2]:
-            img = cv2.resize(img, (self.rw, self.rh), interpolation=cv2.INTER_LINEAR)
-        img = img[self.y0:self.y0 + self.ch, self.x0:self.x0 + self.cw]
+        img = self._warp(img, cv2.INTER_LINEAR)
         return np.ascontiguousarray(img[:, ::-1] if self.flip else img)
 
     def polygons(self, polys: list) -> list:
@@ -67,9 +74,7 @@ class Geometry:
         return out
 
     def mask(self, mask: np.ndarray) -> np.ndarray:
-        if (self.rh, self.rw) != mask.shape[:2]:
-            mask = cv2.resize(mask, (self.rw, self.rh), interpolation=cv2.INTER_NEAREST)
-        mask = mask[self.y0:self.y0 + self.ch, self.x0:self.x0 + self.cw]
+        mask = self._warp(mask, cv2.INTER_NEAREST)
         return mask[:, ::-1] if self.flip else mask
 
 
