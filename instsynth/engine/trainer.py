@@ -161,7 +161,7 @@ def do_train(cfg, model: nn.Module, accelerator, resume: bool = False) -> nn.Mod
              start_iter, max_iter - 1, cfg.SOLVER.IMS_PER_BATCH, accelerator.num_processes)
     model.train()
     data_iter = iter(loader)
-    timer = time.perf_counter()
+    timer = run_start = time.perf_counter()
     for it in range(start_iter, max_iter):
         t0 = time.perf_counter()
         batch = next(data_iter)
@@ -181,7 +181,9 @@ def do_train(cfg, model: nn.Module, accelerator, resume: bool = False) -> nn.Mod
         scheduler.step()
         done = it + 1
         if done % cfg.LOG_PERIOD == 0 or it == start_iter or done == max_iter:
-            _log_step(accelerator, writer, it, losses, total, lr, data_time, time.perf_counter() - timer, max_iter)
+            now = time.perf_counter()
+            eta = (now - run_start) / (done - start_iter) * (max_iter - done)
+            _log_step(accelerator, writer, it, losses, total, lr, data_time, now - timer, max_iter, eta)
         timer = time.perf_counter()
         if cfg.VIS_PERIOD > 0 and done % cfg.VIS_PERIOD == 0 and accelerator.is_main_process:
             save_training_visual(raw_model, batch[0], out / "vis" / f"iter_{it:07d}.png")
@@ -206,7 +208,7 @@ def _save(accelerator, out, name, raw_model, optimizer, scheduler, it) -> None:
     accelerator.wait_for_everyone()
 
 
-def _log_step(accelerator, writer, it, losses, total, lr, data_time, iter_time, max_iter) -> None:
+def _log_step(accelerator, writer, it, losses, total, lr, data_time, iter_time, max_iter, eta: float) -> None:
     values = torch.stack([total.detach().float()] + [v.detach().float() for v in losses.values()])
     values = accelerator.reduce(values, reduction="mean") if accelerator.num_processes > 1 else values
     record = {"iteration": it, "total_loss": values[0].item()}
@@ -216,7 +218,14 @@ def _log_step(accelerator, writer, it, losses, total, lr, data_time, iter_time, 
         record["max_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     writer.write(record)
     main = {k: round(v, 4) for k, v in record.items() if k in ("total_loss", "loss_ce", "loss_mask", "loss_dice", "loss_proposal")}
-    log.info("iter %d/%d  %s  lr %.3g  time %.3fs  data %.3fs", it + 1, max_iter, main, lr, iter_time, data_time)
+    log.info("iter %d/%d  %s  lr %.3g  time %.3fs  data %.3fs  eta %s", it + 1, max_iter, main, lr, iter_time,
+             data_time, _duration(eta))
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 # --------------------------------------------------------------------------- evaluation
