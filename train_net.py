@@ -15,13 +15,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config-file", default="", metavar="FILE", help="path to the YAML config")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT_DIR/last_checkpoint (model, optimizer, scheduler, iteration)")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate MODEL.WEIGHTS (or the last checkpoint with --resume)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="only evaluate MODEL.WEIGHTS (or the last checkpoint with --resume)")
     p.add_argument("--num-gpus", type=int, default=1, help="processes (GPUs) per machine")
     p.add_argument("--num-machines", type=int, default=1, help="total number of machines")
     p.add_argument("--machine-rank", type=int, default=0, help="rank of this machine (0 .. num-machines - 1)")
     p.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 ('auto': a free local port)")
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                   help="config overrides as KEY VALUE pairs, e.g. SOLVER.MAX_ITER 1000 (the word 'opts' may precede them)")
+                   help="config overrides as KEY VALUE pairs, e.g. SOLVER.MAX_ITER 1000 "
+                        "(the word 'opts' may precede them)")
     return p.parse_args(argv)
 
 

@@ -42,7 +42,8 @@ def synthetic_batch(batch: int, height: int, width: int, instances: int, num_cla
     for _ in range(batch):
         masks = []
         for _ in range(instances):
-            cy, cx = torch.randint(0, height, (1,), generator=g).item(), torch.randint(0, width, (1,), generator=g).item()
+            cy = torch.randint(0, height, (1,), generator=g).item()
+            cx = torch.randint(0, width, (1,), generator=g).item()
             ry = torch.randint(8, height // 4, (1,), generator=g).item()
             rx = torch.randint(8, width // 6, (1,), generator=g).item()
             masks.append(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1)

@@ -66,7 +66,8 @@ class StreamBatchSampler(Sampler):
         if ims_per_batch % world_size:
             raise InstSynthError("SOLVER.IMS_PER_BATCH", f"{ims_per_batch} is not divisible by the "
                                                          f"number of processes ({world_size})")
-        self.total, self.per_rank, self.rank, self.start_iter = ims_per_batch, ims_per_batch // world_size, rank, start_iter
+        self.total, self.per_rank = ims_per_batch, ims_per_batch // world_size
+        self.rank, self.start_iter = rank, start_iter
 
     def __iter__(self):
         it = self.start_iter

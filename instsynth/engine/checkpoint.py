@@ -115,7 +115,8 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
     own = model.state_dict()
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     for k in skipped:
-        log.warning("not loading %s: shape %s in checkpoint, %s in model", k, tuple(state[k].shape), tuple(own[k].shape))
+        log.warning("not loading %s: shape %s in checkpoint, %s in model", k, tuple(state[k].shape),
+                    tuple(own[k].shape))
         del state[k]
     result = model.load_state_dict(state, strict=False)
     loaded = len(state) - len(result.unexpected_keys)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -54,7 +53,8 @@ def setup_output(cfg, accelerator) -> Path:
         log_file = str((out / "log.txt").resolve())
         if not any(getattr(h, "baseFilename", None) == log_file for h in root.handlers):
             handler = logging.FileHandler(log_file)
-            handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(levelname)s %(message)s", "%m/%d %H:%M:%S"))
+            handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(levelname)s %(message)s",
+                                                   "%m/%d %H:%M:%S"))
             root.addHandler(handler)
         dump_config(cfg, out / "config.yaml")
         log.info("full config saved to %s", out / "config.yaml")
@@ -170,7 +170,8 @@ def do_train(cfg, model: nn.Module, accelerator, resume: bool = False) -> nn.Mod
             losses = model(batch)
         total = sum(losses.values())
         if not torch.isfinite(total):
-            raise FloatingPointError(f"loss became {total.item()} at iteration {it}: {({k: v.item() for k, v in losses.items()})}")
+            values = {k: v.item() for k, v in losses.items()}
+            raise FloatingPointError(f"loss became {total.item()} at iteration {it}: {values}")
         accelerator.backward(total)
         if cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
             accelerator.clip_grad_norm_(model.parameters(), cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE,
@@ -217,7 +218,8 @@ def _log_step(accelerator, writer, it, losses, total, lr, data_time, iter_time, 
     if torch.cuda.is_available() and accelerator.device.type == "cuda":
         record["max_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     writer.write(record)
-    main = {k: round(v, 4) for k, v in record.items() if k in ("total_loss", "loss_ce", "loss_mask", "loss_dice", "loss_proposal")}
+    main = {k: round(v, 4) for k, v in record.items()  # total and final-layer losses
+            if k == "total_loss" or (k.startswith("loss_") and not k[-1].isdigit())}
     log.info("iter %d/%d  %s  lr %.3g  time %.3fs  data %.3fs  eta %s", it + 1, max_iter, main, lr, iter_time,
              data_time, _duration(eta))
 
@@ -245,6 +247,7 @@ def inference(cfg, model: nn.Module, accelerator, dataset_name: str) -> tuple[li
     """COCO result entries for every image of a test dataset (gathered on all processes) and its dicts."""
     meta = get_metadata(dataset_name)
     loader, dicts = build_test_loader(cfg, dataset_name, accelerator.process_index, accelerator.num_processes)
+    model = accelerator.unwrap_model(model)  # no DDP: processes may see different numbers of images
     model.eval()
     results = []
     start = time.perf_counter()
@@ -301,7 +304,8 @@ def run(cfg, eval_only: bool = False, resume: bool = False) -> dict:
     model = build_model(cfg)
     if cfg.MODEL.RESNETS.NORM == "SyncBN" and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    log.info("model %s: %.1fM parameters", cfg.MODEL.META_ARCHITECTURE, sum(p.numel() for p in model.parameters()) / 1e6)
+    log.info("model %s: %.1fM parameters", cfg.MODEL.META_ARCHITECTURE,
+             sum(p.numel() for p in model.parameters()) / 1e6)
     if eval_only:
         ckpt = last_checkpoint(cfg.OUTPUT_DIR) if resume else None
         if ckpt is not None:

@@ -58,7 +58,8 @@ class HungarianMatcher(nn.Module):
         self.cost_location, self.num_points = cost_location, num_points
 
     @torch.no_grad()
-    def forward(self, logits: torch.Tensor, masks: torch.Tensor, locations: torch.Tensor, targets: list[dict]) -> Indices:
+    def forward(self, logits: torch.Tensor, masks: torch.Tensor, locations: torch.Tensor,
+                targets: list[dict]) -> Indices:
         """logits [B, Q, C+1], masks [B, Q, h, w], locations [B, Q, 2]; targets: {"labels", "masks"}."""
         out = []
         for b, tgt in enumerate(targets):
@@ -100,6 +101,10 @@ def _src_index(indices: Indices):
     return batch, torch.cat([src for src, _ in indices])
 
 
+def _matched_labels(targets: list[dict], indices: Indices, device) -> torch.Tensor:
+    return torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(device)
+
+
 class SetCriterion(nn.Module):
     """Losses of all prediction sets (final, intermediate, GT mask-guided) and of the proposals."""
 
@@ -114,7 +119,7 @@ class SetCriterion(nn.Module):
 
     def loss_labels(self, logits, targets, indices) -> torch.Tensor:
         target = torch.full(logits.shape[:2], self.num_classes, dtype=torch.long, device=logits.device)
-        target[_src_index(indices)] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        target[_src_index(indices)] = _matched_labels(targets, indices, logits.device)
         return F.cross_entropy(logits.float().transpose(1, 2), target, self.class_weight)
 
     def loss_masks(self, masks, targets, indices, num_masks: float) -> dict[str, torch.Tensor]:
@@ -131,8 +136,9 @@ class SetCriterion(nn.Module):
 
     def loss_proposals(self, proposal_logits, targets, indices) -> torch.Tensor:
         logits = proposal_logits.float().flatten(2)  # B, C+1, HW
-        target = torch.full((logits.shape[0], logits.shape[2]), self.num_classes, dtype=torch.long, device=logits.device)
-        target[_src_index(indices)] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        target = torch.full((logits.shape[0], logits.shape[2]), self.num_classes, dtype=torch.long,
+                            device=logits.device)
+        target[_src_index(indices)] = _matched_labels(targets, indices, logits.device)
         return F.cross_entropy(logits, target)
 
     def num_masks(self, targets, device) -> float:

@@ -185,7 +185,8 @@ class FastInstDecoder(nn.Module):
                "pred_logits": preds[-1][0], "pred_masks": preds[-1][1], "matching": None,
                "aux_outputs": [{"pred_logits": lg, "pred_masks": mk, "matching": None} for lg, mk in preds[:-1]]}
         if training and match_fn is not None:
-            out["aux_outputs"] = self.guided_outputs(out, memory, query_pos, pixel_pos, size, match_fn) + out["aux_outputs"]
+            guided = self.guided_outputs(out, memory, query_pos, pixel_pos, size, match_fn)
+            out["aux_outputs"] = guided + out["aux_outputs"]
         return out
 
     def guided_outputs(self, out, memory, query_pos, pixel_pos, size, match_fn) -> list[dict]:

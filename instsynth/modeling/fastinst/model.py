@@ -90,7 +90,7 @@ class FastInst(nn.Module):
     def instance_inference(self, logits, masks, input_size, out_size, padded_size) -> dict:
         """Top-k (query, class) pairs; masks resized to the original image; score = class prob x mean
         mask probability inside the mask."""
-        num_q, num_c = logits.shape[0], self.num_classes
+        num_c = self.num_classes
         scores = logits.float().softmax(-1)[:, :-1].flatten()
         k = min(self.detections_per_image, scores.numel())
         top_scores, top = scores.topk(k)
