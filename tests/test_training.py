@@ -262,3 +262,14 @@ def test_torchvision_resnet_weights_load_into_backbone(tmp_path):
     torch.testing.assert_close(model.backbone.body.layer2[0].conv1.weight, resnet.layer2[0].conv1.weight)
     with pytest.raises(InstSynthError, match="resnet50-0676ba61.pth"):
         maybe_load_weights(model, str(tmp_path / "missing.pth"))
+
+
+def test_class_count_mismatch_is_a_clear_error(demo_cache):
+    from types import SimpleNamespace
+
+    from instsynth.engine.trainer import check_num_classes
+    from instsynth.io import InstSynthError
+
+    check_num_classes(SimpleNamespace(num_classes=8), ["cityscapes_demo_instance_seg_val"])
+    with pytest.raises(InstSynthError, match="has 8 categories .*person.* predicts 10 classes"):
+        check_num_classes(SimpleNamespace(num_classes=10), ["cityscapes_demo_instance_seg_val"])

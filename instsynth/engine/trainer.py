@@ -292,6 +292,19 @@ def do_test(cfg, model: nn.Module, accelerator, iteration: int | None = None, wr
 
 
 # --------------------------------------------------------------------------- entry point
+def check_num_classes(model: nn.Module, dataset_names) -> None:
+    """A model with ``num_classes`` must predict exactly the categories of every dataset it meets."""
+    expected = getattr(model, "num_classes", None)
+    if expected is None:
+        return
+    for name in dataset_names:
+        meta = get_metadata(name)
+        if len(meta.category_ids) != expected:
+            raise InstSynthError(meta.json_file, f"dataset {name!r} has {len(meta.category_ids)} categories "
+                                                 f"({', '.join(meta.thing_classes)}) but the model predicts {expected} "
+                                                 "classes: set MODEL.<ARCH>.NUM_CLASSES to match")
+
+
 def run(cfg, eval_only: bool = False, resume: bool = False) -> dict:
     """What ``train_net.py`` does: set up, build the model, train (unless ``eval_only``) and evaluate."""
     accelerator = make_accelerator(cfg)
@@ -306,6 +319,7 @@ def run(cfg, eval_only: bool = False, resume: bool = False) -> dict:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     log.info("model %s: %.1fM parameters", cfg.MODEL.META_ARCHITECTURE,
              sum(p.numel() for p in model.parameters()) / 1e6)
+    check_num_classes(model, cfg.DATASETS.TEST if eval_only else (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST))
     if eval_only:
         ckpt = last_checkpoint(cfg.OUTPUT_DIR) if resume else None
         if ckpt is not None:
