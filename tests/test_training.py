@@ -242,7 +242,7 @@ def test_fastinst_configs_load_with_paper_settings():
     assert d1.MODEL.FASTINST.NUM_CLASSES == 8 and d1.MODEL.RESNETS.DEPTH == 50
     assert d1.DATASETS.TRAIN == ("cityscapes_fine_instance_seg_train",)
     assert d3.DATASETS.TRAIN == ("cityscapes_instsynth_train",)
-    assert d3.DATASETS.TEST == ("cityscapes_fine_instance_seg_val",)
+    assert d3.DATASETS.TEST == ("cityscapes_instsynth_val",)
     assert d1.INPUT.CROP.SIZE == (512, 1024) and d1.SOLVER.MAX_ITER == 90000
 
 
