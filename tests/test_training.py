@@ -187,6 +187,15 @@ def test_unknown_dataset_and_model_names_list_registered(monkeypatch):
         get_dataset_dicts("cityscapes_fine_instance_seg_val")
 
 
+def test_tree_roots_from_environment(demo_cache, monkeypatch):
+    from instsynth.data.catalog import demo_root, get_dataset_dicts, get_spec
+
+    get_spec("cityscapes_demo_instance_seg_val")  # builds the demo tree
+    monkeypatch.setenv("INSTSYNTH_CITYSCAPES_INSTSYNTH", str(demo_root()))
+    dicts = get_dataset_dicts("cityscapes_instsynth_val")
+    assert len(dicts) == 6 and all(str(demo_root()) in d["file_name"] for d in dicts)
+
+
 def test_mapper_flip_crop_and_crowd(demo_cache):
     from instsynth.config import load_config
     from instsynth.data.catalog import get_dataset_dicts, get_metadata

@@ -2,7 +2,8 @@
 
 Roots of the built-in Cityscapes names are ``$INSTSYNTH_DATASETS`` (default ``datasets/``) joined
 with ``cityscapes`` (original Cityscapes) or ``cityscapes_instsynth`` (original + synthetic tree,
-the output of ``move_folder_clean_ver.py``). Each needs the COCO file written by
+the output of ``move_folder_clean_ver.py``); ``$INSTSYNTH_CITYSCAPES`` / ``$INSTSYNTH_CITYSCAPES_INSTSYNTH``
+name either tree directly. Each needs the COCO file written by
 ``cityscapes-to-coco-conversion/main_defined_clean_ver.py``:
 ``<root>/annotations/instancesonly_filtered_gtFine_<split>.json``.
 
@@ -43,6 +44,12 @@ _REGISTRY: dict[str, Callable[[], DatasetSpec]] = {}
 def datasets_root() -> Path:
     """Folder holding the Cityscapes trees: ``$INSTSYNTH_DATASETS`` or ``datasets/``."""
     return Path(os.environ.get("INSTSYNTH_DATASETS", "datasets"))
+
+
+def tree_root(folder: str) -> Path:
+    """Root of a Cityscapes tree: ``$INSTSYNTH_<FOLDER>`` (e.g. ``INSTSYNTH_CITYSCAPES_INSTSYNTH``) if set,
+    else ``datasets_root() / folder``."""
+    return Path(os.environ.get(f"INSTSYNTH_{folder.upper()}") or datasets_root() / folder)
 
 
 def demo_root() -> Path:
@@ -87,11 +94,11 @@ def _register_builtin() -> None:
     for split in ("train", "val", "test"):
         register_dataset(f"cityscapes_fine_instance_seg_{split}",
                          lambda s=split, n=f"cityscapes_fine_instance_seg_{split}":
-                         cityscapes_spec(n, datasets_root() / "cityscapes", s))
+                         cityscapes_spec(n, tree_root("cityscapes"), s))
     for split in ("train", "val"):
         register_dataset(f"cityscapes_instsynth_{split}",
                          lambda s=split, n=f"cityscapes_instsynth_{split}":
-                         cityscapes_spec(n, datasets_root() / "cityscapes_instsynth", s))
+                         cityscapes_spec(n, tree_root("cityscapes_instsynth"), s))
         register_dataset(f"cityscapes_demo_instance_seg_{split}",
                          lambda s=split, n=f"cityscapes_demo_instance_seg_{split}":
                          cityscapes_spec(n, demo_root(), s, _prepare_demo))
