@@ -68,6 +68,8 @@ stage "6/7 COCO conversion"
 
 if [ -n "$TRAIN_CONFIG" ]; then
   stage "7/7 training ($TRAIN_CONFIG)"
+  # the dataset names of the configs resolve to this run's trees
+  export INSTSYNTH_CITYSCAPES="$DATASET_PATH" INSTSYNTH_CITYSCAPES_INSTSYNTH="$OUTPUT_DATASET_PATH"
   # shellcheck disable=SC2086
   "$PYTHON" train_net.py --config-file "$TRAIN_CONFIG" --resume $TRAIN_OPTS
 else

@@ -5,13 +5,12 @@ import sys
 
 import cv2
 import numpy as np
-import pytest
 
 from instsynth import labels
 from instsynth.demo import write_demo_dataset
 from instsynth.io import iter_cityscapes_images, read_png
 
-from conftest import DEMO_KW, REPO
+from conftest import DEMO_KW
 
 
 def _all(root):

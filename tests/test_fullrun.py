@@ -39,7 +39,7 @@ def full_run(tmp_path_factory):
 def test_wrapper_runs_every_stage_and_summarises(full_run):
     tmp, _, first = full_run
     for n in range(1, 8):
-        assert f"==> [" in first.stdout and f"{n}/7" in first.stdout
+        assert "==> [" in first.stdout and f"{n}/7" in first.stdout
     summary = read_json(tmp / "work" / "summary.json")
     train = summary["coco"]["train"]
     selected = summary["stages"]["selection"]["instances_selected"]

@@ -24,15 +24,6 @@ STEPS = 3
 CASES = {"diffinpainting": "sd-inpaint", "bld-sdxl": "sdxl", "bld-sd": "sd", "gligen": "gligen"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine's cores are shared: one intra-op thread is much faster than spinning two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from instsynth.testing.tiny_models import build_tiny_models

@@ -1,5 +1,4 @@
 """Stages 2 and 4 (integration, label crops): what downstream stages and users rely on."""
-import json
 import shutil
 import subprocess
 import sys

@@ -43,15 +43,6 @@ def demo_sample(image, split="train", index=0, size=(128, 256)) -> dict:
                           "gt_masks": torch.from_numpy(np.stack([small_masks[i] for i in keep])).bool()}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: one thread is as fast and does not stall when the shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def train_batch(demo_root):
     images = [im for im in iter_cityscapes_images(demo_root, "train")

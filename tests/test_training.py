@@ -14,15 +14,6 @@ from conftest import REPO
 QUICK = REPO / "configs" / "quick_schedules" / "fastinst_R50_quick.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin-wait and run up to 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory):
     """A private demo cache: the quick config builds the demo dataset and COCO files there on first use."""

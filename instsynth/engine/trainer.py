@@ -279,7 +279,7 @@ def do_test(cfg, model: nn.Module, accelerator, iteration: int | None = None, wr
         log.info("\n%s", format_table(metrics["segm"], f"COCO mask AP on {name}:"))
         evaluate_cityscapes = _cityscapes_evaluator()
         if cfg.TEST.CITYSCAPES_EVAL and evaluate_cityscapes is not None and meta.dataset_root is not None:
-            cs = evaluate_cityscapes(results, dicts, out_dir / "cityscapes", meta.contiguous_to_label_id)
+            cs = evaluate_cityscapes(results, dicts, out_dir, meta.contiguous_to_label_id)
             metrics["cityscapes"] = cs
             log.info("\n%s", format_table(cs, f"Cityscapes instance AP on {name}:"))
         write_json(out_dir / "metrics.json", metrics)
