@@ -62,7 +62,9 @@ def run_summary(work_dir: str | Path, output: str | Path, mode_name: str = "Reco
 
 
 def _scalars(d: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in d.items() if isinstance(v, (int, float, str)))
+    """The counts of a stage report (numbers only; paths and settings stay in the report file)."""
+    return ", ".join(f"{k}={v}" for k, v in d.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "version")
 
 
 def format_summary(summary: dict) -> str:
