@@ -10,7 +10,6 @@ rounds, each round running every pass once. Stage 1 runs with --min-area 0, as t
 """
 import argparse
 import json
-import multiprocessing
 import shutil
 import tempfile
 import time
@@ -70,17 +69,11 @@ def _decode_pair(image) -> int:
 
 
 def decode_floor(root: Path, workers: int) -> int:
-    """Decode every train image's instanceIds and leftImg8bit PNG with the stage's kind of worker pool."""
+    """Decode every train image's instanceIds and leftImg8bit PNG with the stage's worker pool."""
     from instsynth.io import iter_cityscapes_images
-    from instsynth.selection import _init_worker
+    from instsynth.parallel import ordered_map
 
-    images = iter_cityscapes_images(root, "train")
-    if workers <= 1:
-        return sum(map(_decode_pair, images))
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["instsynth.selection"])
-    with ctx.Pool(min(workers, len(images)), initializer=_init_worker) as pool:
-        return sum(pool.imap(_decode_pair, images, chunksize=1))
+    return sum(ordered_map(_decode_pair, iter_cityscapes_images(root, "train"), workers))
 
 
 def best_times(passes: dict, repeats: int) -> dict:
@@ -124,7 +117,9 @@ def main() -> None:
             shutil.rmtree(tmp / name, ignore_errors=True)
             return tmp / name
 
-        decode_floor(root, workers)  # warm the page cache and the worker server
+        # warm the page cache and start the worker server as the CLI does (preloading the stage module)
+        select_instances(root, k=args.k, out=fresh("warm"), workers=workers, min_area=0)
+        decode_floor(root, workers)
         t = best_times({
             "ref": lambda: paper_reference(root, fresh("ref"), args.k),
             "one": lambda: select_instances(root, k=args.k, out=fresh("one"), workers=1, min_area=0),
