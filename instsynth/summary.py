@@ -1,10 +1,13 @@
-"""End-of-run summary of a full InstSynth run: counts per stage and COCO statistics before/after.
+"""Summaries of InstSynth runs.
 
-``python -m instsynth.summary --work_dir WORK --output OUT [--mode recolor] [--json PATH]``
+``python -m instsynth.summary run --work_dir WORK --output OUT [--mode_name Recolor] [--json PATH]``
+prints the counts of every stage and the COCO statistics before/after: "before" is the original
+images of the output dataset, "after" all of them (original + the synthetic ``*_syn`` folders), both
+read from the COCO files of stage 5. ``--write-before DIR`` also writes the "before" subset as COCO
+JSON (for ``visualization/visualize.py stats``).
 
-"Before" is the original images of the output dataset, "after" all of them (original + the
-synthetic ``*_syn`` folders), both read from the COCO files of stage 5. ``--write-before DIR``
-also writes the "before" subset as COCO JSON (for ``visualization/visualize.py stats``).
+``python -m instsynth.summary ap OUTPUT_DIR [OUTPUT_DIR ...]`` prints the AP table of training runs
+(``train_net.py`` output folders), each with its gain over the first one (the baseline).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from .io import is_generated_folder, read_json, write_json
+from .io import InstSynthError, is_generated_folder, read_json, write_json
 
 COCO_NAME = "instancesonly_filtered_gtFine_{}.json"
 
@@ -82,19 +85,61 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+AP_COLUMNS = (("segm", "AP"), ("segm", "AP50"), ("segm", "AP75"), ("cityscapes", "AP"), ("cityscapes", "AP50"))
+
+
+def run_metrics(output_dir: str | Path) -> dict[str, dict]:
+    """``{test dataset: metrics}`` of a train_net.py output folder (``inference/[<name>/]metrics.json``)."""
+    inference = Path(output_dir) / "inference"
+    found = {p.parent.name if p.parent != inference else "": read_json(p)
+             for p in sorted(inference.glob("**/metrics.json"))}
+    if not found:
+        raise InstSynthError(inference, "no metrics.json: evaluate the run first (train_net.py --eval-only)")
+    return found
+
+
+def ap_table(output_dirs: list[str | Path]) -> str:
+    """COCO mask AP/AP50/AP75 and Cityscapes AP/AP50 of each run, with the gain over the first run."""
+    header = ["run", "test set"] + [f"{'COCO' if k == 'segm' else 'CS'} {m}" for k, m in AP_COLUMNS]
+    rows, baseline = [], {}
+    for n, run in enumerate(output_dirs):
+        for test, metrics in run_metrics(run).items():
+            values = [(metrics.get(k) or {}).get(m) for k, m in AP_COLUMNS]
+            base = baseline.setdefault(test, values) if n == 0 else baseline.get(test)
+            cells = []
+            for v, b in zip(values, base or values):
+                cell = "-" if v is None else f"{v:.2f}"
+                if n and v is not None and b is not None:
+                    cell += f" ({v - b:+.2f})"
+                cells.append(cell)
+            rows.append([Path(run).name, test or "-", *cells])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join([lines[0], "-+-".join("-" * w for w in widths), *lines[1:]])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m instsynth.summary", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work_dir", required=True, help="the run's work folder (selection/, generation/)")
-    parser.add_argument("--output", required=True, help="the output dataset root")
-    parser.add_argument("--mode_name", default="Recolor", help="generation folder name (Recolor, DiffPainting, ...)")
-    parser.add_argument("--json", help="also write the summary here")
-    parser.add_argument("--write-before", help="write the original-only COCO subsets into this folder")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="counts per stage and COCO statistics of a full run")
+    run.add_argument("--work_dir", required=True, help="the run's work folder (selection/, generation/)")
+    run.add_argument("--output", required=True, help="the output dataset root")
+    run.add_argument("--mode_name", default="Recolor", help="generation folder name (Recolor, DiffPainting, ...)")
+    run.add_argument("--json", help="also write the summary here")
+    run.add_argument("--write-before", help="write the original-only COCO subsets into this folder")
+    ap = commands.add_parser("ap", help="AP table of train_net.py runs, gains over the first")
+    ap.add_argument("output_dirs", nargs="+", help="train_net.py OUTPUT_DIRs; the first is the baseline")
     args = parser.parse_args(argv)
-    summary = run_summary(args.work_dir, args.output, args.mode_name, write_before=args.write_before)
+    try:
+        if args.command == "ap":
+            print(ap_table(args.output_dirs))
+            return
+        summary = run_summary(args.work_dir, args.output, args.mode_name, write_before=args.write_before)
+    except InstSynthError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if args.json:
         write_json(args.json, summary)
     print(format_summary(summary))
-
 
 if __name__ == "__main__":
     main()

@@ -76,5 +76,5 @@ else
   stage "7/7 training skipped (TRAIN_CONFIG is empty)"
 fi
 
-"$PYTHON" -m instsynth.summary --work_dir "$WORK_DIR" --output "$OUTPUT_DATASET_PATH" --mode_name "$MODE_NAME" \
+"$PYTHON" -m instsynth.summary run --work_dir "$WORK_DIR" --output "$OUTPUT_DATASET_PATH" --mode_name "$MODE_NAME" \
   --json "$WORK_DIR/summary.json" --write-before "$WORK_DIR/coco_original"

@@ -79,3 +79,21 @@ def test_original_subset_drops_generated_folders():
     assert [im["id"] for im in sub["images"]] == [1]
     assert coco_stats(sub) == {"images": 1, "instances": 1, "per_class": {"car": 1, "person": 0}}
     assert coco_stats(coco)["instances"] == 2
+
+
+def test_ap_table_shows_gains_over_the_baseline(tmp_path):
+    from instsynth.io import InstSynthError, write_json
+    from instsynth.summary import ap_table
+
+    def run(name, coco_ap, cs_ap):
+        write_json(tmp_path / name / "inference" / "metrics.json",
+                   {"segm": {"AP": coco_ap, "AP50": 2 * coco_ap, "AP75": None}, "cityscapes": {"AP": cs_ap, "AP50": 40.0}})
+        return tmp_path / name
+
+    table = ap_table([run("baseline", 30.0, 28.0), run("instsynth", 31.5, 29.25)])
+    lines = table.splitlines()
+    assert [c.strip() for c in lines[0].split(" | ")][:3] == ["run", "test set", "COCO AP"]
+    assert "31.50 (+1.50)" in lines[3] and "29.25 (+1.25)" in lines[3] and "63.00 (+3.00)" in lines[3]
+    assert lines[2].startswith("baseline") and "(+" not in lines[2]
+    with pytest.raises(InstSynthError, match="no metrics.json"):
+        ap_table([tmp_path / "missing"])
