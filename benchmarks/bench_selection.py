@@ -61,11 +61,13 @@ def paper_reference(root: Path, out: Path, k: int = 3) -> int:
 
 
 def _decode_pair(image) -> int:
+    """Decode only: both PNGs to arrays in the decoder's native channel order (no colour conversion)."""
     import numpy as np
 
     from instsynth.io import read_png
 
-    return int(read_png(image.gt("instanceIds"), dtype=np.uint16).size + read_png(image.left, rgb=True).size)
+    ids = read_png(image.gt("instanceIds"), dtype=np.uint16)
+    return int(ids.size + read_png(image.left, rgb=True, bgr=True).size)
 
 
 def decode_floor(root: Path, workers: int) -> int:

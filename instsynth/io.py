@@ -139,8 +139,11 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
 
 
 def read_png(path: str | os.PathLike, *, rgb: bool = False, dtype: Any = None,
-             shape: tuple[int, int] | None = None) -> np.ndarray:
+             shape: tuple[int, int] | None = None, bgr: bool = False) -> np.ndarray:
     """Read a PNG unchanged (16-bit kept); ``rgb=True`` returns (H, W, 3) RGB.
+
+    ``bgr=True`` (with ``rgb=True``) keeps OpenCV's BGR order, for code that only cuts pixels and
+    re-encodes them with OpenCV (it saves converting the whole image).
 
     Raises InstSynthError naming the file when it is missing, corrupt or truncated, or when
     ``dtype`` / ``shape`` (height, width) do not match.
@@ -154,7 +157,8 @@ def read_png(path: str | os.PathLike, *, rgb: bool = False, dtype: Any = None,
     if image is None:
         raise InstSynthError(path, "cannot decode image (corrupt or truncated PNG?)")
     if rgb:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        if not bgr:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     elif image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB if image.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
     if dtype is not None and image.dtype != np.dtype(dtype):

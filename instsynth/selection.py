@@ -11,9 +11,9 @@ pixels), with ``key = <image_id>_<instance_id>``.
 
 Each image is decoded once: one histogram of the instanceIds map gives every area; each selected
 instance's box comes from one vectorised compare plus ``cv2.boundingRect``, and all further work is
-local to that box. Crops are PNGs encoded for speed: SUB-filtered rows with Huffman-only (RGB) or
-run-length (mask) deflate, within a few percent of zlib level 1's size on photographs and about
-3x faster to write. Images are processed by worker processes in order, so the output does
+local to that box. Crops are PNGs encoded for speed: RGB crops are stored without deflate (about
+10x faster to write than zlib level 1, files about 1.5x larger: these are intermediate files), masks
+with run-length deflate (a few kB each). Images are processed by worker processes in order, so the output does
 not depend on ``workers``. Reruns rewrite only files whose bytes would change and remove the crops
 an earlier run of the same split listed but this one does not; the three JSON files
 (``metadata.json``, ``cropped_region_coordinates.json``, ``selection_report.json``) are written
@@ -97,16 +97,18 @@ class SelectionSummary:
 
 # --------------------------------------------------------------------------- per-image steps
 def read_image_pair(image: CityscapesImage) -> tuple[np.ndarray, np.ndarray]:
-    """(instanceIds uint16 HxW, leftImg8bit RGB HxWx3) of one image, validated."""
+    """(instanceIds uint16 HxW, leftImg8bit HxWx3 in OpenCV's BGR order) of one image, validated.
+
+    BGR: the stage only cuts crops and re-encodes them with OpenCV, so no colour conversion is needed."""
     ids_path = image.gt("instanceIds")
     instance_ids = read_png(ids_path, dtype=np.uint16)
     if instance_ids.ndim != 2:
         raise InstSynthError(ids_path, f"expected a single-channel instanceIds image, found {instance_ids.shape[2]} channels")
-    rgb = read_png(image.left, rgb=True)
-    if rgb.shape[:2] != instance_ids.shape:
-        (h, w), (lh, lw) = instance_ids.shape, rgb.shape[:2]
+    bgr = read_png(image.left, rgb=True, bgr=True)
+    if bgr.shape[:2] != instance_ids.shape:
+        (h, w), (lh, lw) = instance_ids.shape, bgr.shape[:2]
         raise InstSynthError(ids_path, f"size {w}x{h} differs from its image {image.left} ({lw}x{lh})")
-    return instance_ids, rgb
+    return instance_ids, bgr
 
 
 def pixel_counts(instance_ids: np.ndarray) -> np.ndarray:
@@ -163,18 +165,16 @@ def crop_paths(image: CityscapesImage, key: str) -> tuple[str, str]:
     return f"{folder}/{key}_rgb.png", f"{folder}/{key}_mask.png"
 
 
-_SUB_FILTER = (cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB) if hasattr(cv2, "IMWRITE_PNG_FILTER") else ()
-_PNG_PARAMS = {  # zlib strategy by channel count: Huffman-only for RGB, run-length for 0/255 masks
-    3: [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY, *_SUB_FILTER],
-    1: [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE, *_SUB_FILTER],
+_NO_FILTER = (cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE) if hasattr(cv2, "IMWRITE_PNG_FILTER") else ()
+_PNG_PARAMS = {  # by channel count: stored (no deflate) for RGB photos, run-length deflate for 0/255 masks
+    3: [cv2.IMWRITE_PNG_COMPRESSION, 0, *_NO_FILTER],
+    1: [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE, *_NO_FILTER],
 }
 
 
 def encode_crop(image: np.ndarray) -> bytes:
-    """PNG bytes of an RGB (H, W, 3) or mask (H, W) uint8 crop, encoded for speed (see the module docstring)."""
+    """PNG bytes of a BGR (H, W, 3) or mask (H, W) uint8 crop, encoded for speed (see the module docstring)."""
     channels = 3 if image.ndim == 3 else 1
-    if channels == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(image), _PNG_PARAMS[channels])
     if not ok:  # pragma: no cover - OpenCV failure
         raise ValueError("PNG encoding failed")
@@ -194,7 +194,7 @@ def write_if_changed(path: Path, data: bytes) -> bool:
 
 def select_in_image(image: CityscapesImage, params: SelectionParams, out: Path) -> ImageResult:
     """Select, crop and write the instances of one image; returns their metadata entries."""
-    instance_ids, rgb = read_image_pair(image)
+    instance_ids, bgr = read_image_pair(image)
     height, width = instance_ids.shape
     chosen, skipped = rank_instances(instance_ids, params)
     result = ImageResult(image.image_id, skipped=skipped)
@@ -207,7 +207,7 @@ def select_in_image(image: CityscapesImage, params: SelectionParams, out: Path) 
         mask = (instance_ids[y0:y1, x0:x1] == value).astype(np.uint8) * 255
         key = f"{image.image_id}_{value}"
         rgb_rel, mask_rel = crop_paths(image, key)
-        result.crops_written += write_if_changed(out / rgb_rel, encode_crop(rgb[y0:y1, x0:x1]))
+        result.crops_written += write_if_changed(out / rgb_rel, encode_crop(bgr[y0:y1, x0:x1]))
         result.crops_written += write_if_changed(out / mask_rel, encode_crop(mask))
         result.instances.append({
             "key": key, "image_id": image.image_id, "city": image.city, "instance_id": value,

@@ -64,6 +64,7 @@ def test_png_round_trip_keeps_16_bit_and_rgb(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (4, 5, 3), dtype=np.uint8)
     assert np.array_equal(read_png(write_png(tmp_path / "i.png", inst), dtype=np.uint16), inst)
     assert np.array_equal(read_png(write_png(tmp_path / "c.png", rgb), rgb=True), rgb)
+    assert np.array_equal(read_png(tmp_path / "c.png", rgb=True, bgr=True), rgb[..., ::-1])
     with pytest.raises(InstSynthError, match="expected uint8"):
         read_png(tmp_path / "i.png", dtype=np.uint8)
     with pytest.raises(InstSynthError, match="expected size"):
