@@ -93,15 +93,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; a file that already holds exactly ``data`` is left untouched."""
+def write_if_changed(path: str | os.PathLike, data: bytes) -> bool:
+    """Write ``data`` to ``path`` atomically unless the file already holds exactly it; True if written."""
     path = Path(path)
     with contextlib.suppress(OSError):
         if path.stat().st_size == len(data) and path.read_bytes() == data:
-            return path
+            return False
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-    return path
+    return True
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; a file that already holds exactly ``data`` is left untouched."""
+    write_if_changed(path, data)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:

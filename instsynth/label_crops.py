@@ -23,8 +23,8 @@ import cv2
 import numpy as np
 
 from .parallel import ordered_map
-from .io import InstSynthError, default_workers, encode_png, get_logger, progress, read_json, read_png
-from .selection import write_if_changed
+from .io import (InstSynthError, default_workers, encode_png, get_logger, progress, read_json, read_png,
+                 write_if_changed)
 
 COORDINATES_VERSION = 1
 DONE_NAME = "label_crops_done.json"

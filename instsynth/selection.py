@@ -35,7 +35,7 @@ import numpy as np
 
 from .parallel import ordered_map
 from .io import (CityscapesImage, InstSynthError, default_workers, get_logger,
-                 iter_cityscapes_images, progress, read_json, read_png, write_bytes)
+                 iter_cityscapes_images, progress, read_json, read_png, write_if_changed)
 from .labels import INSTANCE_ID_OFFSET, THING_CLASSES, THING_LABEL_IDS, class_name, label_id
 
 METADATA_VERSION = 1
@@ -179,17 +179,6 @@ def encode_crop(image: np.ndarray) -> bytes:
     if not ok:  # pragma: no cover - OpenCV failure
         raise ValueError("PNG encoding failed")
     return buf.tobytes()
-
-
-def write_if_changed(path: Path, data: bytes) -> bool:
-    """Write ``data`` atomically unless ``path`` already holds exactly these bytes; True if written."""
-    try:
-        if path.stat().st_size == len(data) and path.read_bytes() == data:
-            return False
-    except FileNotFoundError:
-        pass
-    write_bytes(path, data)
-    return True
 
 
 def select_in_image(image: CityscapesImage, params: SelectionParams, out: Path) -> ImageResult:
