@@ -33,6 +33,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep only samples whose quality score clip_prompt is at least this (needs the quality filter)")
     p.add_argument("--top_fraction", type=float, default=None,
                    help="keep only the best fraction (0, 1] of all samples by clip_prompt (needs the quality filter)")
+    p.add_argument("--min_mask_iou", type=float, default=None,
+                   help="keep only samples whose mask-model match has at least this IoU with the instance mask and "
+                        "the instance's class (needs filter_generation.py --mask_model)")
+    p.add_argument("--min_clip_margin", type=float, default=None,
+                   help="CLIP class check: the sample's score for its own class prompt must beat every other "
+                        "class's prompt by this margin (needs filter_generation.py --clip)")
+    p.add_argument("--fallback", choices=["drop", "original"], default="drop",
+                   help="a sample failing the quality gate is left out (drop, default) or replaced by the original "
+                        "instance (original: the pair is still written, labelled as original)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad samples or images (listed in integration_report.json) instead of stopping")
@@ -51,11 +60,17 @@ def main(argv=None) -> None:
         summary = integrate_samples(args.inpainting_dir, args.output_folder_name, metadata_path=args.metadata_path,
                                     coordinates_path=args.cropped_region_coordinates, params=params,
                                     workers=args.workers, skip_bad=args.skip_bad,
-                                    min_clip_score=args.min_clip_score, top_fraction=args.top_fraction)
+                                    min_clip_score=args.min_clip_score, top_fraction=args.top_fraction,
+                                    min_mask_iou=args.min_mask_iou, min_clip_margin=args.min_clip_margin,
+                                    fallback=args.fallback)
     except InstSynthError as exc:
         sys.exit(f"error: {exc}")
     print(f"{summary.samples} samples -> {summary.new_images} new images ({summary.files_written} files written, "
           f"{summary.skipped} samples skipped) -> {summary.integration}")
+    if summary.gate and summary.gate["criteria"]:
+        from instsynth.integration import format_gate_counts
+
+        print(f"quality gate: {format_gate_counts(summary.gate)}")
 
 
 if __name__ == "__main__":

@@ -262,29 +262,71 @@ def choose_context_crop(instance_ids: np.ndarray, bbox: Sequence[int], seed: int
 
 
 # --------------------------------------------------------------------------- sample selection
-def select_samples(instances: dict[str, dict], min_clip_score: float | None = None,
-                   top_fraction: float | None = None, where: Path = Path(".")) -> tuple[dict[str, list[int]], dict]:
-    """Sample indices to integrate per instance key, and counts of what was dropped and why.
+FALLBACKS = ("drop", "original")
+"""What happens to a sample failing the quality gate: left out, or replaced by the original instance."""
 
-    The quality gate of issue 8 (:func:`instsynth.quality.passing_samples`): without criteria every
-    sample is kept; ``min_clip_score`` keeps samples with ``scores[i]["clip_prompt"]`` at least that
-    value; ``top_fraction`` keeps the best ``ceil(F x all samples)`` of the run (ties: key, index);
-    both together keep samples passing both. Criteria need the quality filter's ``scores``.
+
+@dataclass
+class GateDecision:
+    """Which samples the quality gate accepts, which fall back to the original instance, and the counts."""
+
+    accepted: dict[str, list[int]]
+    fallback: dict[str, list[int]]
+    stats: dict
+    failures: list[dict]
+
+
+def gate_samples(instances: dict[str, dict], min_clip_score: float | None = None, top_fraction: float | None = None,
+                 min_mask_iou: float | None = None, min_clip_margin: float | None = None, fallback: str = "drop",
+                 where: Path = Path(".")) -> GateDecision:
+    """Apply the quality gate (:func:`instsynth.quality.gate_failures`) to a manifest's instances.
+
+    A sample passes when it meets every given criterion. A failing sample is left out (``fallback``
+    ``"drop"``) or integrated with the original instance in place of the generated one
+    (``"original"``: the pair is still written, labelled ``instance_source: "original"``).
+    ``stats`` holds the counts of integration_report.json: samples failing each criterion, accepted,
+    fallen back, dropped and the accept rate.
     """
-    from .quality import passing_samples
+    from .quality import GATE_CRITERIA, gate_failures
 
-    def count(kept: dict[str, list[int]]) -> int:
-        return sum(map(len, kept.values()))
-
-    total = sum(len(e["samples"]) for e in instances.values())
+    if fallback not in FALLBACKS:
+        raise InstSynthError(where, f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    criteria = dict(zip(GATE_CRITERIA, (min_clip_score, top_fraction, min_mask_iou, min_clip_margin)))
     try:
-        kept = passing_samples({"instances": instances}, min_clip_score, top_fraction, where=where)
-        by_score = passing_samples({"instances": instances}, min_clip_score, None, where=where)
+        failed = gate_failures({"instances": instances}, where, **criteria)
     except ValueError as exc:
         raise InstSynthError(where, str(exc)) from None
-    stats = {"samples_in_manifest": total, "dropped_below_min_clip_score": total - count(by_score),
-             "dropped_outside_top_fraction": count(by_score) - count(kept), "samples_selected": count(kept)}
-    return {key: idx for key, idx in kept.items() if idx}, stats
+    accepted = {key: [i for i in range(len(e["samples"])) if not failed[key, i]] for key, e in instances.items()}
+    rejected = {key: [i for i in range(len(e["samples"])) if failed[key, i]] for key, e in instances.items()}
+    total, n_failed = len(failed), sum(1 for f in failed.values() if f)
+    fails = {name: sum(1 for f in failed.values() if name in f) for name in GATE_CRITERIA}
+    by_score_only = sum(1 for f in failed.values() if "top_fraction" in f and "min_clip_score" not in f)
+    stats = {"samples_in_manifest": total, "dropped_below_min_clip_score": fails["min_clip_score"],
+             "dropped_outside_top_fraction": by_score_only,
+             "samples_selected": total - n_failed if fallback == "drop" else total}
+    stats["gate"] = {"criteria": {k: v for k, v in criteria.items() if v is not None}, "fallback": fallback,
+                     "samples": total, "accepted": total - n_failed,
+                     "fallen_back": n_failed if fallback == "original" else 0,
+                     "dropped": n_failed if fallback == "drop" else 0,
+                     "accept_rate": round((total - n_failed) / total, 6) if total else None,
+                     "failed_by": {k: fails[k] for k, v in criteria.items() if v is not None}}
+    failures = [{"key": key, "sample_index": i, "failed": f, "action": "dropped" if fallback == "drop" else "original"}
+                for (key, i), f in failed.items() if f]
+    fallback_idx = rejected if fallback == "original" else {}
+    return GateDecision({k: v for k, v in accepted.items() if v}, {k: v for k, v in fallback_idx.items() if v},
+                        stats, failures)
+
+
+def select_samples(instances: dict[str, dict], min_clip_score: float | None = None,
+                   top_fraction: float | None = None, where: Path = Path("."),
+                   min_mask_iou: float | None = None, min_clip_margin: float | None = None) -> tuple[dict[str, list[int]], dict]:
+    """Sample indices that pass the quality gate per instance key, and the gate's counts.
+
+    Without criteria every sample is kept; see :func:`gate_samples` for the criteria. Criteria need
+    the quality filter's ``scores`` (generation/filter_generation.py).
+    """
+    decision = gate_samples(instances, min_clip_score, top_fraction, min_mask_iou, min_clip_margin, "drop", where)
+    return decision.accepted, decision.stats
 
 
 # --------------------------------------------------------------------------- per-image work
@@ -300,6 +342,7 @@ class SampleTask:
     sample_path: Path
     sample_rel: str
     fingerprint: str
+    original: bool = False  # the quality gate's fallback: integrate the original instance instead
 
 
 @dataclass
@@ -363,8 +406,11 @@ def integrate_sample(task: SampleTask, image: CityscapesImage, rgb: np.ndarray, 
         result.error = (str(image.gt("instanceIds")), f"instance {task.instance_id} (key {task.key}) has no pixel "
                                                        f"inside its crop box {task.crop_box}", "empty_mask")
         return result
-    sample, notes = load_sample(task)
-    pasted = paste(rgb, sample, mask, task.crop_box, params.blend, params.feather_pixels)
+    if task.original:
+        pasted, notes = rgb, []
+    else:
+        sample, notes = load_sample(task)
+        pasted = paste(rgb, sample, mask, task.crop_box, params.blend, params.feather_pixels)
     full = (0, 0, width, height)
     crops = [ContextCrop(full, 0, 0, False)]
     crops += [choose_context_crop(instance_ids, task.bbox, crop_seed(params.seed, task.key, task.sample, c),
@@ -388,6 +434,7 @@ def integrate_sample(task: SampleTask, image: CityscapesImage, rgb: np.ndarray, 
             "sample": task.sample_rel, "sample_index": task.sample, "crop_index": c,
             "bbox_coordinate": list(map(int, crop.box)), "size": [width, height], "blend": params.blend,
             "ratio": crop.ratio, "tries": crop.tries, "fallback": crop.fallback, "sample_notes": notes,
+            "instance_source": "original" if task.original else "generated",
             "outputs": paths, "fingerprint": task.fingerprint})
     return result
 
@@ -439,6 +486,13 @@ def sample_fingerprint(params: IntegrationParams, inst: dict, sample_path: Path)
     return digest.hexdigest()
 
 
+def original_fingerprint(params: IntegrationParams, inst: dict) -> str:
+    """Fingerprint of the quality gate's fallback pair: the original instance in place of a sample."""
+    return hashlib.sha256(json.dumps({"version": INTEGRATION_VERSION, "params": asdict(params), "key": inst["key"],
+                                      "bbox": inst["bbox"], "crop_box": inst["crop_box"], "image": str(inst["image_path"]),
+                                      "instance_source": "original"}, sort_keys=True).encode()).hexdigest()
+
+
 def previous_entries(path: Path) -> dict[str, dict]:
     """New-image entries of an earlier run (empty if none or unreadable)."""
     try:
@@ -458,7 +512,7 @@ def reusable(task: SampleTask, image: CityscapesImage, params: IntegrationParams
             return None
         if not all((out / entry["outputs"][k]).is_file() for k in ("leftImg8bit", "instanceIds")):
             return None
-        entries.append(entry)
+        entries.append({**entry, "instance_source": entry.get("instance_source", "generated")})
     return entries
 
 
@@ -494,6 +548,7 @@ class IntegrationSummary:
     new_images: int
     files_written: int
     skipped: int
+    gate: dict | None = None  # the quality gate's counts (integration_report.json "gate")
 
 
 @dataclass
@@ -538,24 +593,33 @@ def load_inputs(inpainting_dir: str | os.PathLike, out: Path, metadata_path: str
 
 
 def plan_samples(manifest_path: Path, manifest: dict, meta: dict, chosen: dict[str, list[int]],
-                 params: IntegrationParams, out: Path, skip_bad: bool) -> _Plan:
-    """Every chosen sample in metadata order: reused (unchanged since the last run), to do, or skipped."""
+                 params: IntegrationParams, out: Path, skip_bad: bool,
+                 originals: dict[str, list[int]] | None = None) -> _Plan:
+    """Every chosen sample in metadata order: reused (unchanged since the last run), to do, or skipped.
+
+    ``originals``: samples the quality gate replaces by the original instance (no sample file needed)."""
+    originals = originals or {}
     previous = previous_entries(out / INTEGRATION_NAME)
     plan = _Plan(previous=previous, skip_bad=skip_bad)
     root = Path(meta["dataset_root"])
     for inst in meta["instances"]:
         entry = manifest["instances"].get(inst["key"])
         image = CityscapesImage(root, meta["split"], inst["city"], inst["image_id"])
-        for i in chosen.get(inst["key"], []) if entry is not None else []:
+        fallback = set(originals.get(inst["key"], []))
+        for i in sorted({*chosen.get(inst["key"], []), *fallback}) if entry is not None else []:
             sample_path = entry["sample_paths"][i]
             if i > MAX_SAMPLE_INDEX:
                 plan.skip(inst["key"], i, str(manifest_path), f"sample index {i} > {MAX_SAMPLE_INDEX}", "sample_index")
                 continue
-            if not sample_path.is_file():
+            if i in fallback:
+                task = SampleTask(inst["key"], inst["instance_id"], inst["bbox"], inst["crop_box"], i, sample_path,
+                                  entry["samples"][i], original_fingerprint(params, inst), original=True)
+            elif not sample_path.is_file():
                 plan.skip(inst["key"], i, str(sample_path), "sample file not found", "sample_missing")
                 continue
-            task = SampleTask(inst["key"], inst["instance_id"], inst["bbox"], inst["crop_box"], i, sample_path,
-                              entry["samples"][i], sample_fingerprint(params, inst, sample_path))
+            else:
+                task = SampleTask(inst["key"], inst["instance_id"], inst["bbox"], inst["crop_box"], i, sample_path,
+                                  entry["samples"][i], sample_fingerprint(params, inst, sample_path))
             plan.order.append((task.key, i))
             done = reusable(task, image, params, previous, out)
             if done is not None:
@@ -594,7 +658,9 @@ def make_report(header: dict, selection: dict, plan: _Plan, entries: list[dict],
     """integration_report.json: what was selected, integrated, reused, skipped (and why), written."""
     kinds = Counter(e["kind"] for e in entries)
     converted = sorted({(e["sample"], note) for e in entries for note in e["sample_notes"]})
-    return {**header, **selection,
+    gate = selection["gate"]
+    return {**header, **selection, "samples_accepted": gate["accepted"], "samples_fallen_back": gate["fallen_back"],
+            "samples_dropped_by_gate": gate["dropped"], "gate_accept_rate": gate["accept_rate"],
             "samples_integrated": len({(e["key"], e["sample_index"]) for e in entries}),
             "samples_reused": len(plan.reused), "samples_skipped": len(plan.skipped),
             "skip_reasons": dict(Counter(s["reason"] for s in plan.skipped)), "skipped": plan.skipped,
@@ -607,6 +673,13 @@ def make_report(header: dict, selection: dict, plan: _Plan, entries: list[dict],
             "samples_converted": [{"sample": s, "note": n} for s, n in converted]}
 
 
+def format_gate_counts(gate: dict) -> str:
+    """One line of the gate's counts: ``accepted 8, fallen back 2, dropped 0 of 10 samples (accept rate 80.0%)``."""
+    rate = "-" if gate["accept_rate"] is None else f"{100 * gate['accept_rate']:.1f}%"
+    return (f"accepted {gate['accepted']}, fallen back {gate['fallen_back']}, dropped {gate['dropped']} of "
+            f"{gate['samples']} samples (accept rate {rate})")
+
+
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1) + "\n").encode()
 
@@ -616,26 +689,34 @@ def integrate_samples(inpainting_dir: str | os.PathLike, out: str | os.PathLike,
                       coordinates_path: str | os.PathLike | None = None,
                       params: IntegrationParams = IntegrationParams(), workers: int | None = None,
                       skip_bad: bool = False, min_clip_score: float | None = None,
-                      top_fraction: float | None = None) -> IntegrationSummary:
+                      top_fraction: float | None = None, min_mask_iou: float | None = None,
+                      min_clip_margin: float | None = None, fallback: str = "drop") -> IntegrationSummary:
     """Run stage 2 over the samples of ``inpainting_dir/generation.json`` (see the module docstring).
 
     ``metadata_path`` defaults to the manifest's metadata; ``coordinates_path`` (stage 1's
     cropped_region_coordinates.json, optional) is checked against it. Bad input raises
     InstSynthError naming the file; with ``skip_bad`` the sample is skipped and listed in
     integration_report.json. The JSON files are written after every sample was handled.
+    The quality gate (``min_clip_score``, ``top_fraction``, ``min_mask_iou``, ``min_clip_margin``,
+    ``fallback``; see :func:`gate_samples`) decides which samples are integrated.
     """
     out = Path(out).resolve()
     params.validate(out)
     manifest_path, manifest, meta_path, meta = load_inputs(inpainting_dir, out, metadata_path, coordinates_path)
-    chosen, selection = select_samples(manifest["instances"], min_clip_score, top_fraction, manifest_path)
-    plan = plan_samples(manifest_path, manifest, meta, chosen, params, out, skip_bad)
+    gate = gate_samples(manifest["instances"], min_clip_score, top_fraction, min_mask_iou, min_clip_margin, fallback,
+                        manifest_path)
+    plan = plan_samples(manifest_path, manifest, meta, gate.accepted, params, out, skip_bad, gate.fallback)
+    selection = {**gate.stats, "gate_failures": gate.failures}
     entries, files = run_plan(plan, default_workers() if workers is None else max(1, int(workers)))
     stale = remove_stale(plan.previous, entries, out)
 
     root = Path(meta["dataset_root"])
     header = {"version": INTEGRATION_VERSION, "manifest": str(manifest_path), "backend": manifest["backend"],
               "metadata": str(meta_path), "dataset_root": str(root), "split": meta["split"], "params": asdict(params),
-              "filters": {"min_clip_score": min_clip_score, "top_fraction": top_fraction}}
+              "filters": {"min_clip_score": min_clip_score, "top_fraction": top_fraction,
+                          **({"min_mask_iou": min_mask_iou} if min_mask_iou is not None else {}),
+                          **({"min_clip_margin": min_clip_margin} if min_clip_margin is not None else {}),
+                          **({"fallback": fallback} if fallback != "drop" else {})}}
     not_generated = [i["key"] for i in meta["instances"] if i["key"] not in manifest["instances"]]
     report = make_report(header, selection, plan, entries, files, not_generated, stale)
     coordinates = {"version": COORDINATES_VERSION, "dataset_root": str(root),
@@ -646,5 +727,7 @@ def integrate_samples(inpainting_dir: str | os.PathLike, out: str | os.PathLike,
     log.info("stage 2: %d samples -> %d new images (%d panoramas, %d crops), %d files written, %d skipped -> %s",
              report["samples_integrated"], len(entries), report["panoramas"], report["crops"], files["written"],
              len(plan.skipped), out)
+    if gate.stats["gate"]["criteria"]:
+        log.info("quality gate: %s", format_gate_counts(gate.stats["gate"]))
     return IntegrationSummary(*paths, samples=report["samples_integrated"], new_images=len(entries),
-                              files_written=files["written"], skipped=len(plan.skipped))
+                              files_written=files["written"], skipped=len(plan.skipped), gate=gate.stats["gate"])
