@@ -19,6 +19,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="ignore instances smaller than this many pixels (default 64; 0 = paper behaviour)")
     parser.add_argument("--context", type=float, default=1.0,
                         help="crop side = max(box width, box height) x CONTEXT (default 1.0, >= 1)")
+    parser.add_argument("--k_per_class", default=None,
+                        help="per-class budget CLASS=K,... (e.g. truck=6,bus=6): an instance of class c is selected "
+                             "when it is among the K_c largest of its image (other classes: --k)")
+    parser.add_argument("--balance", choices=["none", "inverse_freq"], default="none",
+                        help="inverse_freq: K_c = round(k x min(max_factor, (n_max / n_c) ** power)) from the split's "
+                             "instances per class, so rare classes get more instances per image (default none)")
+    parser.add_argument("--balance_power", type=float, default=0.5,
+                        help="exponent of the inverse frequency (default 0.5; 1.0 = plain inverse frequency)")
+    parser.add_argument("--max_factor", type=float, default=8.0, help="largest balance factor (default 8)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("--out", default=None, help="output folder (default: the dataset root)")
     parser.add_argument("--skip-bad", action="store_true",
@@ -35,7 +44,8 @@ def main(argv=None) -> None:
     try:
         summary = select_instances(args.train_folder, split=args.split, k=args.k, classes=classes,
                                    min_area=args.min_area, context=args.context, out=args.out,
-                                   workers=args.workers, skip_bad=args.skip_bad)
+                                   workers=args.workers, skip_bad=args.skip_bad, k_per_class=args.k_per_class,
+                                   balance=args.balance, balance_power=args.balance_power, max_factor=args.max_factor)
     except InstSynthError as exc:
         sys.exit(f"error: {exc}")
     print(f"{summary.instances} instances from {summary.images} images -> {summary.metadata}")

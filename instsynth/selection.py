@@ -64,10 +64,16 @@ class SelectionParams:
     label_ids: tuple[int, ...] = THING_LABEL_IDS
     min_area: int = DEFAULT_MIN_AREA
     context: float = 1.0
+    k_per_class: tuple[tuple[int, int], ...] = ()  # (label id, k) of classes with their own budget
+
+    def k_of(self, label: int) -> int:
+        """Instances per image of class ``label``: one of the k_c largest of its image (default k)."""
+        return dict(self.k_per_class).get(label, self.k)
 
     def as_json(self) -> dict:
+        extra = {"k_per_class": {class_name(i): k for i, k in self.k_per_class}} if self.k_per_class else {}
         return {"k": self.k, "classes": [class_name(i) for i in self.label_ids],
-                "min_area": self.min_area, "context": self.context}
+                "min_area": self.min_area, "context": self.context, **extra}
 
 
 @dataclass
@@ -77,6 +83,7 @@ class ImageResult:
     image_id: str
     instances: list[dict] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    class_counts: Counter = field(default_factory=Counter)  # instances per selected class, any area
     crops_written: int = 0
     error: tuple[str, str] | None = None  # (path, problem)
 
@@ -130,9 +137,20 @@ def rank_instances(instance_ids: np.ndarray, params: SelectionParams) -> tuple[l
     skipped["below_min_area"] = int((wanted & ~big).sum())
     values, areas = values[wanted & big], areas[wanted & big]
     order = np.lexsort((values, -areas))  # area descending, then id ascending
-    skipped["beyond_k"] = max(0, len(order) - params.k)
-    chosen = order[: params.k]
+    if params.k_per_class:  # an instance of class c is kept when it is among the k_c largest
+        limits = np.array([params.k_of(int(v) // INSTANCE_ID_OFFSET) for v in values[order]], dtype=np.int64)
+        chosen = order[np.arange(len(order)) < limits]
+    else:
+        chosen = order[: params.k]
+    skipped["beyond_k"] = len(order) - len(chosen)
     return [(int(values[i]), int(areas[i])) for i in chosen], skipped
+
+
+def class_counts(instance_ids: np.ndarray, params: SelectionParams) -> Counter:
+    """Instances (ids >= 1000, any area) per selected class name in one instanceIds map."""
+    present = np.flatnonzero(pixel_counts(instance_ids))
+    labels = present[present >= INSTANCE_ID_OFFSET] // INSTANCE_ID_OFFSET
+    return Counter(class_name(int(lab)) for lab in labels if lab in params.label_ids)
 
 
 def instance_box(instance_ids: np.ndarray, value: int) -> tuple[int, int, int, int]:
@@ -186,7 +204,7 @@ def select_in_image(image: CityscapesImage, params: SelectionParams, out: Path) 
     instance_ids, bgr = read_image_pair(image)
     height, width = instance_ids.shape
     chosen, skipped = rank_instances(instance_ids, params)
-    result = ImageResult(image.image_id, skipped=skipped)
+    result = ImageResult(image.image_id, skipped=skipped, class_counts=class_counts(instance_ids, params))
     if not chosen:
         return result
     for value, area in chosen:
@@ -238,6 +256,38 @@ def _iter_results(tasks: list, workers: int):
     return ordered_map(_select_task, tasks, workers)
 
 
+def _count_task(task: tuple[CityscapesImage, SelectionParams]) -> Counter | tuple[str, str]:
+    """Worker: the class counts of one image, or (path, problem)."""
+    image, params = task
+    try:
+        return class_counts(read_png(image.gt("instanceIds"), dtype=np.uint16), params)
+    except InstSynthError as exc:
+        return str(exc.path), exc.problem
+
+
+def split_class_counts(images: list[CityscapesImage], params: SelectionParams, workers: int,
+                       skip_bad: bool) -> dict[str, int]:
+    """Instances per selected class over the split (reads only the instanceIds maps)."""
+    total = Counter()
+    results = ordered_map(_count_task, [(image, params) for image in images], workers)
+    with contextlib.closing(results):
+        for result in progress(results, "stage 1: counting classes", len(images)):
+            if isinstance(result, tuple):
+                if not skip_bad:
+                    raise InstSynthError(*result)
+                continue
+            total.update(result)
+    return {class_name(i): total.get(class_name(i), 0) for i in params.label_ids}
+
+
+def apply_budget(params: SelectionParams, budget: dict | None) -> SelectionParams:
+    """``params`` with the per-class k of a resolved budget (:func:`instsynth.budget.class_budget`)."""
+    if not budget:
+        return params
+    per_class = tuple((label_id(n), k) for n, k in budget["per_class"].items() if label_id(n) in params.label_ids)
+    return SelectionParams(params.k, params.label_ids, params.min_area, params.context, tuple(sorted(per_class)))
+
+
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
@@ -252,6 +302,7 @@ class _Gathered:
     fewer_than_k: int = 0
     skipped: Counter = field(default_factory=lambda: Counter(dict.fromkeys(SKIP_REASONS, 0)))
     crops_written: int = 0
+    class_counts: Counter = field(default_factory=Counter)
 
 
 def _gather(images: list[CityscapesImage], params: SelectionParams, out: Path, workers: int,
@@ -270,6 +321,7 @@ def _gather(images: list[CityscapesImage], params: SelectionParams, out: Path, w
                 continue
             got.instances += result.instances
             got.skipped.update(result.skipped)
+            got.class_counts.update(result.class_counts)
             got.crops_written += result.crops_written
             got.fewer_than_k += len(result.instances) < params.k
             if not result.instances:
@@ -280,13 +332,20 @@ def _gather(images: list[CityscapesImage], params: SelectionParams, out: Path, w
 def select_instances(dataset_root: str | os.PathLike, split: str = "train", k: int = 3,
                      classes: Sequence[str] | None = None, min_area: int = DEFAULT_MIN_AREA,
                      context: float = 1.0, out: str | os.PathLike | None = None,
-                     workers: int | None = None, skip_bad: bool = False) -> SelectionSummary:
+                     workers: int | None = None, skip_bad: bool = False,
+                     k_per_class: str | dict | None = None, balance: str = "none",
+                     balance_power: float | None = None, max_factor: float | None = None) -> SelectionSummary:
     """Run stage 1 on ``dataset_root/gtFine/<split>``; write crops and the three JSON files to ``out``.
 
     ``out`` defaults to the dataset root (as the paper's pipeline expects). Bad input raises
     InstSynthError naming the file; with ``skip_bad`` the image is skipped with a warning and listed
     in ``selection_report.json``. The JSON files are written only after every image was handled.
+    Per-class budgets (:mod:`instsynth.budget`): ``k_per_class`` (``"truck=6,bus=6"``) and/or
+    ``balance="inverse_freq"`` (from the split's instances per class, counted in a first pass) let an
+    instance of class c be selected when it is among the k_c largest of its image.
     """
+    from .budget import DEFAULT_MAX_FACTOR, DEFAULT_POWER, class_budget
+
     root = Path(dataset_root).resolve()
     params = make_params(root, k, classes, min_area, context)
     out = Path(out).resolve() if out is not None else root
@@ -294,15 +353,26 @@ def select_instances(dataset_root: str | os.PathLike, split: str = "train", k: i
     if not images:
         raise InstSynthError(root / "gtFine" / split, "no *_gtFine_instanceIds.png found (empty dataset?)")
     workers = default_workers() if workers is None else max(1, int(workers))
+    counts = split_class_counts(images, params, workers, skip_bad) if balance == "inverse_freq" else None
+    try:
+        budget = class_budget(params.k, k_per_class, balance, counts, DEFAULT_POWER if balance_power is None
+                              else balance_power, DEFAULT_MAX_FACTOR if max_factor is None else max_factor, "k_per_class")
+    except ValueError as exc:
+        raise InstSynthError(root, str(exc)) from None
+    params = apply_budget(params, budget)
     got = _gather(images, params, out, workers, skip_bad)
 
     header = {"version": METADATA_VERSION, "dataset_root": str(root), "split": split}
-    metadata = {**header, "k": params.k, "instances": got.instances}
+    per_class = {class_name(i): got.class_counts.get(class_name(i), 0) for i in params.label_ids}
+    metadata = {**header, "k": params.k, "class_counts": per_class, **({"class_budget": budget} if budget else {}),
+                "instances": got.instances}
     coordinates = [{"key": i["key"], "cropped_instance_mask": i["crop_mask"], "bbox_coordinate": i["crop_box"]}
                    for i in got.instances]
     report = {**header, "params": params.as_json(), "images_seen": len(images),
               "images_with_instances": len(images) - len(got.bad) - len(got.without_instances),
               "instances_selected": len(got.instances), "images_with_fewer_than_k": got.fewer_than_k,
+              "instances_per_class": per_class,
+              "selected_per_class": dict(Counter(i["class"] for i in got.instances)),
               "images_without_instances": got.without_instances, "instances_skipped": dict(got.skipped),
               "bad_images": got.bad}
     paths = out / METADATA_NAME, out / COORDINATES_NAME, out / REPORT_NAME

@@ -61,7 +61,29 @@ def run_summary(work_dir: str | Path, output: str | Path, mode_name: str = "Reco
         coco[split] = {"file": str(path), "before": coco_stats(before), "after": coco_stats(data)}
         if write_before:
             write_json(Path(write_before) / COCO_NAME.format(split), before, indent=None)
-    return {"work_dir": str(work_dir), "output": str(output), "stages": stages, "coco": coco}
+    return {"work_dir": str(work_dir), "output": str(output), "stages": stages, "coco": coco,
+            "classes": class_table(work_dir / "selection" / "metadata.json",
+                                   work_dir / "generation" / mode_name / "generation.json")}
+
+
+def class_table(metadata: Path, manifest: Path) -> dict:
+    """Per class: instances in the split, selected by stage 1 (and its k_c), samples generated (and
+    samples per instance): the effect of the per-class budgets. Empty when the files are missing."""
+    if not metadata.is_file():
+        return {}
+    meta = read_json(metadata)
+    k_budget = (meta.get("class_budget") or {}).get("per_class", {})
+    selected = Counter(i["class"] for i in meta.get("instances", []))
+    counts = meta.get("class_counts") or dict(selected)
+    gen = read_json(manifest) if manifest.is_file() else {}
+    s_budget = (gen.get("params", {}).get("budget") or {}).get("per_class", {})
+    base = gen.get("params", {}).get("num_samples")
+    samples = Counter()
+    for entry in gen.get("instances", {}).values():
+        samples[entry["class"]] += len(entry["samples"])
+    return {name: {"instances": counts.get(name, 0), "selected": selected.get(name, 0),
+                   "k": k_budget.get(name, meta.get("k")), "samples": samples.get(name, 0),
+                   "samples_per_instance": s_budget.get(name, base)} for name in counts}
 
 
 def _scalars(d: dict) -> str:
@@ -75,6 +97,19 @@ def format_summary(summary: dict) -> str:
     lines = ["", "=" * 72, "InstSynth run summary", "=" * 72]
     for stage, rep in summary["stages"].items():
         lines.append(f"{stage:<12} {_scalars(rep) or '(see report)'}")
+    gate = summary["stages"].get("integration", {}).get("gate")
+    if gate and gate.get("criteria"):
+        from .integration import format_gate_counts
+
+        criteria = ", ".join(f"{k} {v}" for k, v in gate["criteria"].items())
+        lines.append(f"{'quality gate':<12} {format_gate_counts(gate)}; {criteria}, fallback {gate['fallback']}")
+    classes = summary.get("classes") or {}
+    if classes:
+        lines += ["", "classes (stage 1 and generation; k and samples per instance are the per-class budgets)",
+                  f"  {'class':<12}{'in split':>9}{'k':>4}{'selected':>10}{'per inst':>10}{'samples':>9}"]
+        lines += [f"  {n:<12}{c['instances']:>9}{c['k'] if c['k'] is not None else '-':>4}{c['selected']:>10}"
+                  f"{c['samples_per_instance'] if c['samples_per_instance'] is not None else '-':>10}{c['samples']:>9}"
+                  for n, c in classes.items()]
     for split, s in summary["coco"].items():
         b, a = s["before"], s["after"]
         lines += ["", f"COCO {split}: images {b['images']} -> {a['images']}, "

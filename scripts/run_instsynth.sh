@@ -21,6 +21,13 @@ BLEND=${BLEND:-hard}               # hard | feather | normalized
 CROPS_PER_SAMPLE=${CROPS_PER_SAMPLE:-1}
 CLIP_MODEL=${CLIP_MODEL:-}         # quality gate: CLIP folder or hub id; empty: gate off
 MIN_CLIP_SCORE=${MIN_CLIP_SCORE:-0.2}  # used only with CLIP_MODEL
+MIN_CLIP_MARGIN=${MIN_CLIP_MARGIN:-}   # CLIP class check (needs CLIP_MODEL); empty: off
+MASK_MODEL=${MASK_MODEL:-}         # mask gate: train_net.py output folder / checkpoint / config; empty: off
+MIN_MASK_IOU=${MIN_MASK_IOU:-0.5}  # used only with MASK_MODEL
+FALLBACK=${FALLBACK:-drop}         # a sample failing the gate: drop | original (pair written with the original instance)
+BALANCE=${BALANCE:-}               # per-class budgets: inverse_freq (stage 1 and generation); empty: off
+K_PER_CLASS=${K_PER_CLASS:-}       # e.g. truck=6,bus=6 (instances per image); empty: --k for every class
+SAMPLES_PER_CLASS=${SAMPLES_PER_CLASS:-}  # e.g. truck=4,bus=4 (samples per instance); empty: NUM_SAMPLES
 TRAIN_CONFIG=${TRAIN_CONFIG:-}     # e.g. configs/cityscapes/instance-segmentation/fastinst_R50_ppm-fpn_x1_576_D1_instsynth.yaml; empty: no training
 TRAIN_OPTS=${TRAIN_OPTS:-}         # extra "KEY VALUE" overrides for train_net.py
 PYTHON=${PYTHON:-python}
@@ -36,18 +43,29 @@ GEN_DIR="$WORK_DIR/generation/$MODE_NAME"
 stage() { echo; echo "==> [$(date +%H:%M:%S)] $*"; }
 
 stage "1/7 instance selection"
-"$PYTHON" process_clean_ver.py --train_folder "$DATASET_PATH" --k "$K" --out "$SEL_DIR"
+"$PYTHON" process_clean_ver.py --train_folder "$DATASET_PATH" --k "$K" --out "$SEL_DIR" \
+  ${BALANCE:+--balance "$BALANCE"} ${K_PER_CLASS:+--k_per_class "$K_PER_CLASS"}
 
 stage "2/7 instance generation ($MODE)"
 "$PYTHON" generation/instance_generation.py --mode "$MODE" --metadata "$SEL_DIR/metadata.json" \
   --folder "$WORK_DIR/generation" ${MODEL_PATH:+--model_path "$MODEL_PATH"} --num_samples "$NUM_SAMPLES" \
-  --batch_size "$BATCH_SIZE" --steps "$STEPS" --seed "$SEED"
+  --batch_size "$BATCH_SIZE" --steps "$STEPS" --seed "$SEED" \
+  ${BALANCE:+--balance "$BALANCE"} ${SAMPLES_PER_CLASS:+--samples_per_class "$SAMPLES_PER_CLASS"}
 
 GATE=()
+SCORERS=()
 if [ -n "$CLIP_MODEL" ]; then
-  stage "2b/7 quality gate (CLIP $CLIP_MODEL, min score $MIN_CLIP_SCORE)"
-  "$PYTHON" generation/filter_generation.py --manifest "$GEN_DIR/generation.json" --clip "$CLIP_MODEL"
-  GATE=(--min_clip_score "$MIN_CLIP_SCORE")
+  SCORERS+=(--clip "$CLIP_MODEL")
+  GATE+=(--min_clip_score "$MIN_CLIP_SCORE" ${MIN_CLIP_MARGIN:+--min_clip_margin "$MIN_CLIP_MARGIN"})
+fi
+if [ -n "$MASK_MODEL" ]; then
+  SCORERS+=(--mask_model "$MASK_MODEL")
+  GATE+=(--min_mask_iou "$MIN_MASK_IOU")
+fi
+if [ ${#SCORERS[@]} -gt 0 ]; then
+  stage "2b/7 quality gate (${SCORERS[*]}; ${GATE[*]}; fallback $FALLBACK)"
+  "$PYTHON" generation/filter_generation.py --manifest "$GEN_DIR/generation.json" "${SCORERS[@]}"
+  GATE+=(--fallback "$FALLBACK")
 fi
 
 stage "3/7 integration: paste samples, cut new image/label pairs"

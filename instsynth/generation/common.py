@@ -54,6 +54,12 @@ class GenerationSettings:
     dtype: str = "auto"
     prompts: str = str(DEFAULT_PROMPTS)
     attention_slicing: bool = False
+    samples_per_class: str | None = None  # per-class budget "truck=4,bus=4" (samples per instance)
+    balance: str = "none"  # "inverse_freq": samples per instance from stage 1's instances per class
+    balance_power: float = 0.5
+    max_factor: float = 8.0
+
+    BUDGET_FIELDS: ClassVar[tuple[str, ...]] = ("samples_per_class", "balance", "balance_power", "max_factor")
 
     @property
     def mode_name(self) -> str:
@@ -65,7 +71,12 @@ class GenerationSettings:
         return self.model_path or DEFAULT_MODELS[self.mode]
 
     def as_json(self) -> dict:
-        return asdict(self)
+        """Every field; the budget fields only when a budget is asked for (default manifests are unchanged)."""
+        data = asdict(self)
+        if not self.samples_per_class and self.balance == "none":
+            for name in self.BUDGET_FIELDS:
+                data.pop(name)
+        return data
 
 
 # --------------------------------------------------------------------------- seeds and prompts

@@ -164,10 +164,35 @@ def new_entry(inst: dict, split: str, prompt: str, text: str, seed: int) -> dict
             "samples": [], "sample_seeds": []}
 
 
+def sample_budget(settings: GenerationSettings, meta: dict, where: Path) -> dict | None:
+    """Samples per instance by class (:func:`instsynth.budget.class_budget`) or None (``num_samples`` for all).
+
+    ``balance="inverse_freq"`` uses stage 1's instances per class of the split (``class_counts`` in
+    metadata.json) or, in an older metadata.json, the selected instances per class."""
+    from collections import Counter
+
+    from ..budget import class_budget
+
+    counts = None
+    if settings.balance == "inverse_freq":
+        counts = meta.get("class_counts")
+        if not isinstance(counts, dict):
+            log.warning("%s has no class_counts (older stage 1): balancing by the selected instances per class", where)
+            counts = dict(Counter(inst["class"] for inst in meta["instances"]))
+    try:
+        return class_budget(settings.num_samples, settings.samples_per_class, settings.balance, counts,
+                            settings.balance_power, settings.max_factor, "samples_per_class")
+    except ValueError as exc:
+        raise InstSynthError(where, str(exc)) from None
+
+
 def plan_instances(instances: list[dict], split: str, settings: GenerationSettings, template: str,
                    bank: dict[str, list[str]], done: dict[str, dict], mode_dir: Path, state: _RunState,
-                   skip_bad: bool, where: Path) -> list[InstancePlan]:
-    """Entry and missing sample indices of every instance (unknown classes raise or are skipped)."""
+                   skip_bad: bool, where: Path, budget: dict | None = None) -> list[InstancePlan]:
+    """Entry and missing sample indices of every instance (unknown classes raise or are skipped);
+    ``budget``: samples per instance by class (default ``settings.num_samples``)."""
+    from ..budget import budget_of
+
     plans = []
     for inst in instances:
         key = inst["key"]
@@ -186,7 +211,7 @@ def plan_instances(instances: list[dict], split: str, settings: GenerationSettin
             old = None
         recorded = set(old["samples"]) if old else set()
         pending = []
-        for j in range(settings.num_samples):
+        for j in range(budget_of(budget, inst["class"], settings.num_samples)):
             rel = sample_relpath(split, inst["city"], inst["image_id"], inst["instance_id"], settings.mode_name, j)
             if rel in recorded and (mode_dir / rel).is_file():
                 state.existing += 1
@@ -307,6 +332,9 @@ def prepare_run(metadata: str | os.PathLike, out: str | os.PathLike | None, sett
     template, bank = load_prompt_bank(settings.prompts)
     shard = current_shard(settings.device)
     header = manifest_header(settings, meta, meta_path, template)
+    budget = sample_budget(settings, meta, meta_path)
+    if budget:
+        header["params"]["budget"] = budget
     if shard.rank == 0:
         remove_stale_temp_files(mode_dir)
     shard.barrier()
@@ -319,7 +347,7 @@ def prepare_run(metadata: str | os.PathLike, out: str | os.PathLike | None, sett
     order = [inst["key"] for inst in meta["instances"]]
     state = _RunState()
     plans = plan_instances(meta["instances"][shard.rank::shard.world], meta["split"], settings, template, bank,
-                           done, mode_dir, state, skip_bad, meta_path)
+                           done, mode_dir, state, skip_bad, meta_path, budget)
     keys = set(order)
     entries = {key: e for key, e in done.items() if key in keys} if shard.world == 1 else {}
     entries.update({p.inst["key"]: p.entry for p in plans})
@@ -401,6 +429,7 @@ def finalize(mode_dir: Path, header: dict, order: list[str], state: _RunState, w
               "metadata": header["metadata"], "instances_in_metadata": len(order),
               "instances_with_samples": len(entries),
               "samples_total": sum(len(e["samples"]) for e in entries.values()), **stats,
+              **({"samples_per_class": header["params"]["budget"]["per_class"]} if "budget" in header["params"] else {}),
               "skipped_count": len(skipped), "skipped": skipped, "processes": world,
               "resolved": header["params"].get("resolved", {}), "seconds": round(seconds, 2)}
     write_json(mode_dir / REPORT_NAME, report)
