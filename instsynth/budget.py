@@ -34,7 +34,7 @@ def parse_class_values(text: str | Mapping[str, int] | None, what: str = "budget
         if name not in THING_CLASSES:
             raise ValueError(f"{what}: unknown thing class {name!r}; choose from {', '.join(THING_CLASSES)}")
         if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"{what}: {name}={value!r} must be an integer >= 1")
+            raise ValueError(f"{what}: {name}={value} must be an integer >= 1")
         values[name] = int(value)
     return values
 

@@ -381,3 +381,23 @@ def test_stage4_missing_source_labels_is_an_error_or_a_listed_skip(small_pipelin
     summary = drop_color_and_label_ids(out / COORDINATES_NAME, workers=1, skip_bad=True)
     affected = [e for e in images if e["source"]["color"] == str(victim)]
     assert len(summary.bad) == len(affected) > 0 and summary.images == len(images)
+
+
+def test_gate_fallback_original_keeps_failing_samples_as_originals():
+    from instsynth.integration import gate_samples
+
+    instances = {"a": {"samples": ["a0", "a1"], "scores": [{"clip_prompt": 0.3, "clip_class_margin": 0.1},
+                                                           {"clip_prompt": 0.3, "clip_class_margin": -0.1}]},
+                 "b": {"samples": ["b0"], "scores": [{"clip_prompt": 0.1, "clip_class_margin": 0.1}]}}
+    drop = gate_samples(instances, min_clip_score=0.2, min_clip_margin=0.0)
+    assert drop.accepted == {"a": [0]} and drop.fallback == {}
+    assert (drop.stats["gate"]["dropped"], drop.stats["samples_selected"]) == (2, 1)
+    original = gate_samples(instances, min_clip_score=0.2, min_clip_margin=0.0, fallback="original")
+    assert original.accepted == {"a": [0]} and original.fallback == {"a": [1], "b": [0]}
+    gate = original.stats["gate"]
+    assert (gate["accepted"], gate["fallen_back"], gate["dropped"]) == (1, 2, 0)
+    assert gate["accept_rate"] == pytest.approx(1 / 3, abs=1e-6)
+    assert gate["failed_by"] == {"min_clip_score": 1, "min_clip_margin": 1}
+    assert [(f["key"], f["failed"]) for f in original.failures] == [("a", ["min_clip_margin"]), ("b", ["min_clip_score"])]
+    with pytest.raises(InstSynthError, match="fallback"):
+        gate_samples(instances, fallback="copy")

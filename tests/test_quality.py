@@ -274,3 +274,38 @@ def test_passing_samples_thresholds_and_top_fraction():
     del manifest["instances"]["b"]["scores"]
     with pytest.raises(InstSynthError, match="filter_generation"):
         quality.passing_samples(manifest, min_clip_score=0.2)
+
+
+def test_clip_class_margin_is_own_class_minus_best_other_class(run_copy, tiny_models):
+    from instsynth.generation.manifest import load_manifest
+
+    quality.score_generation(run_copy, clip=tiny_models["clip"], device="cpu")
+    manifest = load_manifest(run_copy)
+    key, entry = next(iter(manifest["instances"].items()))
+    assert quality.class_prompt("a photo of {}", "car") == "a photo of a car"
+    scorer = quality.load_clip(tiny_models["clip"], "cpu")
+    image = scorer.images([quality.read_png(entry["sample_paths"][0], rgb=True)])[0]
+    from instsynth.labels import load_prompt_bank
+
+    _, bank = load_prompt_bank(manifest["params"]["prompts"])
+    texts = [quality.class_prompt("a photo of {}", c) for c in [entry["class"]] + [c for c in bank if c != entry["class"]]]
+    cosines = scorer.texts(texts) @ image
+    assert entry["scores"][0]["clip_class_margin"] == pytest.approx(cosines[0] - cosines[1:].max(), abs=1e-5)
+    report = read_json(run_copy.parent / quality.FILTER_REPORT_NAME)
+    kept = [row["samples_kept"] for row in report["min_clip_margin"]]
+    assert kept == sorted(kept, reverse=True)
+
+
+def test_gate_failures_per_criterion():
+    scores = [{"clip_prompt": 0.3, "clip_class_margin": 0.05, "mask_iou": 0.8, "mask_class_ok": True},
+              {"clip_prompt": 0.3, "clip_class_margin": -0.01, "mask_iou": 0.8, "mask_class_ok": True},
+              {"clip_prompt": 0.1, "clip_class_margin": 0.05, "mask_iou": 0.9, "mask_class_ok": False},
+              {"clip_prompt": 0.3, "clip_class_margin": 0.05, "mask_iou": 0.2, "mask_class_ok": True}]
+    manifest = {"instances": {"a": {"samples": ["a0", "a1", "a2", "a3"], "scores": scores}}}
+    failed = quality.gate_failures(manifest, min_clip_score=0.2, min_mask_iou=0.5, min_clip_margin=0.0)
+    assert failed == {("a", 0): [], ("a", 1): ["min_clip_margin"], ("a", 2): ["min_clip_score", "min_mask_iou"],
+                      ("a", 3): ["min_mask_iou"]}
+    assert quality.passing_samples(manifest, min_mask_iou=0.5) == {"a": [0, 1]}
+    del scores[0]["mask_iou"]
+    with pytest.raises(InstSynthError, match="--mask_model"):
+        quality.gate_failures(manifest, min_mask_iou=0.5)

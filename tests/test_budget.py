@@ -1,0 +1,84 @@
+"""Per-class budgets: rare classes get more instances per image (stage 1) and more samples (generation)."""
+import pytest
+
+from instsynth.budget import balance_factors, class_budget, parse_class_values
+from instsynth.io import InstSynthError, read_json
+
+
+def test_inverse_frequency_factors_and_budgets():
+    counts = {"car": 100, "truck": 4, "bus": 1, "train": 0}
+    assert balance_factors(counts) == {"car": 1.0, "truck": 5.0, "bus": 8.0, "train": 8.0}  # sqrt, capped at 8
+    assert balance_factors(counts, power=1.0, max_factor=50) == {"car": 1.0, "truck": 25.0, "bus": 50.0, "train": 50.0}
+    budget = class_budget(3, "bus=2", "inverse_freq", counts)
+    assert budget["per_class"] == {"car": 3, "truck": 15, "bus": 2, "train": 24}  # explicit values win
+    assert class_budget(1, None, "none") is None
+    assert class_budget(1, "truck=4", "none")["per_class"] == {"truck": 4}
+    for bad in ("lorry=2", "truck=0", "truck", "truck=x"):
+        with pytest.raises(ValueError):
+            parse_class_values(bad)
+
+
+@pytest.fixture(scope="module")
+def selections(demo_root, tmp_path_factory):
+    """Stage 1 with k=1, without and with the inverse-frequency budget, laid out as a run's work folder."""
+    from instsynth.selection import load_metadata, select_instances
+
+    out = tmp_path_factory.mktemp("budget")
+    plain = select_instances(demo_root, "train", k=1, out=out / "plain" / "selection", workers=1)
+    balanced = select_instances(demo_root, "train", k=1, out=out / "balanced" / "selection", workers=1,
+                                balance="inverse_freq")
+    return out, load_metadata(plain.metadata), load_metadata(balanced.metadata), read_json(balanced.report)
+
+
+def test_balanced_stage1_selects_more_instances_of_rare_classes(selections):
+    _, plain, balanced, report = selections
+    counts = balanced["class_counts"]
+    assert counts == report["instances_per_class"] and counts["car"] > counts["truck"] > 0
+    per_class = balanced["class_budget"]["per_class"]
+    assert per_class["car"] == 1 and per_class["truck"] > 1 and per_class["bus"] > 1
+    keys = lambda meta, cls=None: {i["key"] for i in meta["instances"] if cls in (None, i["class"])}  # noqa: E731
+    assert keys(plain) <= keys(balanced)  # the k largest are always kept
+    assert keys(plain, "car") == keys(balanced, "car")  # the most frequent class is unchanged
+    gained = {c for c in ("truck", "bus") if len(keys(balanced, c)) > len(keys(plain, c))}
+    assert gained, report["selected_per_class"]
+    for image_id in {i["image_id"] for i in balanced["instances"]}:  # one of the k_c largest of its image
+        chosen = [i for i in balanced["instances"] if i["image_id"] == image_id]
+        assert sum(1 for i in chosen if per_class[i["class"]] == 1) <= 1
+    assert report["params"]["k_per_class"]["truck"] == per_class["truck"]
+
+
+def test_generation_budget_gives_rare_classes_more_samples_and_summary_shows_it(selections):
+    from instsynth.generation.common import GenerationSettings
+    from instsynth.generation.runner import generate_instances
+    from instsynth.summary import format_summary, run_summary
+
+    out, _, balanced, _ = selections
+    work = out / "balanced"
+    settings = GenerationSettings(num_samples=1, balance="inverse_freq", samples_per_class="person=2")
+    summary = generate_instances(work / "selection" / "metadata.json", work / "generation", settings)
+    manifest = read_json(summary.manifest)
+    budget = manifest["params"]["budget"]["per_class"]
+    assert budget["person"] == 2 and budget["car"] == 1 and budget["truck"] > 1
+    for entry in manifest["instances"].values():
+        assert len(entry["samples"]) == budget[entry["class"]]
+    assert read_json(summary.report)["samples_per_class"] == budget
+
+    table = run_summary(work, out / "no-output")["classes"]
+    assert table["truck"]["samples"] == table["truck"]["selected"] * budget["truck"] > 0
+    assert table["truck"]["k"] == balanced["class_budget"]["per_class"]["truck"]
+    text = format_summary({"stages": {}, "coco": {}, "output": "-", "work_dir": str(work), "classes": table})
+    truck = next(line.split() for line in text.splitlines() if line.strip().startswith("truck"))
+    assert truck == ["truck", str(table["truck"]["instances"]), str(table["truck"]["k"]),
+                     str(table["truck"]["selected"]), str(budget["truck"]), str(table["truck"]["samples"])]
+
+
+def test_bad_budgets_name_the_input(demo_root, tmp_path):
+    from instsynth.generation.common import GenerationSettings
+    from instsynth.generation.runner import generate_instances
+    from instsynth.selection import select_instances
+
+    with pytest.raises(InstSynthError, match="unknown thing class 'lorry'"):
+        select_instances(demo_root, "train", k=1, out=tmp_path, workers=1, k_per_class="lorry=3")
+    meta = select_instances(demo_root, "train", k=1, out=tmp_path, workers=1).metadata
+    with pytest.raises(InstSynthError, match="metadata.json.*truck=0"):
+        generate_instances(meta, tmp_path / "gen", GenerationSettings(samples_per_class="truck=0"))
