@@ -922,8 +922,7 @@ def mask_scores(refs: Sequence[SampleRef], run: dict, mask_model: str, mask_weig
     model = load_mask_model(mask_model, mask_weights, device)
     instances = {i["key"]: i for i in load_metadata(run["metadata"], check_files=False)["instances"]}
     by_sample, by_instance = score_instances(_by_instance(refs), instances, model, min_score, batch_size)
-    return {k: {n: json_number(v) if isinstance(v, float) else v for n, v in s.items()} for k, s in by_sample.items()}, \
-        {k: {n: json_number(v) if isinstance(v, float) else v for n, v in s.items()} for k, s in by_instance.items()}
+    return _jsonable(by_sample), _jsonable(by_instance)
 
 
 def score_generation(manifest: str | os.PathLike, clip: str | None = None, prompts: str | os.PathLike | None = None,
@@ -952,7 +951,7 @@ def score_generation(manifest: str | os.PathLike, clip: str | None = None, promp
     run, refs = load_run(path)
     raw = read_manifest(path)  # the file as written, without the absolute paths load_run adds
     info = dict(raw.get("quality_filter") or {})
-    device = resolve_device(device) if (clip or mask_model) else device
+    device = resolve_device(device)
     stale_clip = [r for r in refs if clip and (force or not _scores_current(raw["instances"][r.key], info, str(clip)))]
     stale_mask = [r for r in refs if mask_model and (force or not _mask_scores_current(
         raw["instances"][r.key], info, str(mask_model), min_score))]
