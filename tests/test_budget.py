@@ -82,3 +82,27 @@ def test_bad_budgets_name_the_input(demo_root, tmp_path):
     meta = select_instances(demo_root, "train", k=1, out=tmp_path, workers=1).metadata
     with pytest.raises(InstSynthError, match="metadata.json.*truck=0"):
         generate_instances(meta, tmp_path / "gen", GenerationSettings(samples_per_class="truck=0"))
+
+
+def _script(path):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_")[:-3], REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_budget_flags_of_stage1_and_generation_clis(demo_root, tmp_path):
+    _script("process_clean_ver.py").main(["--train_folder", str(demo_root), "--k", "1", "--k_per_class", "truck=3",
+                                          "--out", str(tmp_path / "sel"), "--workers", "1"])
+    meta = read_json(tmp_path / "sel" / "metadata.json")
+    assert meta["class_budget"]["per_class"] == {"truck": 3} and meta["class_budget"]["balance"] == "none"
+    _script("generation/instance_generation.py").main([
+        "--metadata", str(tmp_path / "sel" / "metadata.json"), "--folder", str(tmp_path / "gen"),
+        "--samples_per_class", "truck=2", "--balance", "inverse_freq", "--max_factor", "1"])
+    manifest = read_json(tmp_path / "gen" / "Recolor" / "generation.json")
+    assert {e["class"]: len(e["samples"]) for e in manifest["instances"].values()}["truck"] == 2
+    assert set(manifest["params"]["budget"]["factors"].values()) == {1.0}  # max_factor 1: no balancing

@@ -120,3 +120,13 @@ def test_gate_needs_mask_scores_and_cli_scores_them(gate_run, scored, tmp_path, 
     assert "min_mask_iou 0.50" in out and "mask_iou_source median" in out
     with pytest.raises(SystemExit, match="error: .*not found"):
         cli.main(["--manifest", str(copy), "--mask_model", str(tmp_path / "no-such-run"), "--device", "cpu"])
+
+
+def test_integration_cli_prints_the_accept_rate(gate_run, scored, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("inpainted_integration", REPO / "inpainted_integration.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    cli.main(["--inpainting_dir", str(gate_run["manifest"].parent), "--output_folder_name", str(tmp_path / "out"),
+              "--crops_per_sample", "0", "--min_mask_iou", str(MIN_IOU), "--fallback", "original", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert "quality gate: accepted 3, fallen back 3, dropped 0 of 6 samples (accept rate 50.0%)" in out
