@@ -45,7 +45,8 @@ class MaskModel:
     device: str = "cpu"
 
     def predict(self, images: Sequence[np.ndarray]) -> list[dict]:
-        """Per RGB uint8 image: ``{"masks": bool (N, H, W), "classes": [names], "scores": float (N,)}``."""
+        """Per RGB uint8 image: ``{"masks": bool tensor (N, H, W) on the model's device, "classes": [names],
+        "scores": float (N,)}``."""
         import torch
 
         inputs = []
@@ -59,7 +60,7 @@ class MaskModel:
         result = []
         for out in outputs:
             inst = out["instances"]
-            result.append({"masks": inst["pred_masks"].cpu().numpy().astype(bool),
+            result.append({"masks": inst["pred_masks"].bool(),
                            "classes": [self.classes[int(c)] for c in inst["pred_classes"].cpu()],
                            "scores": inst["scores"].float().cpu().numpy()})
         return result
@@ -120,15 +121,21 @@ def load_mask_model(spec: str | os.PathLike, weights: str | None = None, device:
 
 
 def best_match(prediction: dict, mask: np.ndarray, class_name: str, min_score: float = DEFAULT_MIN_SCORE) -> dict:
-    """The mask-gate scores of one instance mask (full image, bool) against one image's predictions."""
+    """The mask-gate scores of one instance mask (full image, bool) against one image's predictions.
+
+    IoUs are computed where the predicted masks are (a torch tensor, e.g. on the GPU)."""
+    import torch
+
     keep = prediction["scores"] >= min_score
     none = {"mask_iou": 0.0, "mask_class": None, "mask_class_ok": False, "mask_score": None}
     if not keep.any() or not mask.any():
         return none
-    masks = prediction["masks"][keep]
-    inter = np.logical_and(masks, mask).sum(axis=(1, 2))
-    union = masks.sum(axis=(1, 2)) + mask.sum() - inter
-    iou = inter / np.maximum(union, 1)
+    masks = torch.as_tensor(prediction["masks"])
+    masks = masks[torch.from_numpy(keep).to(masks.device)]
+    target = torch.as_tensor(mask, device=masks.device)
+    inter = (masks & target).flatten(1).sum(1)
+    union = masks.flatten(1).sum(1) + target.sum() - inter
+    iou = (inter.double() / union.clamp(min=1).double()).cpu().numpy()
     scores = prediction["scores"][keep]
     best = int(np.lexsort((-scores, -iou))[0])  # highest IoU, then highest score
     if iou[best] == 0:
@@ -158,11 +165,13 @@ def score_instances(groups: dict[str, list], instances: dict[str, dict], model: 
     """
     from .quality import read_sample
 
-    by_sample, by_instance = {}, {}
+    by_sample, by_instance, image = {}, {}, (None, None, None)
     for key, refs in progress(groups.items(), "scoring (mask model)", len(groups)):
         inst = instances[key]
-        source = read_png(inst["image_path"], rgb=True, dtype=np.uint8)
-        ids = read_png(inst["instance_ids_path"], shape=source.shape[:2])
+        if image[0] != inst["image_path"]:  # instances of one image follow each other: read it once
+            source = read_png(inst["image_path"], rgb=True, dtype=np.uint8)
+            image = (inst["image_path"], source, read_png(inst["instance_ids_path"], shape=source.shape[:2]))
+        _, source, ids = image
         mask = ids == inst["instance_id"]
         if not mask.any():
             raise InstSynthError(inst["instance_ids_path"], f"instance {inst['instance_id']} ({key}) has no pixel")
