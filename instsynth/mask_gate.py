@@ -86,8 +86,14 @@ def _config_and_weights(spec: Path, weights: str | None) -> tuple[Path, str]:
     return config, weights or str(spec)
 
 
-def model_classes(num_classes: int, where: str) -> tuple[str, ...]:
-    """Class names of a model's contiguous outputs: the COCO converter's categories sorted by label id."""
+def model_classes(cfg, model, where: str) -> tuple[str, ...]:
+    """Class names of a model's contiguous outputs: OneFormer's ``CLASS_NAMES``, otherwise the COCO
+    converter's categories (sorted by label id) of the model's number of classes."""
+    if cfg.MODEL.META_ARCHITECTURE == "OneFormer":
+        from .modeling.oneformer import class_names
+
+        return tuple(class_names(cfg))
+    num_classes = int(getattr(model, "num_classes", 0))
     for names in (EVAL_THING_CLASSES, THING_CLASSES):
         if len(names) == num_classes:
             return tuple(names)
@@ -116,7 +122,7 @@ def load_mask_model(spec: str | os.PathLike, weights: str | None = None, device:
     model = build_model(cfg)
     if not maybe_load_weights(model, cfg.MODEL.WEIGHTS) and not getattr(model, "loads_own_weights", False):
         raise InstSynthError(config, "no weights for the mask model (MODEL.WEIGHTS is empty); pass a checkpoint")
-    classes = model_classes(int(getattr(model, "num_classes", 0)), str(config))
+    classes = model_classes(cfg, model, str(config))
     return MaskModel(model.eval().to(device), DatasetMapper(cfg, False, {}), classes, str(spec), device)
 
 

@@ -130,3 +130,22 @@ def test_integration_cli_prints_the_accept_rate(gate_run, scored, tmp_path, caps
               "--crops_per_sample", "0", "--min_mask_iou", str(MIN_IOU), "--fallback", "original", "--workers", "1"])
     out = capsys.readouterr().out
     assert "quality gate: accepted 3, fallen back 3, dropped 0 of 6 samples (accept rate 50.0%)" in out
+
+
+def test_oneformer_config_with_weights_loads_as_mask_model(tmp_path):
+    """A config YAML plus --mask_weights works too, and OneFormer's classes come from its config."""
+    from instsynth.config import load_config
+    from instsynth.engine.checkpoint import save_checkpoint
+    from instsynth.mask_gate import best_match, load_mask_model
+    from instsynth.modeling import build_model
+
+    config = REPO / "configs" / "quick_schedules" / "oneformer_quick.yaml"
+    save_checkpoint(tmp_path, "model_final.pth", build_model(load_config(config)))
+    model = load_mask_model(config, weights=str(tmp_path / "model_final.pth"))
+    assert model.classes[2] == "car" and len(model.classes) == 8
+    prediction = model.predict([np.zeros((64, 128, 3), np.uint8)])[0]
+    assert tuple(prediction["masks"].shape[1:]) == (64, 128)
+    match = best_match(prediction, np.ones((64, 128), bool), "car", min_score=0.0)
+    assert 0.0 <= match["mask_iou"] <= 1.0 and match["mask_class"] in model.classes
+    with pytest.raises(InstSynthError, match="config.yaml"):
+        load_mask_model(tmp_path / "model_final.pth")  # a checkpoint needs its run's config.yaml beside it
