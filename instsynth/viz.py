@@ -116,9 +116,13 @@ def _sample_caption(entry: dict, index: int) -> str:
     caption = f"#{index} {entry['prompt']}"
     scores = entry.get("scores")
     if isinstance(scores, list) and index < len(scores) and isinstance(scores[index], dict):
-        value = scores[index].get("clip_prompt")
-        if isinstance(value, (int, float)):
-            caption += f" (CLIP {value:.3f})"
+        score = scores[index]
+        parts = [f"CLIP {score['clip_prompt']:.3f}"] if isinstance(score.get("clip_prompt"), (int, float)) else []
+        if isinstance(score.get("mask_iou"), (int, float)):  # the mask gate: IoU, and the class if it is wrong
+            wrong = "" if score.get("mask_class_ok") else f" {score.get('mask_class') or 'none'}"
+            parts.append(f"IoU {score['mask_iou']:.2f}{wrong}")
+        if parts:
+            caption += f" ({', '.join(parts)})"
     return caption
 
 

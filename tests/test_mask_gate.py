@@ -149,3 +149,12 @@ def test_oneformer_config_with_weights_loads_as_mask_model(tmp_path):
     assert 0.0 <= match["mask_iou"] <= 1.0 and match["mask_class"] in model.classes
     with pytest.raises(InstSynthError, match="config.yaml"):
         load_mask_model(tmp_path / "model_final.pth")  # a checkpoint needs its run's config.yaml beside it
+
+
+def test_sheet_captions_show_the_mask_gate_scores():
+    from instsynth.viz import _sample_caption
+
+    entry = {"prompt": "a red car", "scores": [{"clip_prompt": 0.251, "mask_iou": 0.834, "mask_class_ok": True},
+                                               {"mask_iou": 0.12, "mask_class": "bus", "mask_class_ok": False}]}
+    assert _sample_caption(entry, 0) == "#0 a red car (CLIP 0.251, IoU 0.83)"
+    assert _sample_caption(entry, 1) == "#1 a red car (IoU 0.12 bus)"
