@@ -106,3 +106,24 @@ def test_budget_flags_of_stage1_and_generation_clis(demo_root, tmp_path):
     manifest = read_json(tmp_path / "gen" / "Recolor" / "generation.json")
     assert {e["class"]: len(e["samples"]) for e in manifest["instances"].values()}["truck"] == 2
     assert set(manifest["params"]["budget"]["factors"].values()) == {1.0}  # max_factor 1: no balancing
+
+
+def test_rank_instances_keeps_an_instance_among_the_k_c_largest_of_its_image():
+    import numpy as np
+
+    from instsynth.labels import label_id
+    from instsynth.selection import SelectionParams, rank_instances
+
+    car, truck = label_id("car"), label_id("truck")
+    ids = np.zeros((20, 20), np.uint16)
+    areas = {car * 1000: 60, car * 1000 + 1: 50, car * 1000 + 2: 40, truck * 1000: 30, truck * 1000 + 1: 20}
+    flat = ids.ravel()
+    start = 0
+    for value, area in areas.items():
+        flat[start:start + area] = value
+        start += area
+    plain = SelectionParams(k=2, min_area=1)
+    assert [v for v, _ in rank_instances(ids, plain)[0]] == [26000, 26001]
+    budget = SelectionParams(k=2, min_area=1, k_per_class=((car, 1), (truck, 5)))
+    chosen, skipped = rank_instances(ids, budget)
+    assert [v for v, _ in chosen] == [26000, 27000, 27001] and skipped["beyond_k"] == 2
