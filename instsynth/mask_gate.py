@@ -22,10 +22,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .io import InstSynthError, get_logger, progress, read_png
+from .io import InstSynthError, progress, read_png
 from .labels import EVAL_THING_CLASSES, THING_CLASSES
 
-log = get_logger("instsynth.mask_gate")
 
 MASK_SCORE_NAMES = ("mask_iou", "mask_class", "mask_class_ok", "mask_score")
 """Per-sample scores written by the mask gate (``entry["scores"][i]``); per instance the same with ``_source``."""
