@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from instsynth.cli import command
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> None:
     args = parse_args(argv)
     from instsynth.generation import GenerationSettings, find_metadata, generate_instances
