@@ -1,6 +1,9 @@
-"""Environment faults: a full disk or a read-only output folder stops every stage with one clear line
-(exit code 1, no traceback, no temporary file left), also under --skip-bad, and a rerun after fixing
-it completes with the same outputs. Uses small tmpfs mounts; skipped where mounting is not allowed."""
+"""Environment faults and hand-edited manifests get clear errors.
+
+A full disk or a read-only output folder stops every stage with one line naming the file (exit code 1,
+no traceback, no temporary file left), also under --skip-bad, and a rerun after fixing it completes
+with the same outputs (small tmpfs mounts; skipped where mounting is not allowed). A metadata.json
+whose class, label_id, key or files disagree with the instance stops generation and integration."""
 import os
 import subprocess
 import sys
@@ -11,7 +14,7 @@ import pytest
 from instsynth.coco import convert_cityscapes_to_coco
 from instsynth.generation import GenerationSettings, generate_instances
 from instsynth.integration import integrate_samples
-from instsynth.io import OutputError, atomic_path, output_error, write_bytes
+from instsynth.io import InstSynthError, OutputError, atomic_path, output_error, read_json, write_bytes, write_json
 from instsynth.label_crops import drop_color_and_label_ids
 from instsynth.selection import select_instances
 
@@ -195,3 +198,49 @@ def test_wrapper_stops_at_the_failing_stage_with_its_error(tmp_path):
         assert "no space left on device" in res.stderr and "stage 1/7 instance selection failed" in res.stderr
     finally:
         fs.unmount()
+
+
+# --------------------------------------------------------------------------- hand-edited metadata.json
+def edited_metadata(reference, tmp_path, edit) -> Path:
+    """A copy of the reference metadata.json (crops by absolute path) with instance 0 edited."""
+    work = reference[0]
+    meta = read_json(work / "sel" / "metadata.json")
+    for inst in meta["instances"]:
+        inst.update(crop_rgb=str(work / "sel" / inst["crop_rgb"]), crop_mask=str(work / "sel" / inst["crop_mask"]))
+    edit(meta["instances"][0])
+    return write_json(tmp_path / "metadata.json", meta)
+
+
+def other_class(inst):
+    return "person" if inst["class"] != "person" else "car"
+
+
+EDITS = {
+    "class": (lambda i: i.update({"class": other_class(i)}), r"class '\w+' disagrees with instance_id \d+"),
+    "label_id": (lambda i: i.update(label_id=24 if i["label_id"] != 24 else 26), "label_id 2[46] disagrees"),
+    "key": (lambda i: i.update(key=i["key"][:-1] + "9"), "key '.*9' disagrees .*expected '.*'"),
+    "image": (lambda i: i.update(image=i["image"].replace(i["image_id"], i["image_id"][:-2] + "99")), "image .* is not a file of image_id"),
+    "instance_id": (lambda i: i.update(instance_id=7001), "instance_id 7001 is not a thing instance"),
+}
+
+
+@pytest.mark.parametrize("field", EDITS)
+def test_generation_and_integration_refuse_inconsistent_instances(field, reference, tmp_path):
+    edit, message = EDITS[field]
+    meta = edited_metadata(reference, tmp_path, edit)
+    key = read_json(reference[0] / "sel" / "metadata.json")["instances"][0]["key"]
+    named = rf"metadata.json: instances\[0\] \('{key[:-1]}.'\): {message}"
+    with pytest.raises(InstSynthError, match=named):
+        generate_instances(meta, out=tmp_path / "gen", skip_bad=True)
+    with pytest.raises(InstSynthError, match=named):
+        integrate_samples(reference[0] / "gen" / "Recolor", tmp_path / "out", metadata_path=meta, skip_bad=True)
+
+
+def test_an_area_the_label_map_disagrees_with_stops_both_stages(reference, tmp_path):
+    meta = edited_metadata(reference, tmp_path, lambda i: i.update(area=i["area"] + 1))
+    key = read_json(meta)["instances"][0]["key"]
+    with pytest.raises(InstSynthError, match=rf"_mask.png: instance '{key}': \d+ mask pixels but metadata.json says area"):
+        generate_instances(meta, out=tmp_path / "gen")
+    with pytest.raises(InstSynthError, match=rf"instanceIds.png: instance '{key}': \d+ pixels of id \d+, but "
+                                             r"metadata.json says area"):
+        integrate_samples(reference[0] / "gen" / "Recolor", tmp_path / "out", metadata_path=meta, workers=1)
