@@ -30,7 +30,7 @@ class Tmpfs:
         res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                              capture_output=True, text=True)
         if res.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or 'not permitted'})")
+            pytest.skip(f"cannot mount a tmpfs here ({(res.stderr.strip() or 'not permitted').splitlines()[0]})")
         self.filler = path / "filler.bin"
 
     def fill(self, leave_bytes: int) -> None:
@@ -244,3 +244,19 @@ def test_an_area_the_label_map_disagrees_with_stops_both_stages(reference, tmp_p
     with pytest.raises(InstSynthError, match=rf"instanceIds.png: instance '{key}': \d+ pixels of id \d+, but "
                                              r"metadata.json says area"):
         integrate_samples(reference[0] / "gen" / "Recolor", tmp_path / "out", metadata_path=meta, workers=1)
+
+
+def test_permission_denied_output_folder(demo_root, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        try:
+            (locked / "probe").touch()
+            pytest.skip("this user may write into a read-only folder (root)")
+        except PermissionError:
+            pass
+        with pytest.raises(OutputError, match=f"permission denied: {locked} is not writable by this user"):
+            stage1(demo_root, locked)
+    finally:
+        locked.chmod(0o755)
