@@ -260,3 +260,11 @@ def test_permission_denied_output_folder(demo_root, tmp_path):
             stage1(demo_root, locked)
     finally:
         locked.chmod(0o755)
+
+
+def test_debug_shows_the_traceback_of_bad_input_too(tmp_path):
+    cmd = [sys.executable, str(REPO / "process_clean_ver.py"), "--train_folder", str(tmp_path / "nowhere")]
+    plain, debug = _cli(cmd), _cli(cmd, {"INSTSYNTH_DEBUG": "1"})
+    assert plain.returncode == 1 and plain.stderr.strip() == f"error: {tmp_path / 'nowhere'}/gtFine/train: " \
+        "folder not found (expected a Cityscapes tree: gtFine/<split>/<city>/)"
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "InstSynthError" in debug.stderr
