@@ -179,6 +179,8 @@ def _defaults() -> CN:
     _C.TEST.EVAL_PERIOD = 5000  # 0: only after training
     _C.TEST.DETECTIONS_PER_IMAGE = 100
     _C.TEST.CITYSCAPES_EVAL = True  # also run the official Cityscapes evaluation when available
+    _C.TEST.AMP = CN()
+    _C.TEST.AMP.ENABLED = False  # evaluate under fp16 autocast (CUDA; bf16 on CPU); default fp32 as Detectron2
     return _C
 
 

@@ -64,6 +64,7 @@ def test_two_processes_train_and_evaluate(demo_cache, tmp_path):
               "OUTPUT_DIR", tmp_path, env_dir=demo_cache)
     log = (tmp_path / "log.txt").read_text()
     assert "2 process(es)" in log and log.count("iter 4/4") == 1  # only the main process logs
+    assert "DDP find_unused_parameters=False" in log  # FastInst: every parameter gets a gradient
     assert [r["iteration"] for r in metrics_lines(tmp_path) if "total_loss" in r] == [0, 1, 2, 3]
     assert (tmp_path / "model_final.pth").is_file()
     assert json.loads((tmp_path / "inference" / "metrics.json").read_text())["segm"]["AP"] is not None

@@ -9,7 +9,9 @@ Register a model with ``@register_model("Name")`` on a ``builder(cfg) -> nn.Modu
 
 ``MODEL.WEIGHTS``: the trainer loads a checkpoint file (``.pth``: ours, a plain state dict, or a
 torchvision ResNet). A model whose builder loads a folder or hub id itself (``from_pretrained``) sets
-the attribute ``loads_own_weights = True``; the trainer then leaves such a value to it.
+the attribute ``loads_own_weights = True``; the trainer then leaves such a value to it. A model whose every
+trainable parameter gets a gradient in each training step sets ``every_parameter_gets_gradient = True``, and
+DDP then runs with ``find_unused_parameters=False`` (faster; otherwise True).
 """
 from __future__ import annotations
 
