@@ -147,6 +147,7 @@ def _defaults() -> CN:
     _C.INPUT.MIN_SIZE_TEST = 1024
     _C.INPUT.MAX_SIZE_TEST = 2048
     _C.INPUT.RANDOM_FLIP = "horizontal"  # horizontal | none
+    _C.INPUT.COLOR_AUG_SSD = False  # SSD colour distortion in training (Mask2Former's Cityscapes recipe: True)
     _C.INPUT.SIZE_DIVISIBILITY = -1  # -1: the model's own (FASTINST.SIZE_DIVISIBILITY)
     _C.INPUT.CROP = CN()
     _C.INPUT.CROP.ENABLED = True

@@ -274,3 +274,27 @@ def test_class_count_mismatch_is_a_clear_error(demo_cache):
     check_num_classes(SimpleNamespace(num_classes=8), ["cityscapes_demo_instance_seg_val"])
     with pytest.raises(InstSynthError, match="has 8 categories .*person.* predicts 10 classes"):
         check_num_classes(SimpleNamespace(num_classes=10), ["cityscapes_demo_instance_seg_val"])
+
+
+def test_color_aug_ssd_changes_only_colours_and_is_seeded(demo_cache):
+    from instsynth.config import load_config
+    from instsynth.data.catalog import get_dataset_dicts, get_metadata
+    from instsynth.data.mapper import DatasetMapper, color_aug_ssd
+
+    meta = get_metadata("cityscapes_demo_instance_seg_train")
+    record = max(get_dataset_dicts("cityscapes_demo_instance_seg_train"), key=lambda d: len(d["annotations"]))
+    plain = DatasetMapper(load_config(QUICK), True, meta.label_id_to_contiguous)
+    assert load_config(QUICK).INPUT.COLOR_AUG_SSD is False  # off unless asked for
+    ssd = DatasetMapper(load_config(QUICK, ["INPUT.COLOR_AUG_SSD", "True"]), True, meta.label_id_to_contiguous)
+    changed = 0
+    for seed in range(4):
+        a, b = plain(record, np.random.default_rng(seed)), ssd(record, np.random.default_rng(seed))
+        assert torch.equal(a["instances"]["gt_masks"], b["instances"]["gt_masks"])  # same geometry
+        assert b["image"].shape == a["image"].shape and b["image"].dtype == torch.uint8
+        assert torch.equal(b["image"], ssd(record, np.random.default_rng(seed))["image"])
+        changed += not torch.equal(a["image"], b["image"])
+    assert changed >= 2
+    gray = np.full((8, 8, 3), 100, np.uint8)
+    outs = [color_aug_ssd(gray, np.random.default_rng(s)) for s in range(16)]
+    assert all((o == o[..., :1]).all() for o in outs)  # saturation and hue cannot colour a grey image
+    assert len({int(o[0, 0, 0]) for o in outs}) > 4  # brightness and contrast do change it
