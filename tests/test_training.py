@@ -61,13 +61,19 @@ def test_quick_config_trains_writes_outputs_and_loss_falls(quick_run):
 def test_two_processes_train_and_evaluate(demo_cache, tmp_path):
     """--num-gpus 2 (here two CPU processes over gloo) splits the batch and gathers the predictions."""
     train_net("--config-file", QUICK, "--num-gpus", "2", "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100",
-              "OUTPUT_DIR", tmp_path, env_dir=demo_cache)
+              "TEST.EVAL_PERIOD", "2", "OUTPUT_DIR", tmp_path, env_dir=demo_cache)
     log = (tmp_path / "log.txt").read_text()
     assert "2 process(es)" in log and log.count("iter 4/4") == 1  # only the main process logs
     assert "DDP find_unused_parameters=False" in log  # FastInst: every parameter gets a gradient
     assert [r["iteration"] for r in metrics_lines(tmp_path) if "total_loss" in r] == [0, 1, 2, 3]
     assert (tmp_path / "model_final.pth").is_file()
-    assert json.loads((tmp_path / "inference" / "metrics.json").read_text())["segm"]["AP"] is not None
+    final = json.loads((tmp_path / "inference" / "metrics.json").read_text())
+    assert final["segm"]["AP"] is not None
+    # TEST.EVAL_PERIOD 2: evaluated after iteration 2 and at the end, written as Detectron2's EvalHook does
+    evals = [r for r in metrics_lines(tmp_path) if "segm/AP" in r]
+    assert [r["iteration"] for r in evals] == [1, 3]
+    assert evals[-1]["segm/AP"] == final["segm"]["AP"] and evals[-1]["cityscapes/AP"] == final["cityscapes"]["AP"]
+    assert evals[-1]["cityscapes_demo_instance_seg_val/segm/AP50"] == final["segm"]["AP50"]
 
 
 def test_resume_continues_from_saved_iteration_with_same_state(quick_run, demo_cache, tmp_path):

@@ -285,7 +285,8 @@ def inference(cfg, model: nn.Module, accelerator, dataset_name: str) -> tuple[li
 
 def do_test(cfg, model: nn.Module, accelerator, iteration: int | None = None, writer=None) -> dict[str, dict]:
     """Evaluate on every DATASETS.TEST name; results in ``OUTPUT_DIR/inference`` (``inference/<name>`` when
-    there are several). Returns ``{dataset: metrics}`` on the main process."""
+    there are several) and, with a ``writer``, one metrics.json line at ``iteration`` (see
+    :func:`flatten_metrics`). Returns ``{dataset: metrics}`` on the main process."""
     all_metrics = {}
     several = len(cfg.DATASETS.TEST) > 1
     for name in cfg.DATASETS.TEST:
@@ -303,12 +304,26 @@ def do_test(cfg, model: nn.Module, accelerator, iteration: int | None = None, wr
             metrics["cityscapes"] = cs
             log.info("\n%s", format_table(cs, f"Cityscapes instance AP on {name}:"))
         write_json(out_dir / "metrics.json", metrics)
-        if writer is not None:
-            writer.write({"iteration": iteration, **{f"{name}/{task}/{k}": v for task, m in metrics.items()
-                                                     for k, v in m.items() if isinstance(v, (int, float))}})
         all_metrics[name] = metrics
+    if writer is not None and accelerator.is_main_process:
+        writer.write({"iteration": iteration, **flatten_metrics(all_metrics)})
     accelerator.wait_for_everyone()
     return all_metrics
+
+
+def flatten_metrics(all_metrics: dict[str, dict]) -> dict[str, float]:
+    """The scalars of ``{dataset: {task: {metric: value}}}`` as Detectron2's EvalHook writes them to
+    metrics.json: ``segm/AP``, ``cityscapes/AP50``, ... (with several test sets ``<dataset>/segm/AP``).
+    ``<dataset>/segm/AP`` keys are always written as well (this project's earlier format)."""
+    flat = {}
+    for name, metrics in all_metrics.items():
+        for task, values in metrics.items():
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    flat[f"{name}/{task}/{key}"] = value
+                    if len(all_metrics) == 1:
+                        flat[f"{task}/{key}"] = value
+    return flat
 
 
 # --------------------------------------------------------------------------- entry point
@@ -349,4 +364,5 @@ def run(cfg, eval_only: bool = False, resume: bool = False) -> dict:
         model = accelerator.prepare(model)
         return do_test(cfg, model, accelerator)
     model = do_train(cfg, model, accelerator, resume)
-    return do_test(cfg, model, accelerator)
+    writer = MetricsWriter(Path(cfg.OUTPUT_DIR) / "metrics.json", accelerator.is_main_process)
+    return do_test(cfg, model, accelerator, iteration=cfg.SOLVER.MAX_ITER - 1, writer=writer)
