@@ -94,3 +94,19 @@ def test_every_parameter_gets_gradient_is_what_ddp_is_told(deep_supervision):
     accelerator = make_accelerator(load_config(QUICK))
     assert set_find_unused_parameters(accelerator, model) is (not deep_supervision)
     assert accelerator.ddp_handler.find_unused_parameters is (not deep_supervision)
+
+
+def test_inference_benchmark_times_both_models_with_the_official_protocol(capsys):
+    """benchmarks/bench_inference.py in its test size: tiny models, 64x128, 1 warm-up + 2 timed images."""
+    import runpy
+
+    bench = runpy.run_path(str(REPO / "benchmarks" / "bench_inference.py"))
+    rows = bench["main"](bench["parse_args"](["--device", "cpu", "--tiny", "--size", "64x128", "--images", "3",
+                                              "--warmup", "1"]))
+    assert [(r["model"], r["precision"]) for r in rows] == [("FastInst-D3-R50", "fp32"), ("FastInst-D3-R50", "amp"),
+                                                          ("OneFormer-R50", "fp32"), ("OneFormer-R50", "amp")]
+    assert all(r["images"] == 2 and r["warmup"] == 1 and r["fps"] > 0 for r in rows)
+    for r in rows:
+        assert abs(r["fps"] * r["ms"] - 1000) < 1e-6 * r["fps"] * r["ms"]
+    out = capsys.readouterr().out
+    assert "vs OneFormer fp32" in out and "1.00x" in out and "64x128" in out

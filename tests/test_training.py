@@ -251,6 +251,12 @@ def test_fastinst_configs_load_with_paper_settings():
     assert d3.DATASETS.TRAIN == ("cityscapes_instsynth_train",)
     assert d3.DATASETS.TEST == ("cityscapes_instsynth_val",)
     assert d1.INPUT.CROP.SIZE == (512, 1024) and d1.SOLVER.MAX_ITER == 90000
+    assert (d1.INPUT.MIN_SIZE_TEST, d1.INPUT.MAX_SIZE_TEST) == (1024, 2048)  # the "1024" of the new names
+    for old, new in (("x1_576_D1", "x1_1024_D1"), ("x3_640_D3", "x3_1024_D3")):  # old names: same configs
+        for suffix in ("", "_instsynth"):
+            was = load_config(folder / f"fastinst_R50_ppm-fpn_{old}{suffix}.yaml")
+            now = load_config(folder / f"fastinst_R50_ppm-fpn_{new}{suffix}.yaml", ["OUTPUT_DIR", was.OUTPUT_DIR])
+            assert was == now and was.OUTPUT_DIR == f"output/fastinst_R50_ppm-fpn_{old}{suffix}"
 
 
 def test_torchvision_resnet_weights_load_into_backbone(tmp_path):
