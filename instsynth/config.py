@@ -37,7 +37,7 @@ def _defaults() -> CN:
     # ------------------------------------------------------------------ model
     _C.MODEL = CN()
     _C.MODEL.META_ARCHITECTURE = "FastInst"
-    _C.MODEL.WEIGHTS = ""  # local checkpoint (.pth), torchvision ResNet state dict, or hub id (OneFormer)
+    _C.MODEL.WEIGHTS = ""  # .pth/.pkl (ours, official FastInst, Detectron2 R-50.pkl, torchvision) or hub id
     _C.MODEL.DEVICE = "cuda"  # falls back to cpu when CUDA is absent
     _C.MODEL.PIXEL_MEAN = [123.675, 116.280, 103.530]  # RGB, 0-255
     _C.MODEL.PIXEL_STD = [58.395, 57.120, 57.375]
