@@ -87,8 +87,10 @@ def test_key_map_is_one_to_one_on_fastinst_d3_r50_with_official_names_and_size()
                 "sem_seg_head.predictor.meta_pos_embed": (1, 256, 10, 10),
                 "sem_seg_head.predictor.empty_query_features.weight": (8, 256),
                 "sem_seg_head.predictor.query_proposal.conv_proposal_cls_logits.2.weight": (81, 256, 1, 1),
-                "sem_seg_head.predictor.transformer_mask_cross_attention_layers.0.multihead_attn.in_proj_weight": (768, 256),
-                "sem_seg_head.predictor.transformer_query_self_attention_layers.2.self_attn.out_proj.weight": (256, 256),
+                "sem_seg_head.predictor.transformer_mask_cross_attention_layers.0.multihead_attn.in_proj_weight":
+                    (768, 256),
+                "sem_seg_head.predictor.transformer_query_self_attention_layers.2.self_attn.out_proj.weight":
+                    (256, 256),
                 "sem_seg_head.predictor.transformer_mask_ffn_layers.1.linear1.weight": (1024, 256),
                 "sem_seg_head.predictor.class_embed_layers.3.layers.2.weight": (81, 256),
                 "sem_seg_head.predictor.mask_features_layers.0.weight": (256, 256)}

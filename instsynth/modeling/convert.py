@@ -5,24 +5,21 @@ FastInst (junjiehe96/FastInst, a Detectron2 project) and of Detectron2's ResNet.
 of name templates, ``(ours, official)``; ``{name}`` stands for a number, and a template ending in
 ``.`` is a prefix (the parameter name after it is kept):
 
-====================================================  ==========================================================
-this project                                          official FastInst / Detectron2
-====================================================  ==========================================================
-``backbone.body.conv1.`` / ``bn1.``                    ``backbone.stem.conv1.`` / ``.norm.``
-``backbone.body.layer<s>.{b}.conv{c}.`` / ``bn{c}.``   ``backbone.res<s+1>.{b}.conv{c}.`` / ``.norm.``
-``backbone.body.layer<s>.{b}.downsample.0.`` / ``1.``  ``backbone.res<s+1>.{b}.shortcut.`` / ``.norm.``
-``pixel_decoder.lateral.<i>.0.`` / ``1.``              ``sem_seg_head.pixel_decoder.adapter_<i+1>.`` / ``.norm.``
-``pixel_decoder.output.<i>.0.`` / ``1.``               ``sem_seg_head.pixel_decoder.layer_<i+1>.`` / ``.norm.``
-``pixel_decoder.ppm.stages.{k}.1.`` / ``fuse.0.``      ``...pixel_decoder.ppm.stages.{k}.1.`` / ``ppm.bottleneck.``
-``decoder.meta_pos``, ``aux_feat.``, ``aux_pos.``      ``sem_seg_head.predictor.meta_pos_embed``, ``empty_query_features.``, ``empty_query_pos_embed.``
-``decoder.proposal.cls_head.``                         ``...predictor.query_proposal.conv_proposal_cls_logits.``
-``decoder.layers.{i}.pixel_cross`` / ``pixel_ffn``     ``...predictor.transformer_mask_cross_attention_layers.{i}`` / ``transformer_mask_ffn_layers.{i}``
-``decoder.layers.{i}.query_cross`` / ``query_self``    ``...predictor.transformer_query_cross_attention_layers.{i}`` / ``..._self_attention_layers.{i}``
-``decoder.layers.{i}.query_ffn``                       ``...predictor.transformer_query_ffn_layers.{i}``
-(inside those: ``attn.`` / ``fc1.`` / ``fc2.``)        (``multihead_attn.`` or ``self_attn.`` / ``linear1.`` / ``linear2.``)
-``decoder.query_norm.`` / ``class_embed.``             ``...predictor.decoder_query_norm_layers.`` / ``class_embed_layers.``
-``decoder.mask_embed.`` / ``pixel_embed.``             ``...predictor.mask_embed_layers.`` / ``mask_features_layers.``
-====================================================  ==========================================================
+- backbone: ``backbone.body.conv1.`` / ``bn1.`` -> ``backbone.stem.conv1.`` / ``backbone.stem.conv1.norm.``;
+  ``backbone.body.layer<s>.{b}.conv{c}.`` / ``bn{c}.`` -> ``backbone.res<s+1>.{b}.conv{c}.`` / ``...conv{c}.norm.``;
+  ``...downsample.0.`` / ``downsample.1.`` -> ``...shortcut.`` / ``...shortcut.norm.``
+- pixel decoder (official prefix ``sem_seg_head.pixel_decoder.``): ``lateral.<i>.0.`` / ``lateral.<i>.1.`` ->
+  ``adapter_<i+1>.`` / ``adapter_<i+1>.norm.``; ``output.<i>.0.`` / ``1.`` -> ``layer_<i+1>.`` / ``layer_<i+1>.norm.``;
+  ``ppm.stages.{k}.1.`` -> ``ppm.stages.{k}.1.``; ``ppm.fuse.0.`` -> ``ppm.bottleneck.``
+- decoder (``decoder.`` -> ``sem_seg_head.predictor.``): ``meta_pos`` -> ``meta_pos_embed``; ``aux_feat.`` /
+  ``aux_pos.`` -> ``empty_query_features.`` / ``empty_query_pos_embed.``; ``proposal.cls_head.`` ->
+  ``query_proposal.conv_proposal_cls_logits.``; ``layers.{i}.pixel_cross`` / ``pixel_ffn`` / ``query_cross`` /
+  ``query_self`` / ``query_ffn`` -> ``transformer_mask_cross_attention_layers.{i}`` / ``transformer_mask_ffn_layers``
+  / ``transformer_query_cross_attention_layers`` / ``transformer_query_self_attention_layers`` /
+  ``transformer_query_ffn_layers``, inside them ``attn.`` -> ``multihead_attn.`` (``self_attn.`` for self-attention),
+  ``fc1.`` / ``fc2.`` -> ``linear1.`` / ``linear2.``; ``query_norm.`` / ``class_embed.`` / ``mask_embed.`` /
+  ``pixel_embed.`` -> ``decoder_query_norm_layers.`` / ``class_embed_layers.`` / ``mask_embed_layers.`` /
+  ``mask_features_layers.``
 
 The official checkpoint's ``criterion.empty_weight`` (the no-object class weight, a constant of the
 config here) is not a parameter of this model and is dropped.
@@ -54,11 +51,13 @@ log = get_logger("instsynth.modeling")
 
 _P = "sem_seg_head.predictor."
 _D = "sem_seg_head.pixel_decoder."
-_LAYER_PARTS = (("pixel_cross", "transformer_mask_cross_attention_layers", (("attn.", "multihead_attn."), ("norm.", "norm."))),
-                ("pixel_ffn", "transformer_mask_ffn_layers", (("fc1.", "linear1."), ("fc2.", "linear2."), ("norm.", "norm."))),
-                ("query_cross", "transformer_query_cross_attention_layers", (("attn.", "multihead_attn."), ("norm.", "norm."))),
-                ("query_self", "transformer_query_self_attention_layers", (("attn.", "self_attn."), ("norm.", "norm."))),
-                ("query_ffn", "transformer_query_ffn_layers", (("fc1.", "linear1."), ("fc2.", "linear2."), ("norm.", "norm."))))
+_ATTN, _SELF = (("attn.", "multihead_attn."), ("norm.", "norm.")), (("attn.", "self_attn."), ("norm.", "norm."))
+_FFN = (("fc1.", "linear1."), ("fc2.", "linear2."), ("norm.", "norm."))
+_LAYER_PARTS = (("pixel_cross", "transformer_mask_cross_attention_layers", _ATTN),
+                ("pixel_ffn", "transformer_mask_ffn_layers", _FFN),
+                ("query_cross", "transformer_query_cross_attention_layers", _ATTN),
+                ("query_self", "transformer_query_self_attention_layers", _SELF),
+                ("query_ffn", "transformer_query_ffn_layers", _FFN))
 
 KEY_MAP: tuple[tuple[str, str], ...] = (
     ("backbone.body.conv1.", "backbone.stem.conv1."),
