@@ -17,6 +17,8 @@ instance). A rerun with the same models does no work.
 """
 import argparse
 
+from instsynth.cli import command
+
 
 def parse_args(argv=None):
     from instsynth.mask_gate import DEFAULT_MIN_SCORE
@@ -48,6 +50,7 @@ def parse_args(argv=None):
     return args
 
 
+@command
 def main(argv=None) -> None:
     from instsynth.io import InstSynthError
     from instsynth.quality import format_gate_table, score_generation
