@@ -64,7 +64,10 @@ def train_tiny_mask_model(dataset_root: str | Path, image_ids: Sequence[str], ou
         "OUTPUT_DIR", str(out), *opts])
     try:
         run(cfg)
-    finally:  # the trainer logs to OUTPUT_DIR/log.txt; detach that handler again
+    finally:  # leave no process-wide state behind: accelerate's singleton, the log.txt handler
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(True)
         root = logging.getLogger("instsynth")
         for handler in [h for h in root.handlers if getattr(h, "baseFilename", "").startswith(str(out))]:
             root.removeHandler(handler)
