@@ -152,7 +152,7 @@ def test_merged_file_keeps_originals_adds_exact_synthetic_annotations_and_evalua
     assert digest(demo_coco / "annotations") | digest(demo_coco / "images") == src_digest
 
 
-def test_coco_integration_rerun_writes_nothing_and_cli_matches(both, tmp_path):
+def test_coco_integration_rerun_writes_nothing(both):
     work, _ = both
     out = work / "coco_out"
     before = digest(out)
@@ -161,13 +161,6 @@ def test_coco_integration_rerun_writes_nothing_and_cli_matches(both, tmp_path):
     assert after.pop("integration_report.json") != before.pop("integration_report.json")  # it counts the reuse
     assert summary.files_written == 0 and after == before
     assert read_json(out / "integration_report.json")["samples_reused"] == 15
-    cli = subprocess.run([sys.executable, "inpainted_integration.py", "--inpainting_dir", str(work / "coco" / "Recolor"),
-                          "--output_folder_name", str(tmp_path / "cli"), "--crops_per_sample", str(CROPS),
-                          "--workers", "2"], cwd=REPO, capture_output=True, text=True)
-    assert cli.returncode == 0, cli.stderr
-    assert merged_json_path(tmp_path / "cli", "train").read_bytes().replace(str(tmp_path / "cli").encode(), b"") == \
-        merged_json_path(out, "train").read_bytes().replace(str(out).encode(), b"")
-    assert digest(tmp_path / "cli" / "images") == digest(out / "images")
 
 
 # --------------------------------------------------------------------------- bad input
@@ -285,26 +278,36 @@ def test_prompt_bank_completion():
         complete_prompt_bank(bank, [{"name": "zebra"}, {"name": "aerosol_can"}], strict=True)
 
 
-# --------------------------------------------------------------------------- training by name
-def test_train_net_on_a_catalogued_coco_dataset_reports_coco_ap(both, demo_coco, tmp_path, monkeypatch):
-    """The README's catalog entry names the merged file; train_net's run trains on it and reports COCO AP."""
-    from instsynth.config import load_config
-    from instsynth.engine.trainer import run
-
+# --------------------------------------------------------------------------- end to end, training by name
+def test_wrapper_runs_the_coco_dataset_to_coco_ap(both, demo_coco, tmp_path):
+    """``run_instsynth.sh --coco``: same merged file as the library calls (2 workers), a catalog, COCO AP."""
     work, _ = both
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(f"mydata_train_instsynth:\n  json_file: {merged_json_path(work / 'coco_out', 'train')}\n"
-                       f"  image_root: {work / 'coco_out' / 'images'}\n"
-                       f"mydata_val:\n  json_file: {demo_coco / 'annotations/instances_val.json'}\n"
-                       f"  image_root: {demo_coco / 'images/val'}\n")
-    monkeypatch.setenv("INSTSYNTH_CATALOG", str(catalog))
-    cfg = load_config(REPO / "configs/quick_schedules/fastinst_R50_quick.yaml", [
-        "DATASETS.TRAIN", "('mydata_train_instsynth',)", "DATASETS.TEST", "('mydata_val',)",
-        "MODEL.FASTINST.NUM_CLASSES", "10", "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100",
-        "OUTPUT_DIR", str(tmp_path / "run")])
-    metrics = run(cfg)["mydata_val"]
+    ann = demo_coco / "annotations"
+    env = {**os.environ, "PYTHON": sys.executable, "OUTPUT_DATASET_PATH": str(tmp_path / "out"),
+           "WORK_DIR": str(tmp_path / "work"), "CROPS_PER_SAMPLE": str(CROPS), "OMP_NUM_THREADS": "1",
+           "TRAIN_CONFIG": "configs/quick_schedules/fastinst_R50_quick.yaml",
+           "TRAIN_OPTS": f"SOLVER.MAX_ITER 2 SOLVER.CHECKPOINT_PERIOD 100 OUTPUT_DIR {tmp_path / 'run'}"}
+    proc = subprocess.run(["bash", "scripts/run_instsynth.sh", "--coco", str(ann / "instances_train.json"),
+                           "--images", str(demo_coco / "images/train"), "--val-coco", str(ann / "instances_val.json"),
+                           "--val-images", str(demo_coco / "images/val")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "COCO train: images 6 -> 36" in proc.stdout
+    mine, theirs = merged_json_path(tmp_path / "out", "train"), merged_json_path(work / "coco_out", "train")
+    strip = lambda d: {k: v for k, v in d.items() if k != "info"}  # noqa: E731 (info names this run's paths)
+    assert strip(read_json(mine)) == strip(read_json(theirs))
+    assert digest(tmp_path / "out" / "images" / "instsynth_syn") == digest(work / "coco_out" / "images" / "instsynth_syn")
+    catalog = read_json_yaml(tmp_path / "out" / "catalog.yaml")
+    assert set(catalog) == {"mydata_train", "mydata_train_instsynth", "mydata_val"}
+    metrics = json.loads((tmp_path / "run" / "inference" / "metrics.json").read_text())
     assert set(metrics) == {"segm"} and 0 <= metrics["segm"]["AP"] <= 100 and "AP-caravan" in metrics["segm"]
-    assert (tmp_path / "run" / "inference" / "metrics.json").is_file()
+    assert "mydata_train_instsynth" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def read_json_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
 
 
 def test_catalog_errors_name_the_file(tmp_path, monkeypatch):

@@ -210,3 +210,48 @@ def get_metadata(name: str) -> Metadata:
     cats = _categories(spec.json_file, spec.json_file.stat().st_mtime)
     return Metadata(name, spec.json_file, spec.image_root, spec.dataset_root,
                     tuple(n for _, n in cats), tuple(i for i, _ in cats))
+
+
+def add_to_catalog(catalog: str | os.PathLike, name: str, json_file: str | os.PathLike,
+                   image_root: str | os.PathLike) -> Path:
+    """Add (or replace) dataset ``name`` in a YAML catalog file, keeping its other entries; absolute paths."""
+    import yaml
+
+    from instsynth.io import write_bytes
+
+    catalog = Path(catalog)
+    entries = {}
+    if catalog.is_file():
+        load_catalog(catalog)  # a broken catalog is an error, not something to overwrite
+        entries = yaml.safe_load(catalog.read_text()) or {}
+    entries[name] = {"json_file": str(Path(json_file).resolve()), "image_root": str(Path(image_root).resolve())}
+    return write_bytes(catalog, yaml.safe_dump(entries, sort_keys=True).encode())
+
+
+def main(argv=None) -> None:
+    """``python -m instsynth.data.catalog add CATALOG NAME JSON IMAGE_ROOT`` / ``list``."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m instsynth.data.catalog",
+                                description="Register COCO datasets by name for train_net.py ($INSTSYNTH_CATALOG).")
+    sub = p.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add", help="add or replace a dataset in a catalog YAML file")
+    add.add_argument("catalog", help="catalog YAML file (created if missing); point $INSTSYNTH_CATALOG at it")
+    add.add_argument("name", help="dataset name for DATASETS.TRAIN / DATASETS.TEST")
+    add.add_argument("json_file", help="COCO instances JSON")
+    add.add_argument("image_root", help="folder the JSON's file_name entries are relative to")
+    sub.add_parser("list", help="print every registered dataset name")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "add":
+            path = add_to_catalog(args.catalog, args.name, args.json_file, args.image_root)
+            print(f"{args.name} -> {path}")
+        else:
+            print("\n".join(registered_names()))
+    except InstSynthError as exc:
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()
