@@ -35,7 +35,6 @@ from typing import Any, Iterator
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from .assemble import place_file
 from .coco import segmentation_of

@@ -2,12 +2,10 @@
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
@@ -201,6 +199,23 @@ def test_bad_coco_input_is_a_clear_error_or_a_counted_skip(demo_coco, tmp_path, 
         assert len(report["bad_annotations"]) + len(report["bad_image_entries"]) == 1
         assert summary.bad_images == 1
     assert path.read_bytes() == before
+
+
+def test_skip_bad_leaves_bad_annotations_out_of_the_merged_file(demo_coco, tmp_path):
+    path = bad_file(demo_coco, tmp_path, BAD["polygon with 2 points"][0])
+    sel = select_coco_instances(path, demo_coco / "images/train", k=1, out=tmp_path / "sel", workers=1, skip_bad=True)
+    gen = generate_instances(sel.metadata, settings=GenerationSettings(mode="recolor"))
+    params = IntegrationParams(crops_per_sample=0)
+    with pytest.raises(InstSynthError, match="annotation id 6.*2 points"):
+        integrate_samples(gen.manifest.parent, tmp_path / "out", params=params, workers=1)
+    integrate_samples(gen.manifest.parent, tmp_path / "out", params=params, workers=1, skip_bad=True)
+    merged = read_json(merged_json_path(tmp_path / "out", "train"))
+    source = read_json(path)
+    assert [a["id"] for a in merged["annotations"][:len(source["annotations"]) - 1]] == \
+        [a["id"] for a in source["annotations"] if a["id"] != 6]
+    assert all(a.get("source_annotation_id") != 6 for a in merged["annotations"])
+    report = read_json(tmp_path / "out" / "integration_report.json")
+    assert [b["id"] for b in report["bad_source_items_left_out"]] == [6] and report["new_images"] == 5
 
 
 def test_unknown_category_names_are_listed(demo_coco, tmp_path):
