@@ -147,3 +147,13 @@ def complete_prompt_bank(bank: dict[str, list[str]], categories: list[dict], str
         raise InstSynthError(where, f"no prompts for classes {sorted(c['name'] for c in missing)}; add them to the "
                                     "prompt bank or drop --strict-prompts to generate 'a <colour> <class>' prompts")
     return {**bank, **{c["name"]: generated_prompts(c["name"], c.get("synonyms")) for c in missing}}
+
+
+def prompt_bank_for(meta: dict, path: str | Path | None = None, strict: bool = False
+                    ) -> tuple[str, dict[str, list[str]]]:
+    """``(template, bank)`` for a stage-1 metadata: the bank file, completed for a COCO dataset's categories."""
+    categories = meta.get("categories") if meta.get("format") == "coco" else None
+    template, bank = load_prompt_bank(path, [c["name"] for c in categories or []])
+    if categories is not None:
+        bank = complete_prompt_bank(bank, categories, strict, path or DEFAULT_PROMPTS)
+    return template, bank

@@ -272,6 +272,10 @@ def test_lvis_rare_categories_and_generated_prompts(lvis, demo_coco, tmp_path):
     texts = {e["class"]: e["text"] for e in manifest["instances"].values()}
     assert texts["school_bus"] in [f"a photo of {p}" for p in generated_prompts("school_bus", ["school_bus"])]
     assert texts["school_bus"].endswith(" school bus") and texts["truck"] in ("a photo of a red truck", "a photo of a green truck")
+    from instsynth.quality import SampleRef, other_prompts  # the quality gate's margin sees the same prompts
+    key, entry = next((k, e) for k, e in manifest["instances"].items() if e["class"] == "school_bus")
+    ref = SampleRef(key, 0, Path(), "", Path(), Path(), "school_bus", entry["prompt"], entry["text"])
+    assert len(other_prompts(manifest)(ref)) == len(generated_prompts("school_bus", ["school_bus"]))
     out = tmp_path / "out"
     integrate_samples(gen.manifest.parent, out, params=IntegrationParams(crops_per_sample=1), workers=1)
     merged = read_json(merged_json_path(out, "train"))

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..io import InstSynthError, get_logger, progress, read_png, write_json, write_png
-from ..labels import complete_prompt_bank, load_prompt_bank, render_prompt
+from ..labels import prompt_bank_for, render_prompt
 from ..selection import load_metadata
 from .common import (Backend, GenerationSettings, SampleJob, backend_class, choose_prompt, composite,
                      instance_seed, sample_seed)
@@ -304,10 +304,7 @@ def prepare_run(metadata: str | os.PathLike, out: str | os.PathLike | None, sett
     meta = load_metadata(meta_path, check_files=False)
     mode_dir = (Path(out).resolve() if out is not None else meta_path.parent) / settings.mode_name
     validate_settings(settings, meta_path)
-    categories = meta.get("categories") if meta.get("format") == "coco" else None
-    template, bank = load_prompt_bank(settings.prompts, [c["name"] for c in categories or []])
-    if categories is not None:  # your own dataset: generated prompts for classes the bank lacks
-        bank = complete_prompt_bank(bank, categories, strict_prompts, settings.prompts)
+    template, bank = prompt_bank_for(meta, settings.prompts, strict_prompts)  # COCO: + generated prompts
     shard = current_shard(settings.device)
     header = manifest_header(settings, meta, meta_path, template)
     if shard.rank == 0:
