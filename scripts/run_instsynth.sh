@@ -104,8 +104,8 @@ if [ -n "$COCO_JSON" ]; then
   else
     stage "7/7 training skipped (TRAIN_CONFIG is empty)"
   fi
-  echo; cat "$OUTPUT_DATASET_PATH/integration_report.json" | "$PYTHON" -c \
-    "import json, sys; r = json.load(sys.stdin); print(f\"COCO {r['split']}: images {r['original_images']} -> {r['original_images'] + r['new_images']}, annotations {r['original_annotations']} -> {r['original_annotations'] + r['new_annotations']} ({r['merged_json']})\")"
+  "$PYTHON" -m instsynth.summary run --work_dir "$WORK_DIR" --output "$OUTPUT_DATASET_PATH" --mode_name "$MODE_NAME" \
+    --json "$WORK_DIR/summary.json"
   exit 0
 fi
 

@@ -311,8 +311,10 @@ def test_wrapper_runs_the_coco_dataset_to_coco_ap(both, demo_coco, tmp_path):
                            "--val-images", str(demo_coco / "images/val")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "COCO train: images 6 -> 36" in proc.stdout
     mine, theirs = merged_json_path(tmp_path / "out", "train"), merged_json_path(work / "coco_out", "train")
+    instances = [sum(not a["iscrowd"] for a in read_json(f)["annotations"]) for f in (ann / "instances_train.json", mine)]
+    assert f"COCO train: images 6 -> 36, instances {instances[0]} -> {instances[1]}" in proc.stdout  # the summary
+    assert read_json(tmp_path / "work" / "summary.json")["coco"]["train"]["after"]["per_class"]["car"] > 23
     strip = lambda d: {k: v for k, v in d.items() if k != "info"}  # noqa: E731 (info names this run's paths)
     assert strip(read_json(mine)) == strip(read_json(theirs))
     assert digest(tmp_path / "out" / "images" / "instsynth_syn") == digest(work / "coco_out" / "images" / "instsynth_syn")
