@@ -215,6 +215,8 @@ def merge_coco(source: CocoSource, entries: list[dict], info: dict) -> dict:
     by_id = {img["id"]: img for img in images}
     next_image = max((i["id"] for i in data["images"]), default=0) + 1
     next_ann = max((a["id"] for a in data["annotations"]), default=0) + 1
+    info = {**info, "first_synthetic_image_id": next_image if entries else None,
+            "first_synthetic_annotation_id": next_ann if entries else None}
     for entry in entries:
         src = by_id[entry["source_image_id"]]
         images.append({"id": next_image, "file_name": entry["file_name"], "width": entry["width"],
@@ -250,30 +252,25 @@ def sample_fingerprint_coco(params, inst: dict, sample_path: Path, anns: list[di
     return digest.hexdigest()
 
 
-def integrate_coco(manifest_path: Path, manifest: dict, meta_path: Path, meta: dict, chosen: dict[str, list[int]],
-                   selection: dict, params, out: Path, workers: int, skip_bad: bool, filters: dict):
-    """Stage 2 for COCO metadata (see the module docstring); returns an IntegrationSummary."""
-    from .integration import (INTEGRATION_NAME, INTEGRATION_VERSION, MAX_SAMPLE_INDEX, REPORT_NAME,
-                              IntegrationSummary, SampleTask, _Plan, _json_bytes)
+def plan_coco(source: CocoSource, manifest: dict, meta: dict, chosen: dict[str, list[int]], params, out: Path,
+              previous: dict[str, dict], skip_bad: bool):
+    """Every chosen sample in metadata order: reused (unchanged since the last run), to do, or skipped.
 
-    source = load_coco_source(meta["coco_json"], meta["dataset_root"], skip_bad=skip_bad)
+    Returns ``(plan, tasks by source image id)``; ``plan`` is an :class:`instsynth.integration._Plan`."""
+    from .integration import SampleTask, _Plan
+
     images = {img["id"]: img for img in source.images}
-    try:
-        previous = {e["file_name"]: e for e in read_json(out / INTEGRATION_NAME)["images"]}
-    except (InstSynthError, KeyError, TypeError):
-        previous = {}
     plan = _Plan(skip_bad=skip_bad)
     tasks: dict[int, CocoImageTask] = {}
     for inst in meta["instances"]:
         entry = manifest["instances"].get(inst["key"])
         for i in chosen.get(inst["key"], []) if entry is not None else []:
-            sample_path = entry["sample_paths"][i]
-            img = images.get(inst["coco_image_id"])
+            sample_path, img = entry["sample_paths"][i], images.get(inst["coco_image_id"])
             if img is None:
                 plan.skip(inst["key"], i, str(source.json_path), f"image id {inst['coco_image_id']} is not (or no "
                           "longer) in the file", "bad_source")
                 continue
-            if i > MAX_SAMPLE_INDEX or not sample_path.is_file():
+            if not sample_path.is_file():
                 plan.skip(inst["key"], i, str(sample_path), "sample file not found", "sample_missing")
                 continue
             anns = source.annotations[img["id"]]
@@ -289,8 +286,11 @@ def integrate_coco(manifest_path: Path, manifest: dict, meta_path: Path, meta: d
             else:
                 tasks.setdefault(img["id"], CocoImageTask(img, anns, source.images_dir, meta["split"], [], params,
                                                           out)).samples.append(task)
+    return plan, tasks
 
-    linked = link_originals(source, out)
+
+def run_coco_plan(plan, tasks: dict[int, CocoImageTask], workers: int) -> tuple[list[dict], int]:
+    """Compute the plan's samples; every new-image entry in plan order and the number of files written."""
     results: dict[tuple[str, int], CocoSampleResult] = {}
     bar = progress(None, "stage 2: integrating (COCO)", sum(len(t.samples) for t in tasks.values()))
     try:
@@ -308,12 +308,33 @@ def integrate_coco(manifest_path: Path, manifest: dict, meta_path: Path, meta: d
             entries += plan.reused[pair]
         elif pair in results and results[pair].error is None:
             entries += results[pair].entries
-    current = {e["file_name"] for e in entries}
-    stale = sorted(set(previous) - current)
+    return entries, sum(r.written for r in results.values())
+
+
+def remove_stale_images(previous: dict[str, dict], entries: list[dict], out: Path) -> list[str]:
+    """Delete new images an earlier run wrote that this run no longer produces; their file names."""
+    stale = sorted(set(previous) - {e["file_name"] for e in entries})
     for name in stale:
         path = out / "images" / name
         if name.startswith(SYNTHETIC_FOLDER + "/") and path.is_file():
             path.unlink()
+    return stale
+
+
+def integrate_coco(manifest_path: Path, manifest: dict, meta_path: Path, meta: dict, chosen: dict[str, list[int]],
+                   selection: dict, params, out: Path, workers: int, skip_bad: bool, filters: dict):
+    """Stage 2 for COCO metadata (see the module docstring); returns an IntegrationSummary."""
+    from .integration import INTEGRATION_NAME, INTEGRATION_VERSION, REPORT_NAME, IntegrationSummary, _json_bytes
+
+    source = load_coco_source(meta["coco_json"], meta["dataset_root"], skip_bad=skip_bad)
+    try:
+        previous = {e["file_name"]: e for e in read_json(out / INTEGRATION_NAME)["images"]}
+    except (InstSynthError, KeyError, TypeError):
+        previous = {}
+    plan, tasks = plan_coco(source, manifest, meta, chosen, params, out, previous, skip_bad)
+    linked = link_originals(source, out)
+    entries, written = run_coco_plan(plan, tasks, workers)
+    stale = remove_stale_images(previous, entries, out)
 
     merged_path = merged_json_path(out, meta["split"])
     header = {"version": INTEGRATION_VERSION, "format": "coco", "manifest": str(manifest_path),
@@ -321,15 +342,12 @@ def integrate_coco(manifest_path: Path, manifest: dict, meta_path: Path, meta: d
               "images_dir": str(source.images_dir), "split": meta["split"], "params": asdict(params),
               "filters": filters}
     n_anns = sum(len(e["annotations"]) for e in entries)
-    info = {"source_json": str(source.json_path), "images_dir": str(source.images_dir),
-            "generation_manifest": str(manifest_path), "metadata": str(meta_path), "backend": manifest["backend"],
-            "params": asdict(params), "filters": filters, "synthetic_images": len(entries),
-            "synthetic_annotations": n_anns, "first_synthetic_image_id": None}
-    merged = merge_coco(source, entries, info)
-    if entries:
-        info["first_synthetic_image_id"] = merged["images"][len(merged["images"]) - len(entries)]["id"]
+    merged = merge_coco(source, entries, {
+        "source_json": str(source.json_path), "images_dir": str(source.images_dir),
+        "generation_manifest": str(manifest_path), "metadata": str(meta_path), "backend": manifest["backend"],
+        "params": asdict(params), "filters": filters, "synthetic_images": len(entries),
+        "synthetic_annotations": n_anns})
     kinds = Counter(e["kind"] for e in entries)
-    written = sum(r.written for r in results.values())
     report = {**header, **selection, "merged_json": str(merged_path),
               "samples_integrated": len({(e["key"], e["sample_index"]) for e in entries}),
               "samples_reused": len(plan.reused), "samples_skipped": len(plan.skipped),
