@@ -224,9 +224,11 @@ def image_location(file_name: str) -> tuple[str, str]:
     return (TOP_LEVEL_FOLDER if folder == "." else folder), path.stem
 
 
-def rank_annotations(masks: dict[int, np.ndarray], anns: list[dict], params: CocoParams
+def rank_annotations(areas: dict[int, int], anns: list[dict], params: CocoParams
                      ) -> tuple[list[tuple[dict, int]], Counter]:
-    """The selected ``[(annotation, area), ...]`` (largest first, ties by id) and skip counts by reason."""
+    """The selected ``[(annotation, area), ...]`` (largest first, ties by id) and skip counts by reason.
+
+    ``areas``: rasterised pixel count of every non-crowd annotation of the chosen categories."""
     skipped = Counter()
     candidates = []
     for ann in anns:
@@ -235,7 +237,7 @@ def rank_annotations(masks: dict[int, np.ndarray], anns: list[dict], params: Coc
         elif ann["category_id"] not in params.category_ids:
             skipped["class_not_selected"] += 1
         else:
-            area = int(np.count_nonzero(masks[ann["id"]]))
+            area = areas[ann["id"]]
             if area < max(params.min_area, 1):
                 skipped["below_min_area"] += 1
             else:
@@ -259,14 +261,15 @@ def select_in_coco_image(img: dict, anns: list[dict], images_dir: Path, split: s
     city, stem = image_location(img["file_name"])
     height, width = img["height"], img["width"]
     wanted = [a for a in anns if not a.get("iscrowd", 0) and a["category_id"] in params.category_ids]
-    masks = {a["id"]: annotation_mask(a, height, width) for a in wanted}
-    chosen, skipped = rank_annotations(masks, anns, params)
+    rles = {a["id"]: segmentation_rle(a["segmentation"], height, width) for a in wanted}
+    areas = {i: int(mask_utils.area(rle)) for i, rle in rles.items()}  # pixel counts without decoding
+    chosen, skipped = rank_annotations(areas, anns, params)
     result = ImageResult(stem, skipped=skipped)
     if not chosen:
         return result
     bgr = _read_image(images_dir / img["file_name"], img)
     for ann, area in chosen:
-        mask = masks[ann["id"]]
+        mask = mask_utils.decode(rles[ann["id"]]).astype(bool)  # only the chosen ones are decoded
         x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
         bbox = (x, y, x + w, y + h)
         x0, y0, x1, y1 = crop = square_crop_box(bbox, width, height, params.context)
