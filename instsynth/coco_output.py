@@ -150,6 +150,11 @@ def integrate_sample(task, img: dict, rgb: np.ndarray, anns: list[dict], masks: 
     if not mask.any():
         result.error = (img["file_name"], f"annotation {task.instance_id} has no pixel in its crop box", "empty_mask")
         return result
+    found = int(masks[task.instance_id].sum())
+    if found != task.area:  # the annotation is not the one stage 1 selected
+        result.error = (img["file_name"], f"instance {task.key!r}: annotation {task.instance_id} has {found} pixels, "
+                        f"but metadata.json says area {task.area} (edited metadata or another file?)", "area_mismatch")
+        return result
     sample, notes = load_sample(task)
     pasted = paste(rgb, sample, mask, task.crop_box, params.blend, params.feather_pixels)
     crops = [ContextCrop((0, 0, width, height), 0, 0, False)]
@@ -274,8 +279,8 @@ def plan_coco(source: CocoSource, manifest: dict, meta: dict, chosen: dict[str, 
                 plan.skip(inst["key"], i, str(sample_path), "sample file not found", "sample_missing")
                 continue
             anns = source.annotations[img["id"]]
-            task = SampleTask(inst["key"], inst["instance_id"], inst["bbox"], inst["crop_box"], i, sample_path,
-                              entry["samples"][i], sample_fingerprint_coco(params, inst, sample_path, anns))
+            task = SampleTask(inst["key"], inst["instance_id"], inst["bbox"], inst["crop_box"], inst["area"], i,
+                              sample_path, entry["samples"][i], sample_fingerprint_coco(params, inst, sample_path, anns))
             plan.order.append((task.key, i))
             names = [synthetic_file_name(meta["split"], img["file_name"], task.instance_id, i, c)
                      for c in range(params.crops_per_sample + 1)]

@@ -22,6 +22,7 @@ atomically, after every image was handled.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -349,7 +350,7 @@ def _check_box(path: Path, key: str, name: str, box: Any) -> None:
         raise InstSynthError(path, f"instance {key!r}: {name} must be [x0, y0, x1, y1] with x0 < x1, y0 < y1, got {box!r}")
 
 
-def _check_instance(path: Path, n: int, inst: Any, fields: dict = _INSTANCE_FIELDS) -> None:
+def _check_instance(path: Path, n: int, inst: Any, fields: dict = _INSTANCE_FIELDS, identity=None) -> None:
     if not isinstance(inst, dict):
         raise InstSynthError(path, f"instances[{n}] is not an object")
     for name, kind in fields.items():
@@ -361,7 +362,19 @@ def _check_instance(path: Path, n: int, inst: Any, fields: dict = _INSTANCE_FIEL
     (bx0, by0, bx1, by1), (cx0, cy0, cx1, cy1) = inst["bbox"], inst["crop_box"]
     if not (cx0 <= bx0 and cy0 <= by0 and bx1 <= cx1 and by1 <= cy1):
         raise InstSynthError(path, f"instance {key!r}: crop_box {inst['crop_box']} does not contain bbox {inst['bbox']}")
-    _check_identity(path, n, inst)
+    (identity or _check_identity)(path, n, inst)
+
+
+def _check_coco_identity(categories: dict[int, str], path: Path, n: int, inst: dict) -> None:
+    """A COCO metadata's instance: key ``<stem>_<annotation id>``, ``image`` a file of that stem, and
+    ``label_id`` / ``class`` a category of the file (see instsynth.coco_input)."""
+    where = f"instances[{n}] ({inst['key']!r})"
+    if inst["key"] != f"{inst['image_id']}_{inst['instance_id']}" or Path(inst["image"]).stem != inst["image_id"]:
+        raise InstSynthError(path, f"{where}: key, image_id and image disagree with annotation {inst['instance_id']}; "
+                                   "was the file edited by hand?")
+    if categories.get(inst["label_id"]) != inst["class"]:
+        raise InstSynthError(path, f"{where}: class {inst['class']!r} is not category {inst['label_id']} of the "
+                                   "file's categories; was the file edited by hand?")
 
 
 def _check_identity(path: Path, n: int, inst: dict) -> None:
@@ -410,9 +423,14 @@ def load_metadata(path: str | os.PathLike, check_files: bool = True) -> dict:
         raise InstSynthError(path, "field 'coco_json' missing or not str")
     fields, files = ((_COCO_INSTANCE_FIELDS, ("image_path", "crop_rgb_path", "crop_mask_path")) if coco else
                      (_INSTANCE_FIELDS, ("image_path", "instance_ids_path", "crop_rgb_path", "crop_mask_path")))
+    identity = None
+    if coco:
+        if not (isinstance(meta.get("categories"), list) and all(isinstance(c, dict) for c in meta["categories"])):
+            raise InstSynthError(path, "field 'categories' missing or not a list of objects")
+        identity = functools.partial(_check_coco_identity, {c.get("id"): c.get("name") for c in meta["categories"]})
     root, folder, keys = Path(meta["dataset_root"]), path.parent, set()
     for n, inst in enumerate(meta["instances"]):
-        _check_instance(path, n, inst, fields)
+        _check_instance(path, n, inst, fields, identity)
         if inst["key"] in keys:
             raise InstSynthError(path, f"duplicate instance key {inst['key']!r}")
         keys.add(inst["key"])
