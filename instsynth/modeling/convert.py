@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from instsynth.cli import command
 from instsynth.io import InstSynthError, atomic_path, get_logger
 
 log = get_logger("instsynth.modeling")
@@ -262,6 +263,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "instsynth") -> tuple[Pa
     return dst, fmt, len(state)
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m instsynth.modeling.convert",
