@@ -70,7 +70,7 @@ def class_budget(base: int, explicit: str | Mapping[str, int] | None = None, bal
         budget.update(power=power, max_factor=max_factor, class_counts=dict(counts), factors=factors)
         per_class = {name: max(base, math.floor(base * f + 0.5)) for name, f in factors.items()}
     per_class.update(explicit)
-    budget["per_class"] = dict(sorted(per_class.items(), key=lambda kv: THING_CLASSES.index(kv[0])))
+    budget["per_class"] = per_class
     return budget
 
 

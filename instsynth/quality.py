@@ -736,11 +736,16 @@ def other_prompts(manifest: dict, prompts: str | os.PathLike | None = None) -> C
 
 
 def _run_bank(manifest: dict, prompts: str | os.PathLike | None) -> tuple[str, dict[str, list[str]]]:
-    """(template, bank) of a run: the prompt bank it was made with (or ``prompts``), its own template."""
-    from .labels import load_prompt_bank
+    """(template, bank) of a run: the prompt bank it was made with (or ``prompts``), its own template;
+    a COCO dataset's metadata completes the bank with its categories' generated prompts."""
+    from .labels import prompt_bank_for
 
     params = manifest.get("params", {})
-    template, bank = load_prompt_bank(prompts or params.get("prompts"))
+    try:
+        meta = read_json(manifest["metadata"])
+    except (KeyError, TypeError, InstSynthError):
+        meta = {}
+    template, bank = prompt_bank_for(meta if isinstance(meta, dict) else {}, prompts or params.get("prompts"))
     return params.get("prompt_template") or template, bank
 
 

@@ -43,6 +43,15 @@ def checkpoint_name(iteration: int) -> str:
     return f"model_{iteration:07d}.pth"
 
 
+def save_torch(data, path: str | Path) -> Path:
+    """``torch.save(data)`` to ``path`` atomically; a full disk is reported as such by
+    :func:`~instsynth.io.atomic_path` (torch's error has no errno)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
+    return path
+
+
 def save_checkpoint(output_dir: str | Path, name: str, model: nn.Module, optimizer=None, scheduler=None,
                     scaler=None, iteration: int = -1) -> Path:
     """Write ``output_dir/name`` atomically and point ``last_checkpoint`` at it."""
@@ -54,9 +63,7 @@ def save_checkpoint(output_dir: str | Path, name: str, model: nn.Module, optimiz
         data["scheduler"] = scheduler.state_dict()
     if scaler is not None:
         data["scaler"] = scaler.state_dict()
-    path = output_dir / name
-    with atomic_path(path) as tmp:
-        torch.save(data, tmp)
+    path = save_torch(data, output_dir / name)
     write_bytes(output_dir / LAST_CHECKPOINT, name.encode())
     log.info("saved checkpoint %s", path)
     return path
