@@ -466,6 +466,15 @@ def run_fingerprint(spec: RunSpec, data: ArmData, base: ArmData) -> str:
     return fingerprint({"config": cfg.dump(), "data": [base.fingerprint, data.fingerprint]})
 
 
+def run_state(spec: RunSpec) -> dict:
+    """The run's experiment_run.json ({} if it never started); ``done`` only with its final metrics.json."""
+    path = spec.output_dir / RUN_FILE
+    state = read_json(path) if path.is_file() else {}
+    if state.get("done") and not (spec.output_dir / "inference" / "metrics.json").is_file():
+        state["done"] = False
+    return state
+
+
 def train_all(exp: Experiment, specs: list[RunSpec], data: dict[str, ArmData]) -> dict[str, int]:
     """Train every run that is not finished; counts of runs trained and skipped."""
     from .engine.launch import launch
@@ -474,12 +483,11 @@ def train_all(exp: Experiment, specs: list[RunSpec], data: dict[str, ArmData]) -
     counts = {"trained": 0, "skipped": 0}
     for spec in progress(specs, "experiment runs"):
         fp = run_fingerprint(spec, data[spec.arm], base)
-        state_path = spec.output_dir / RUN_FILE
-        state = read_json(state_path) if state_path.is_file() else None
-        if state is not None and state.get("fingerprint") != fp:
+        state_path, state = spec.output_dir / RUN_FILE, run_state(spec)
+        if state and state.get("fingerprint") != fp:
             raise InstSynthError(spec.output_dir, "was trained with other settings or data than this experiment "
                                                   "config; delete the folder to retrain it, or use another output_dir")
-        if state is not None and state.get("done") and (spec.output_dir / "inference" / "metrics.json").is_file():
+        if state.get("done"):
             log.info("arm %s seed %d: finished, not retrained", spec.arm, spec.seed)
             counts["skipped"] += 1
             continue
@@ -536,7 +544,7 @@ def collect_results(exp: Experiment, specs: list[RunSpec], data: dict[str, ArmDa
     classes = sorted(train_stats["per_class"], key=lambda c: (train_stats["per_class"][c], c))
     runs: dict[str, list[dict]] = {}
     for spec in specs:
-        if (spec.output_dir / "inference" / "metrics.json").is_file():
+        if run_state(spec).get("done"):
             runs.setdefault(spec.arm, []).append(next(iter(run_metrics(spec.output_dir).values())))
     families = [f for f in ("segm", "cityscapes") if runs.get(base_arm) and all(f in r for r in runs[base_arm])]
     keys = ["AP", "AP50", *(f"AP-{c}" for c in sorted(train_stats["per_class"]))]
@@ -641,6 +649,8 @@ def run_experiment(exp: Experiment, arms: list[str] | None = None, prepare_only:
         chosen = [a for a in chosen if a.name in data]
     else:
         data = Preparer(exp).prepare(chosen)
+        data.update({a.name: ArmData.load(a.name, out / "data" / a.name / PREPARED_FILE) for a in exp.arms
+                     if a.name not in data and (out / "data" / a.name / PREPARED_FILE).is_file()})  # for the table
     specs = run_specs(exp, [a for a in exp.arms if a.name in data], data)
     counts = {"trained": 0, "skipped": 0}
     if not (prepare_only or table_only):
