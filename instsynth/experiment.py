@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -36,13 +37,14 @@ import yaml
 
 from .coco import coco_json_path, convert_cityscapes_to_coco
 from .generation.common import MODE_NAMES
-from .io import InstSynthError, get_logger, is_generated_folder, progress, read_json, write_bytes, write_json
+from .io import InstSynthError, get_logger, progress, read_json, write_bytes, write_json
 from .labels import REPO_ROOT
 from .summary import coco_stats, run_metrics
 
 log = get_logger("instsynth.experiment")
 
 KINDS = ("baseline", "duplicate", "copy_paste", "instsynth")
+CONTROLS = ("duplicate", "copy_paste")  # arms that add as many images as a synthetic arm
 SCHEDULES = ("same_iterations", "same_epochs")
 INTERVALS = ("t", "bootstrap")
 RUN_FILE = "experiment_run.json"
@@ -94,6 +96,11 @@ class Experiment:
     confidence: float = 0.95
     bootstrap_samples: int = 10000
 
+    @property
+    def baseline(self) -> str:
+        """Name of the baseline arm."""
+        return next(a.name for a in self.arms if a.kind == "baseline")
+
 
 def _check_keys(path: Path, where: str, data: dict, allowed: set) -> None:
     unknown = sorted(set(data) - allowed)
@@ -122,7 +129,7 @@ def parse_arms(path: Path, arms: Any) -> list[Arm]:
         kind = spec.get("kind", name if name in KINDS else "instsynth")
         if kind not in KINDS:
             raise InstSynthError(path, f"arm {name!r}: kind must be one of {KINDS}, got {kind!r}")
-        if not str(name).replace("-", "_").replace(".", "_").isidentifier():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
             raise InstSynthError(path, f"arm name {name!r}: use letters, digits, '_', '-' or '.' (it names folders)")
         _check_keys(path, f"arm {name!r}", spec, ARM_KEYS[kind])
         for stage in STAGES:
@@ -136,18 +143,12 @@ def parse_arms(path: Path, arms: Any) -> list[Arm]:
     kinds = [a.kind for a in parsed]
     if kinds.count("baseline") != 1:
         raise InstSynthError(path, f"an experiment needs exactly one baseline arm, found {kinds.count('baseline')}")
-    names = {a.name for a in parsed}
-    for arm in parsed:
-        match = arm.spec.get("match")
-        if arm.kind in ("duplicate", "copy_paste"):
-            if match is None and arm.spec.get("num_images") is None:
-                synthetic = [a.name for a in parsed if a.kind == "instsynth"]
-                if not synthetic:
-                    raise InstSynthError(path, f"arm {arm.name!r} needs 'match: ARM' or 'num_images: N'")
-                arm.spec["match"] = synthetic[0]
-            elif match is not None and (match not in names or next(a for a in parsed if a.name == match).kind
-                                        in ("duplicate", "copy_paste")):
-                raise InstSynthError(path, f"arm {arm.name!r}: match must name a baseline or instsynth arm, got {match!r}")
+    synthetic = [a.name for a in parsed if a.kind == "instsynth"]
+    for arm in (a for a in parsed if a.kind in CONTROLS and a.spec.get("num_images") is None):
+        arm.spec.setdefault("match", synthetic[0] if synthetic else None)
+        if arm.spec["match"] not in synthetic:
+            raise InstSynthError(path, f"arm {arm.name!r} needs 'match: ARM' naming an instsynth arm "
+                                       f"({', '.join(synthetic) or 'there is none'}) or 'num_images: N'")
     return parsed
 
 
@@ -237,15 +238,16 @@ def cli_flags(options: dict) -> list[str]:
 
 
 def run_stage(name: str, script: str, args: list[str], log_path: Path) -> None:
-    """Run a stage script of this repository in a fresh process; its output goes to ``log_path``."""
+    """Run a stage script of this repository in a fresh process (in the current directory, so relative
+    paths in the options mean what they mean to the user); its output goes to ``log_path``."""
     cmd = [sys.executable, str(REPO_ROOT / script), *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("%s: %s", name, " ".join(cmd[1:]))
+    log.info("%s: %s (output in %s)", name, " ".join(cmd[1:]), log_path)
     with open(log_path, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT).returncode
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if code:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
         raise InstSynthError(log_path, f"{name} failed with exit code {code}:\n{tail}")
@@ -306,7 +308,7 @@ class Preparer:
         logs = root / "logs"
         sel, gen = work / "selection", work / "generation"
         mode_dir = gen / MODE_NAMES.get(stage_opts["generation"].get("mode") or "recolor", "Recolor")
-        steps = [("selection", ["--train_folder", str(e.dataset), "--split", e.train_split, "--out", str(sel)]),
+        steps = [("selection", ["--train_folder", str(e.dataset.resolve()), "--split", e.train_split, "--out", str(sel)]),
                  ("generation", ["--metadata", str(sel / "metadata.json"), "--folder", str(gen)])]
         if stage_opts["filter"]:
             steps.append(("filter", ["--manifest", str(mode_dir / "generation.json")]))
@@ -329,7 +331,7 @@ class Preparer:
 
     def duplicate(self, arm: Arm) -> ArmData:
         e = self.exp
-        base = self.data[next(a.name for a in e.arms if a.kind == "baseline")]
+        base = self.data[e.baseline]
         count = self.target_count(arm)
         fp = fingerprint({"baseline": base.fingerprint, "count": count})
         if (done := self._done(arm.name, fp)) is not None:
@@ -365,9 +367,9 @@ class Preparer:
     def prepare(self, arms: list[Arm]) -> dict[str, ArmData]:
         """Data of ``arms`` (and of the arms they depend on), in dependency order."""
         e = self.exp
-        needed = {a.name for a in arms} | {next(a.name for a in e.arms if a.kind == "baseline")}
+        needed = {a.name for a in arms} | {e.baseline}
         needed |= {a.spec["match"] for a in e.arms if a.name in needed and a.spec.get("match")}
-        order = sorted((a for a in e.arms if a.name in needed), key=lambda a: a.kind in ("duplicate", "copy_paste"))
+        order = sorted((a for a in e.arms if a.name in needed), key=lambda a: a.kind in CONTROLS)
         for arm in order:
             self.data[arm.name] = getattr(self, arm.kind)(arm)
         return self.data
@@ -435,8 +437,7 @@ def run_specs(exp: Experiment, arms: list[Arm], data: dict[str, ArmData]) -> lis
     """A RunSpec per (arm, seed): baseline train set + the arm's extra images, tested on the original test split."""
     from .config import load_config
 
-    base = next(d for a, d in data.items() if next(x for x in exp.arms if x.name == a).kind == "baseline")
-    root = base.dataset_root
+    root = data[exp.baseline].dataset_root
     common = {TEST_NAME: (coco_json_path(root, exp.test_split), root / "leftImg8bit" / exp.test_split, root),
               BASELINE_NAME: (coco_json_path(root, exp.train_split), root / "leftImg8bit" / exp.train_split, root)}
     base_images = coco_stats(read_json(coco_json_path(root, exp.train_split)))["images"]
@@ -479,7 +480,7 @@ def train_all(exp: Experiment, specs: list[RunSpec], data: dict[str, ArmData]) -
     """Train every run that is not finished; counts of runs trained and skipped."""
     from .engine.launch import launch
 
-    base = data[next(a.name for a in exp.arms if a.kind == "baseline")]
+    base = data[exp.baseline]
     counts = {"trained": 0, "skipped": 0}
     for spec in progress(specs, "experiment runs"):
         fp = run_fingerprint(spec, data[spec.arm], base)
@@ -538,7 +539,7 @@ def _values(runs: list[dict], family: str, key: str) -> list[float] | None:
 
 def collect_results(exp: Experiment, specs: list[RunSpec], data: dict[str, ArmData]) -> dict:
     """Per arm and metric: values over seeds, mean, std, gain over the baseline and its interval."""
-    base_arm = next(a.name for a in exp.arms if a.kind == "baseline")
+    base_arm = exp.baseline
     root = data[base_arm].dataset_root
     train_stats = coco_stats(read_json(coco_json_path(root, exp.train_split)))
     classes = sorted(train_stats["per_class"], key=lambda c: (train_stats["per_class"][c], c))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import yaml
 
-from instsynth.experiment import gain_interval, load_experiment, main, mean_std, run_experiment
+from instsynth.experiment import (Preparer, cli_flags, gain_interval, load_experiment, main, mean_std, run_experiment,
+                                  run_specs)
 from instsynth.io import InstSynthError, read_json, read_png
 
 from conftest import REPO
@@ -111,9 +112,22 @@ def test_control_arms_match_the_synthetic_arm(experiment, demo_root):
     cp = read_json(tmp / "out" / "data" / "copy_paste" / PREPARED)
     assert cp["stats"]["images"] == extra and cp["stats"]["instances"] > dup["stats"]["instances"]
     assert results["runs"] == {"trained": 0, "skipped": 0}
+    # same_epochs: each arm gets MAX_ITER x its images / the baseline's (2 iterations on the baseline)
+    exp = load_experiment(config)
+    exp.schedule = "same_epochs"
+    specs = run_specs(exp, exp.arms, Preparer(exp).prepare(exp.arms))
+    base_images = len(base_coco["images"])
+    iters = {s.arm: s.cfg().SOLVER.MAX_ITER for s in specs}
+    assert iters == {"baseline": 2, **dict.fromkeys(("recolor", "duplicate", "copy_paste"),
+                                                    round(2 * (base_images + extra) / base_images))}
 
 
 PREPARED = "prepared.json"
+
+
+def test_stage_options_become_flags():
+    assert cli_flags({"k": 3, "skip-bad": True, "force": False, "prompts": None, "thresholds": [0.2, 0.3],
+                      "mode": "recolor"}) == ["--k", "3", "--skip-bad", "--thresholds", "0.2", "0.3", "--mode", "recolor"]
 
 
 def test_config_errors_name_the_problem(tmp_path, demo_root):
