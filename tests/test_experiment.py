@@ -190,3 +190,28 @@ def test_copy_paste_pastes_whole_source_instances_over_the_target(demo_root, tmp
     assert len(fewer["stale_images_removed"]) == 3
     assert len(list((tmp_path / "leftImg8bit").rglob("*.png"))) == 5
     assert json.loads((tmp_path / "copy_paste_report.json").read_text())["new_images"] == 5
+
+
+def test_table_only_reports_mean_std_and_gain_of_the_finished_runs(experiment, tmp_path, capsys):
+    """--table_only reads each run's inference/metrics.json: here known numbers give a known table."""
+    import shutil
+
+    from scipy import stats
+
+    src, config = experiment
+    out = tmp_path / "out"
+    shutil.copytree(src / "out" / "runs", out / "runs")
+    shutil.copytree(src / "out" / "data", out / "data", symlinks=True)
+    ap = {("baseline", 1): 30.0, ("baseline", 2): 31.0, ("recolor", 1): 32.0, ("recolor", 2): 34.0}
+    for (arm, seed), value in ap.items():
+        path = out / "runs" / arm / f"seed_{seed}" / "inference" / "metrics.json"
+        metrics = read_json(path)
+        metrics["segm"].update({"AP": value, "AP50": 2 * value, "AP-car": value + 10})
+        path.write_text(json.dumps(metrics))
+    main(["--config", str(config), "--output", str(out), "--table_only"])
+    printed = capsys.readouterr().out
+    ref = stats.ttest_ind([32.0, 34.0], [30.0, 31.0], equal_var=False).confidence_interval(0.95)
+    row = next(line for line in printed.splitlines() if line.startswith("| recolor "))
+    assert "| 33.00 ± 1.41 | 66.00 ± 2.83 |" in row and f"+2.50 [{ref.low:+.2f}, {ref.high:+.2f}]" in row
+    assert next(line for line in printed.splitlines() if line.startswith("| car ")).count("(+2.50)") == 1
+    assert "runs trained: 0, already finished: 0" in printed and (out / "results.md").read_text() in printed + "\n"
