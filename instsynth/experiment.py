@@ -63,7 +63,8 @@ STAGES = {
 ARM_KEYS = {"baseline": {"kind"}, "duplicate": {"kind", "match", "num_images"},
             "copy_paste": {"kind", "match", "num_images", "options"},
             "instsynth": {"kind", *STAGES}}
-TOP_KEYS = {"output_dir", "dataset", "train_split", "test_split", "seeds", "train", "coco", "workers", "table", "arms"}
+TOP_KEYS = {"output_dir", "dataset", "train_split", "test_split", "seeds", "train", "coco", "workers", "table", "arms",
+            "assemble_mode"}
 
 
 # --------------------------------------------------------------------------- configuration
@@ -91,6 +92,7 @@ class Experiment:
     schedule: str = "same_iterations"
     coco: dict = field(default_factory=dict)
     workers: int | None = None
+    assemble_mode: str = "link"  # how data/baseline holds the original splits (move_folder_clean_ver.py --mode)
     rare_classes: int = 3
     interval: str = "t"
     confidence: float = 0.95
@@ -182,10 +184,12 @@ def load_experiment(path: str | os.PathLike, output_dir: str | os.PathLike | Non
         train_opts=_opts_list(path, train.get("opts")), arms=parse_arms(path, data["arms"]), seeds=seeds,
         train_split=data.get("train_split", "train"), test_split=data.get("test_split", "val"),
         num_gpus=int(train.get("num_gpus", 1)), schedule=train.get("schedule", "same_iterations"),
-        coco=dict(data.get("coco") or {}), workers=data.get("workers"),
+        coco=dict(data.get("coco") or {}), workers=data.get("workers"), assemble_mode=data.get("assemble_mode", "link"),
         **{k: table[k] for k in ("rare_classes", "interval", "confidence", "bootstrap_samples") if k in table})
     if exp.schedule not in SCHEDULES:
         raise InstSynthError(path, f"train.schedule must be one of {SCHEDULES}, got {exp.schedule!r}")
+    if exp.assemble_mode not in ("link", "copy", "symlink"):
+        raise InstSynthError(path, f"assemble_mode must be link, copy or symlink, got {exp.assemble_mode!r}")
     if exp.interval not in INTERVALS:
         raise InstSynthError(path, f"table.interval must be one of {INTERVALS}, got {exp.interval!r}")
     if not 0 < exp.confidence < 1:
@@ -288,7 +292,7 @@ class Preparer:
         if (done := self._done(arm.name, fp)) is not None:
             return done
         log.info("arm %s: original %s splits -> %s", arm.name, "/".join(splits), root)
-        assemble_dataset(e.dataset, root, splits=splits)
+        assemble_dataset(e.dataset, root, mode=e.assemble_mode, splits=splits)
         self._coco(root, splits)
         return self._finish(arm.name, fp, None, None, root)
 
