@@ -541,6 +541,12 @@ def _values(runs: list[dict], family: str, key: str) -> list[float] | None:
     return None if not values or any(v is None for v in values) else [float(v) for v in values]
 
 
+def stage_counts(folder: Path) -> dict[str, dict]:
+    """The numeric counts of every ``*_report.json`` of an arm's data folder (integration, copy-paste, ...)."""
+    return {p.stem: {k: v for k, v in read_json(p).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for p in sorted(folder.glob("*_report.json"))}
+
+
 def collect_results(exp: Experiment, specs: list[RunSpec], data: dict[str, ArmData]) -> dict:
     """Per arm and metric: values over seeds, mean, std, gain over the baseline and its interval."""
     base_arm = exp.baseline
@@ -559,7 +565,7 @@ def collect_results(exp: Experiment, specs: list[RunSpec], data: dict[str, ArmDa
             continue
         d = data[arm.name]
         per_class = {c: train_stats["per_class"][c] + d.stats.get("per_class", {}).get(c, 0) for c in classes}
-        entry = {"kind": arm.kind, "seeds": len(runs[arm.name]),
+        entry = {"kind": arm.kind, "seeds": len(runs[arm.name]), "reports": stage_counts(exp.output_dir / "data" / arm.name),
                  "train_images": train_stats["images"] + d.stats.get("images", 0),
                  "extra_images": d.stats.get("images", 0), "train_instances_per_class": per_class, "metrics": {}}
         for family in families:

@@ -54,6 +54,7 @@ def test_harness_trains_every_arm_and_seed_and_writes_the_table(experiment):
     base, syn = results["arms"]["baseline"], results["arms"]["recolor"]
     integration = read_json(out / "data" / "recolor" / "integration_report.json")
     assert syn["extra_images"] == integration["new_images"] > 0  # 2 samples x (panorama + crop) per instance
+    assert syn["reports"]["integration_report"]["samples_integrated"] == integration["samples_integrated"]
     assert syn["train_images"] == base["train_images"] + syn["extra_images"]
     for arm in (base, syn):
         ap = arm["metrics"]["segm"]["AP"]
