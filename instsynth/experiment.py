@@ -329,9 +329,13 @@ class Preparer:
 
     def target_count(self, arm: Arm) -> int:
         """Extra images a duplicate / copy_paste arm adds: ``num_images`` or those of its matched arm."""
-        if arm.spec.get("num_images") is not None:
-            return int(arm.spec["num_images"])
-        return self.data[arm.spec["match"]].stats.get("images", 0)
+        count = arm.spec.get("num_images")
+        if count is None:
+            count = self.data[arm.spec["match"]].stats.get("images", 0)
+        if int(count) < 1:
+            raise InstSynthError(self.exp.path, f"arm {arm.name!r} would add {count} images (num_images or the "
+                                                f"extra images of {arm.spec.get('match')!r}); it needs at least 1")
+        return int(count)
 
     def duplicate(self, arm: Arm) -> ArmData:
         e = self.exp
