@@ -8,6 +8,8 @@ instanceIds. Safe to rerun: files already right are not rewritten. All logic liv
 import argparse
 import sys
 
+from instsynth.cli import command
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -19,6 +21,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> None:
     args = parse_args(argv)
     from instsynth.io import InstSynthError

@@ -10,6 +10,8 @@ drop_color_and_labelIds_clean_ver.py) and ``OUT/integration_report.json``. All l
 import argparse
 import sys
 
+from instsynth.cli import command
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -39,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> None:
     args = parse_args(argv)
     from instsynth.integration import IntegrationParams, integrate_samples

@@ -7,6 +7,8 @@ Hard links by default (a copy where the filesystem cannot link); reruns skip ide
 import argparse
 import sys
 
+from instsynth.cli import command
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -22,6 +24,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@command
 def main(argv=None):
     args = parse_args(argv)
     from instsynth.assemble import assemble_dataset

@@ -7,6 +7,8 @@ All logic lives in :mod:`instsynth.selection`.
 import argparse
 import sys
 
+from instsynth.cli import command
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -26,6 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@command
 def main(argv=None) -> None:
     args = parse_args(argv)
     from instsynth.io import InstSynthError

@@ -13,7 +13,7 @@ import time
 
 CONFIG_DIR = "configs/cityscapes/instance-segmentation"
 CONFIGS = {  # model -> (config file pattern, META_ARCHITECTURE)
-    "fastinst": ("fastinst_R50_ppm-fpn_x3_640_D3.yaml", "FastInst"),
+    "fastinst": ("fastinst_R50_ppm-fpn_x3_1024_D3.yaml", "FastInst"),
     "oneformer": ("oneformer_R50*.yaml", "OneFormer"),
 }
 

@@ -10,13 +10,11 @@ import sys
 from pathlib import Path
 
 
-def _import_library():
-    try:
-        import instsynth.coco as coco
-    except ImportError:  # not installed: use the repository this script lives in
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        import instsynth.coco as coco
-    return coco
+try:
+    import instsynth  # noqa: F401
+except ImportError:  # not installed: use the repository this script lives in
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from instsynth.cli import command  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,9 +36,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@command
 def main(argv=None):
     args = parse_args(argv)
-    coco = _import_library()
+    import instsynth.coco as coco
     from instsynth.io import InstSynthError
 
     try:

@@ -9,6 +9,8 @@ is passed.
 """
 import argparse
 
+from instsynth.cli import command
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,6 +26,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@command
 def main(argv=None) -> None:
     from instsynth.io import InstSynthError
     from instsynth.quality import evaluate_generation, format_table

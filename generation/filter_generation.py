@@ -12,6 +12,8 @@ A rerun with the same CLIP model does no work.
 """
 import argparse
 
+from instsynth.cli import command
+
 
 def parse_args(argv=None):
     from instsynth.quality import DEFAULT_THRESHOLDS, DEFAULT_TOP_FRACTIONS
@@ -32,6 +34,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@command
 def main(argv=None) -> None:
     from instsynth.io import InstSynthError
     from instsynth.quality import format_gate_table, score_generation

@@ -10,11 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from instsynth.cli import command
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=["recolor", "diffinpainting", "bld", "gligen"], default=None,
-                   help="backend (default: recolor when no --model_path is given)")
+    p.add_argument("--mode", choices=["recolor", "diffinpainting", "diffpainting", "bld", "gligen"], default=None,
+                   help="backend (default: recolor when no --model_path is given); diffpainting, the spelling of "
+                        "the paper's script, is diffinpainting")
     p.add_argument("--metadata", default=None, help="stage-1 metadata.json (default: the one in --folder)")
     p.add_argument("--folder", default=None,
                    help="output folder; also where metadata_refined.json / metadata.json is looked up "
@@ -45,12 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> None:
     args = parse_args(argv)
     from instsynth.generation import GenerationSettings, find_metadata, generate_instances
-    from instsynth.generation.common import resolve_prompts_path
+    from instsynth.generation.common import MODE_ALIASES, resolve_prompts_path
     from instsynth.io import InstSynthError
 
+    args.mode = MODE_ALIASES.get(args.mode, args.mode)
     if args.mode is None and args.model_path is not None:
         sys.exit("error: --model_path needs --mode (diffinpainting, bld or gligen)")
     if args.model_path and Path(args.model_path).expanduser().is_dir():  # one spelling per local model

@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .io import InstSynthError, atomic_path, get_logger, is_generated_folder, progress
+from .io import InstSynthError, OutputError, atomic_path, get_logger, is_generated_folder, progress
 
 SPLITS = ("train", "val", "test")
 TOP_FOLDERS = ("leftImg8bit", "gtFine")
@@ -111,6 +111,8 @@ def assemble_dataset(src: str | Path, dst: str | Path, mode: str = "link", split
     for rel in progress(files, f"{mode} {src.name} -> {dst.name}"):
         try:
             counts[place_file(src / rel, dst / rel, mode)] += 1
+        except OutputError:
+            raise
         except OSError as exc:
             raise InstSynthError(src / rel, f"cannot {mode} to {dst / rel}: {exc.strerror or exc}") from None
     found = [s for s in splits if any((src / top / s).is_dir() for top in TOP_FOLDERS)]

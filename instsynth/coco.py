@@ -13,11 +13,11 @@ pixels of every source pixel are distinct, its contour is traced with OpenCV and
 ``c`` is mapped to the pixel corner ``(c + 1) // 2``. pycocotools rasterises such a polygon back to
 exactly the source pixels. Every external contour becomes one polygon (split instances keep all
 parts); an instance with a hole is written as RLE so the hole is never filled; group regions
-(thing ids < 1000) are ``iscrowd: 1`` RLE. Source files are never modified.
+(thing ids < 1000) are ``iscrowd: 1`` RLE. Source files are never modified. Every leftImg8bit PNG
+is decoded once (as training will read it), so an image damaged anywhere is reported here, by name.
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +37,6 @@ MIN_THING_VALUE = min(THING_LABEL_IDS)
 """instanceIds values >= this are thing pixels (group regions 24..33, instances >= 24000)."""
 MAX_LABEL_ID = max(THING_LABEL_IDS)
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 log = get_logger("instsynth.coco")
 
 
@@ -119,22 +117,15 @@ class ConversionOptions:
     skip_bad: bool = False
 
 
-def _png_size(path: Path) -> tuple[int, int]:
-    """(height, width) from a PNG's header, after checking that it is a complete PNG (signature, IHDR
-    first, IEND last) without decoding it; InstSynthError naming the file otherwise."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(24)
-            f.seek(max(0, f.seek(0, 2) - len(_PNG_END)))
-            tail = f.read()
-    except FileNotFoundError:
-        raise InstSynthError(path, "file not found (every annotated image needs its leftImg8bit PNG)") from None
-    if len(head) < 24 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
-        raise InstSynthError(path, "not a PNG file")
-    if tail != _PNG_END:
-        raise InstSynthError(path, "truncated PNG (no IEND chunk at the end)")
-    width, height = struct.unpack(">II", head[16:24])
-    return height, width
+def _check_left(image: CityscapesImage, shape: tuple[int, int]) -> None:
+    """Decode the image's leftImg8bit PNG once, as training will, and check its size against ``shape``
+    (height, width): a file damaged anywhere (not only its header or end) raises InstSynthError here."""
+    if not image.left.is_file():
+        raise InstSynthError(image.left, "file not found (every annotated image needs its leftImg8bit PNG)")
+    left = read_png(image.left, rgb=True, bgr=True)
+    if left.shape[:2] != shape:
+        raise InstSynthError(image.left, f"size {left.shape[1]}x{left.shape[0]} does not match "
+                                         f"{image.gt('instanceIds').name} ({shape[1]}x{shape[0]})")
 
 
 def _check_polygons_json(path: Path) -> None:
@@ -207,16 +198,12 @@ def convert_image(image: CityscapesImage, options: ConversionOptions) -> dict:
 
 
 def _read_instance_ids(image: CityscapesImage) -> np.ndarray:
-    """The image's instanceIds map, after checking its leftImg8bit PNG and any existing polygons.json."""
+    """The image's instanceIds map, after decoding its leftImg8bit PNG and checking any existing polygons.json."""
     inst_path = image.gt("instanceIds")
     instance_ids = read_png(inst_path, dtype=np.uint16)
     if instance_ids.ndim != 2:
         raise InstSynthError(inst_path, f"expected a single-channel instanceIds PNG, found shape {instance_ids.shape}")
-    height, width = instance_ids.shape
-    left_size = _png_size(image.left)
-    if left_size != (height, width):
-        raise InstSynthError(image.left, f"size {left_size[1]}x{left_size[0]} does not match {inst_path.name} "
-                                         f"({width}x{height})")
+    _check_left(image, instance_ids.shape)
     if image.gt("polygons").exists():
         _check_polygons_json(image.gt("polygons"))
     return instance_ids

@@ -37,7 +37,7 @@ def _defaults() -> CN:
     # ------------------------------------------------------------------ model
     _C.MODEL = CN()
     _C.MODEL.META_ARCHITECTURE = "FastInst"
-    _C.MODEL.WEIGHTS = ""  # local checkpoint (.pth), torchvision ResNet state dict, or hub id (OneFormer)
+    _C.MODEL.WEIGHTS = ""  # .pth/.pkl (ours, official FastInst, Detectron2 R-50.pkl, torchvision) or hub id
     _C.MODEL.DEVICE = "cuda"  # falls back to cpu when CUDA is absent
     _C.MODEL.PIXEL_MEAN = [123.675, 116.280, 103.530]  # RGB, 0-255
     _C.MODEL.PIXEL_STD = [58.395, 57.120, 57.375]
@@ -147,6 +147,7 @@ def _defaults() -> CN:
     _C.INPUT.MIN_SIZE_TEST = 1024
     _C.INPUT.MAX_SIZE_TEST = 2048
     _C.INPUT.RANDOM_FLIP = "horizontal"  # horizontal | none
+    _C.INPUT.COLOR_AUG_SSD = False  # SSD colour distortion in training (Mask2Former's Cityscapes recipe: True)
     _C.INPUT.SIZE_DIVISIBILITY = -1  # -1: the model's own (FASTINST.SIZE_DIVISIBILITY)
     _C.INPUT.CROP = CN()
     _C.INPUT.CROP.ENABLED = True
@@ -179,6 +180,8 @@ def _defaults() -> CN:
     _C.TEST.EVAL_PERIOD = 5000  # 0: only after training
     _C.TEST.DETECTIONS_PER_IMAGE = 100
     _C.TEST.CITYSCAPES_EVAL = True  # also run the official Cityscapes evaluation when available
+    _C.TEST.AMP = CN()
+    _C.TEST.AMP.ENABLED = False  # evaluate under fp16 autocast (CUDA; bf16 on CPU); default fp32 as Detectron2
     return _C
 
 

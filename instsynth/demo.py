@@ -22,6 +22,7 @@ from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 from cityscapesscripts.preparation.json2labelImg import createLabelImage
 from PIL import Image, ImageDraw
 
+from .cli import command
 from .io import CityscapesImage, progress, write_json, write_png
 
 CITY_NAMES = ("ashford", "bellmont", "corvallis", "dunmore", "eastwick", "fairhaven", "glenrock", "halden")
@@ -305,6 +306,7 @@ def _parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+@command
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m instsynth.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="output dataset root (Cityscapes layout)")

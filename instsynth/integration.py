@@ -296,6 +296,7 @@ class SampleTask:
     instance_id: int
     bbox: list[int]
     crop_box: list[int]
+    area: int
     sample: int
     sample_path: Path
     sample_rel: str
@@ -362,6 +363,11 @@ def integrate_sample(task: SampleTask, image: CityscapesImage, rgb: np.ndarray, 
     if not mask.any():
         result.error = (str(image.gt("instanceIds")), f"instance {task.instance_id} (key {task.key}) has no pixel "
                                                        f"inside its crop box {task.crop_box}", "empty_mask")
+        return result
+    found = int(source_counts[task.instance_id])
+    if found != task.area:  # the label map disagrees with the instance stage 1 selected
+        result.error = (str(image.gt("instanceIds")), f"instance {task.key!r}: {found} pixels of id {task.instance_id}, "
+                        f"but metadata.json says area {task.area} (edited metadata or another dataset?)", "area_mismatch")
         return result
     sample, notes = load_sample(task)
     pasted = paste(rgb, sample, mask, task.crop_box, params.blend, params.feather_pixels)
@@ -554,8 +560,8 @@ def plan_samples(manifest_path: Path, manifest: dict, meta: dict, chosen: dict[s
             if not sample_path.is_file():
                 plan.skip(inst["key"], i, str(sample_path), "sample file not found", "sample_missing")
                 continue
-            task = SampleTask(inst["key"], inst["instance_id"], inst["bbox"], inst["crop_box"], i, sample_path,
-                              entry["samples"][i], sample_fingerprint(params, inst, sample_path))
+            task = SampleTask(inst["key"], inst["instance_id"], inst["bbox"], inst["crop_box"], inst["area"], i,
+                              sample_path, entry["samples"][i], sample_fingerprint(params, inst, sample_path))
             plan.order.append((task.key, i))
             done = reusable(task, image, params, previous, out)
             if done is not None:

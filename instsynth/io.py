@@ -4,15 +4,19 @@ Conventions:
 - every file is written to a temporary name in the target folder and renamed into place, so an
   interrupted run never leaves a half-written PNG or JSON;
 - bad input raises :class:`InstSynthError`, whose message starts with the offending path;
+- a write the machine refuses (full disk, read-only or permission-denied folder) raises
+  :class:`OutputError`, which ``--skip-bad`` never skips;
 - long loops use :func:`progress` (tqdm on stderr, disabled with ``INSTSYNTH_NO_PROGRESS=1``).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,21 +80,88 @@ def default_workers() -> int:
 
 
 # --------------------------------------------------------------------------- atomic writes
+class OutputError(OSError):
+    """A write the machine refused (full disk, read-only or permission-denied folder).
+
+    An ``OSError`` (errno kept) rather than an :class:`InstSynthError`, so that ``--skip-bad``
+    handlers, which skip bad *input*, let it stop the run. The message names the file being written.
+    """
+
+    def __init__(self, path: str | os.PathLike, problem: str, code: int | None = None):
+        self.path, self.problem = Path(path), problem
+        super().__init__(code, problem, str(path))
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+    def __reduce__(self):  # picklable, so errors cross worker-process boundaries intact
+        return type(self), (self.path, self.problem, self.errno)
+
+
+_RERUN = "finished files are kept"
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _existing_folder(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (where a refused write was tried)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_mb(path: str | os.PathLike) -> float:
+    """Free space in MB on the file system holding ``path`` (or its nearest existing ancestor)."""
+    return shutil.disk_usage(_existing_folder(Path(path))).free / 2**20
+
+
+def output_error(path: str | os.PathLike, exc: OSError) -> OSError:
+    """The :class:`OutputError` for ``exc`` raised while writing ``path``; ``exc`` itself when it is
+    about another file (e.g. an unreadable source being copied) or not a refused write."""
+    path = Path(path)
+    if isinstance(exc, OutputError) or exc.errno not in _FULL + _REFUSED:
+        return exc
+    if exc.filename is not None:
+        named = Path(os.path.abspath(exc.filename))
+        target = Path(os.path.abspath(path))
+        if named != target and named not in target.parents and named.parent != target.parent:
+            return exc
+    folder = _existing_folder(path.parent)
+    if exc.errno in _FULL:
+        what = "no space left on device" if exc.errno == errno.ENOSPC else exc.strerror.lower()
+        problem = f"{what} ({free_mb(folder):.1f} MB free; rerun after freeing space: {_RERUN})"
+    elif exc.errno == errno.EROFS:
+        problem = f"{folder} is read-only (make it writable or choose another output folder, then rerun: {_RERUN})"
+    else:
+        problem = (f"permission denied: {folder} is not writable by this user (fix its permissions or choose "
+                   f"another output folder, then rerun: {_RERUN})")
+    return OutputError(path, problem, exc.errno)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    On failure the temporary file is removed; a write the machine refuses raises :class:`OutputError`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        os.close(fd)
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        error = output_error(path, exc) if isinstance(exc, OSError) else exc
+        if error is exc:
+            raise
+        raise error from exc
 
 
 def write_if_changed(path: str | os.PathLike, data: bytes) -> bool:

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from .parallel import ordered_map
-from .io import (CityscapesImage, InstSynthError, default_workers, get_logger,
+from .io import (CityscapesImage, InstSynthError, default_workers, get_logger, image_id_of,
                  iter_cityscapes_images, progress, read_json, read_png, write_if_changed)
 from .labels import INSTANCE_ID_OFFSET, THING_CLASSES, THING_LABEL_IDS, class_name, label_id
 
@@ -359,6 +359,32 @@ def _check_instance(path: Path, n: int, inst: Any) -> None:
     (bx0, by0, bx1, by1), (cx0, cy0, cx1, cy1) = inst["bbox"], inst["crop_box"]
     if not (cx0 <= bx0 and cy0 <= by0 and bx1 <= cx1 and by1 <= cy1):
         raise InstSynthError(path, f"instance {key!r}: crop_box {inst['crop_box']} does not contain bbox {inst['bbox']}")
+    _check_identity(path, n, inst)
+
+
+def _check_identity(path: Path, n: int, inst: dict) -> None:
+    """key, label_id, class and file names must agree with instance_id and image_id, as stage 1 writes
+    them: a hand edit would give the instance another class's prompt and label."""
+    iid, image_id = inst["instance_id"], inst["image_id"]
+    where = f"instances[{n}] ({inst['key']!r})"
+    label = iid // INSTANCE_ID_OFFSET
+    if label not in THING_LABEL_IDS:
+        raise InstSynthError(path, f"{where}: instance_id {iid} is not a thing instance "
+                                   f"(labelId x {INSTANCE_ID_OFFSET} + k with a thing labelId {THING_LABEL_IDS})")
+    found = {"key": inst["key"], "label_id": inst["label_id"], "class": inst["class"]}
+    expected = {"key": f"{image_id}_{iid}", "label_id": label, "class": class_name(label)}
+    for name, value in found.items():
+        if value != expected[name]:
+            raise InstSynthError(path, f"{where}: {name} {value!r} disagrees with instance_id {iid} of image "
+                                       f"{image_id!r} (expected {expected[name]!r}: label {label} = "
+                                       f"{class_name(label)!r} in instanceIds); was the file edited by hand?")
+    for name in ("image", "instance_ids"):
+        try:
+            of = image_id_of(inst[name])
+        except InstSynthError:
+            of = None
+        if of != image_id:
+            raise InstSynthError(path, f"{where}: {name} {inst[name]!r} is not a file of image_id {image_id!r}")
 
 
 def load_metadata(path: str | os.PathLike, check_files: bool = True) -> dict:

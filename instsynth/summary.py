@@ -15,6 +15,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
+from .cli import command
 from .io import InstSynthError, is_generated_folder, read_json, write_json
 
 COCO_NAME = "instancesonly_filtered_gtFine_{}.json"
@@ -118,6 +119,7 @@ def ap_table(output_dirs: list[str | Path]) -> str:
     return "\n".join([lines[0], "-+-".join("-" * w for w in widths), *lines[1:]])
 
 
+@command
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m instsynth.summary", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)

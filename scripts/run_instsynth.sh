@@ -33,7 +33,9 @@ case "$MODE" in
 esac
 SEL_DIR="$WORK_DIR/selection"
 GEN_DIR="$WORK_DIR/generation/$MODE_NAME"
-stage() { echo; echo "==> [$(date +%H:%M:%S)] $*"; }
+STAGE=""
+stage() { STAGE="$*"; echo; echo "==> [$(date +%H:%M:%S)] $*"; }
+trap 'echo "error: stage ${STAGE:-setup} failed (exit $?); fix the cause above and rerun: finished work is skipped" >&2' ERR
 
 stage "1/7 instance selection"
 "$PYTHON" process_clean_ver.py --train_folder "$DATASET_PATH" --k "$K" --out "$SEL_DIR"

@@ -8,7 +8,7 @@ from conftest import REPO
 
 SCRIPT_DIRS = [".", "generation", "cityscapes-to-coco-conversion", "visualization", "benchmarks"]
 SCRIPTS = sorted(p for d in SCRIPT_DIRS for p in (REPO / d).glob("*.py") if p.name not in ("setup.py", "conftest.py"))
-MODULES = ["instsynth.demo"]
+MODULES = ["instsynth.demo", "instsynth.modeling.convert"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))

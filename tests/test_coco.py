@@ -274,6 +274,7 @@ def test_values_that_are_not_cityscapes_ids_are_an_error(tmp_path):
 @pytest.mark.parametrize("damage, culprit", [
     ("missing_left", "_leftImg8bit.png"),
     ("truncated_left", "_leftImg8bit.png"),
+    ("corrupt_middle_left", "_leftImg8bit.png"),  # header and IEND intact: only a decode finds it
     ("corrupt_png", "_gtFine_instanceIds.png"),
     ("bad_polygons", "_gtFine_polygons.json"),
 ])
@@ -283,6 +284,10 @@ def test_bad_input_names_the_file_or_is_a_counted_skip(demo_copy, damage, culpri
         image.left.unlink()
     elif damage == "truncated_left":
         image.left.write_bytes(image.left.read_bytes()[:-100])
+    elif damage == "corrupt_middle_left":
+        data = bytearray(image.left.read_bytes())
+        data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+        image.left.write_bytes(bytes(data))
     elif damage == "corrupt_png":
         image.gt("instanceIds").write_bytes(image.gt("instanceIds").read_bytes()[:200])
     else:

@@ -74,7 +74,8 @@ def test_backend_end_to_end_and_batch_invariant(case, tiny, small_meta, tmp_path
 
 
 def test_sharded_run_over_two_processes_equals_one_process(tiny, small_meta, tmp_path):
-    common = ["--mode", "diffinpainting", "--model_path", str(tiny["sd-inpaint"]), "--metadata", str(small_meta),
+    # --mode diffpainting (the paper script's spelling) is diffinpainting: identical outputs and manifest
+    common = ["--mode", "diffpainting", "--model_path", str(tiny["sd-inpaint"]), "--metadata", str(small_meta),
               "--steps", str(STEPS), "--num_samples", "2", "--batch_size", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "INSTSYNTH_NO_PROGRESS": "1"}
     script = str(REPO / "generation/instance_generation.py")

@@ -61,12 +61,19 @@ def test_quick_config_trains_writes_outputs_and_loss_falls(quick_run):
 def test_two_processes_train_and_evaluate(demo_cache, tmp_path):
     """--num-gpus 2 (here two CPU processes over gloo) splits the batch and gathers the predictions."""
     train_net("--config-file", QUICK, "--num-gpus", "2", "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100",
-              "OUTPUT_DIR", tmp_path, env_dir=demo_cache)
+              "TEST.EVAL_PERIOD", "2", "OUTPUT_DIR", tmp_path, env_dir=demo_cache)
     log = (tmp_path / "log.txt").read_text()
     assert "2 process(es)" in log and log.count("iter 4/4") == 1  # only the main process logs
+    assert "DDP find_unused_parameters=False" in log  # FastInst: every parameter gets a gradient
     assert [r["iteration"] for r in metrics_lines(tmp_path) if "total_loss" in r] == [0, 1, 2, 3]
     assert (tmp_path / "model_final.pth").is_file()
-    assert json.loads((tmp_path / "inference" / "metrics.json").read_text())["segm"]["AP"] is not None
+    final = json.loads((tmp_path / "inference" / "metrics.json").read_text())
+    assert final["segm"]["AP"] is not None
+    # TEST.EVAL_PERIOD 2: evaluated after iteration 2 and at the end, written as Detectron2's EvalHook does
+    evals = [r for r in metrics_lines(tmp_path) if "segm/AP" in r]
+    assert [r["iteration"] for r in evals] == [1, 3]
+    assert evals[-1]["segm/AP"] == final["segm"]["AP"] and evals[-1]["cityscapes/AP"] == final["cityscapes"]["AP"]
+    assert evals[-1]["cityscapes_demo_instance_seg_val/segm/AP50"] == final["segm"]["AP50"]
 
 
 def test_resume_continues_from_saved_iteration_with_same_state(quick_run, demo_cache, tmp_path):
@@ -244,6 +251,12 @@ def test_fastinst_configs_load_with_paper_settings():
     assert d3.DATASETS.TRAIN == ("cityscapes_instsynth_train",)
     assert d3.DATASETS.TEST == ("cityscapes_instsynth_val",)
     assert d1.INPUT.CROP.SIZE == (512, 1024) and d1.SOLVER.MAX_ITER == 90000
+    assert (d1.INPUT.MIN_SIZE_TEST, d1.INPUT.MAX_SIZE_TEST) == (1024, 2048)  # the "1024" of the new names
+    for old, new in (("x1_576_D1", "x1_1024_D1"), ("x3_640_D3", "x3_1024_D3")):  # old names: same configs
+        for suffix in ("", "_instsynth"):
+            was = load_config(folder / f"fastinst_R50_ppm-fpn_{old}{suffix}.yaml")
+            now = load_config(folder / f"fastinst_R50_ppm-fpn_{new}{suffix}.yaml", ["OUTPUT_DIR", was.OUTPUT_DIR])
+            assert was == now and was.OUTPUT_DIR == f"output/fastinst_R50_ppm-fpn_{old}{suffix}"
 
 
 def test_torchvision_resnet_weights_load_into_backbone(tmp_path):
@@ -273,3 +286,27 @@ def test_class_count_mismatch_is_a_clear_error(demo_cache):
     check_num_classes(SimpleNamespace(num_classes=8), ["cityscapes_demo_instance_seg_val"])
     with pytest.raises(InstSynthError, match="has 8 categories .*person.* predicts 10 classes"):
         check_num_classes(SimpleNamespace(num_classes=10), ["cityscapes_demo_instance_seg_val"])
+
+
+def test_color_aug_ssd_changes_only_colours_and_is_seeded(demo_cache):
+    from instsynth.config import load_config
+    from instsynth.data.catalog import get_dataset_dicts, get_metadata
+    from instsynth.data.mapper import DatasetMapper, color_aug_ssd
+
+    meta = get_metadata("cityscapes_demo_instance_seg_train")
+    record = max(get_dataset_dicts("cityscapes_demo_instance_seg_train"), key=lambda d: len(d["annotations"]))
+    plain = DatasetMapper(load_config(QUICK), True, meta.label_id_to_contiguous)
+    assert load_config(QUICK).INPUT.COLOR_AUG_SSD is False  # off unless asked for
+    ssd = DatasetMapper(load_config(QUICK, ["INPUT.COLOR_AUG_SSD", "True"]), True, meta.label_id_to_contiguous)
+    changed = 0
+    for seed in range(4):
+        a, b = plain(record, np.random.default_rng(seed)), ssd(record, np.random.default_rng(seed))
+        assert torch.equal(a["instances"]["gt_masks"], b["instances"]["gt_masks"])  # same geometry
+        assert b["image"].shape == a["image"].shape and b["image"].dtype == torch.uint8
+        assert torch.equal(b["image"], ssd(record, np.random.default_rng(seed))["image"])
+        changed += not torch.equal(a["image"], b["image"])
+    assert changed >= 2
+    gray = np.full((8, 8, 3), 100, np.uint8)
+    outs = [color_aug_ssd(gray, np.random.default_rng(s)) for s in range(16)]
+    assert all((o == o[..., :1]).all() for o in outs)  # saturation and hue cannot colour a grey image
+    assert len({int(o[0, 0, 0]) for o in outs}) > 4  # brightness and contrast do change it

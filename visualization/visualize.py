@@ -11,6 +11,8 @@ stats: bar chart of instances per class in each COCO file (e.g. before and after
 """
 import argparse
 
+from instsynth.cli import command
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,6 +43,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@command
 def main(argv=None) -> None:
     from instsynth import viz
     from instsynth.io import InstSynthError

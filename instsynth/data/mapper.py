@@ -1,7 +1,8 @@
 """Dataset dict -> model input: decode the image, resize, crop, flip, rasterise instance masks.
 
 Training applies multi-scale shortest-edge resize (``INPUT.MIN_SIZE_TRAIN``), an optional random crop
-(``INPUT.CROP``) and a horizontal flip; polygons are transformed as coordinates and rasterised at the
+(``INPUT.CROP``), optionally SSD colour distortion (``INPUT.COLOR_AUG_SSD``, as Mask2Former's Cityscapes
+recipe) and a horizontal flip; polygons are transformed as coordinates and rasterised at the
 output size with pycocotools, RLE masks are decoded and transformed as arrays. Crowd annotations
 (``iscrowd: 1``, Cityscapes group regions) and instances that leave the crop are not targets.
 All randomness comes from the ``rng`` argument, so a sample depends only on its seed.
@@ -78,6 +79,34 @@ class Geometry:
         return mask[:, ::-1] if self.flip else mask
 
 
+def _scale(channel: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    return np.clip(channel.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def color_aug_ssd(img: np.ndarray, rng: np.random.Generator, brightness_delta: float = 32, contrast=(0.5, 1.5),
+                  saturation=(0.5, 1.5), hue_delta: int = 18) -> np.ndarray:
+    """SSD's photometric distortion (Detectron2's ColorAugSSDTransform) of an RGB uint8 image: each of brightness
+    (+-32), contrast and saturation (x0.5..1.5) and hue (+-18 of OpenCV's 180) with probability 1/2, contrast
+    first or last."""
+    def contrast_step(x):
+        return _scale(x, alpha=rng.uniform(*contrast)) if rng.integers(2) else x
+
+    def hsv_steps(x):
+        do_sat, do_hue = rng.integers(2), rng.integers(2)
+        if not (do_sat or do_hue):
+            return x
+        hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
+        if do_sat:
+            hsv[..., 1] = _scale(hsv[..., 1], alpha=rng.uniform(*saturation))
+        if do_hue:
+            hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(rng.integers(-hue_delta, hue_delta + 1))) % 180
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+    if rng.integers(2):
+        img = _scale(img, beta=rng.uniform(-brightness_delta, brightness_delta))
+    return hsv_steps(contrast_step(img)) if rng.integers(2) else contrast_step(hsv_steps(img))
+
+
 def annotation_mask(segm, geo: Geometry) -> np.ndarray:
     """Binary uint8 (ch, cw) mask of one annotation's polygons or RLE after the geometry."""
     if isinstance(segm, list):
@@ -106,6 +135,7 @@ class DatasetMapper:
         self.crop = is_train and inp.CROP.ENABLED
         self.crop_type, self.crop_size = inp.CROP.TYPE, tuple(inp.CROP.SIZE)
         self.flip = is_train and inp.RANDOM_FLIP == "horizontal"
+        self.color_aug = is_train and inp.COLOR_AUG_SSD
         if self.sampling not in ("choice", "range"):
             raise InstSynthError("INPUT.MIN_SIZE_TRAIN_SAMPLING", f"must be 'choice' or 'range', got {self.sampling!r}")
         if self.crop and self.crop_type not in CROP_TYPES:
@@ -150,7 +180,10 @@ class DatasetMapper:
             raise InstSynthError(record["file_name"], f"image is {w}x{h} but its annotation says "
                                                       f"{record['width']}x{record['height']}")
         geo = self.geometry(h, w, rng)
-        out = {"image": torch.from_numpy(geo.image(image).transpose(2, 0, 1).copy()),
+        image = geo.image(image)
+        if self.color_aug:
+            image = color_aug_ssd(image, rng)
+        out = {"image": torch.from_numpy(image.transpose(2, 0, 1).copy()),
                "height": h, "width": w, "image_id": record["image_id"], "file_name": record["file_name"]}
         if self.is_train:
             out["instances"] = self.targets(record.get("annotations", []), geo)

@@ -17,7 +17,6 @@ from instsynth.io import InstSynthError, atomic_path, get_logger, write_bytes
 
 log = get_logger("instsynth.engine")
 LAST_CHECKPOINT = "last_checkpoint"
-_TORCHVISION_RESNET_KEYS = ("conv1.weight", "layer1.0.conv1.weight")
 
 
 def rng_state() -> dict:
@@ -75,13 +74,11 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise InstSynthError(path, "checkpoint (MODEL.WEIGHTS) not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file for the user
-        raise InstSynthError(path, f"not a loadable PyTorch checkpoint ({exc})") from None
+    """The content of a checkpoint file (``torch.load(weights_only=True)``; Detectron2 ``.pkl`` pickles of
+    numpy arrays are read without running code)."""
+    from instsynth.modeling.convert import read_weights
+
+    return read_weights(path)
 
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pkl")
@@ -100,27 +97,29 @@ def maybe_load_weights(model: nn.Module, weights: str) -> bool:
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a full checkpoint (``{"model": ...}``), a plain state dict of this model, or a torchvision
-    ResNet state dict (into the backbone). Mismatched shapes are skipped with a warning."""
+    """Load a checkpoint into ``model``: ours (``{"model": ...}`` or a plain state dict), an official
+    FastInst / Detectron2 checkpoint, Detectron2's torchvision-converted ``R-50.pkl`` or a torchvision
+    ResNet (into the backbone); see :mod:`instsynth.modeling.convert`. Tensors of another shape (e.g. the
+    class heads of a model with another number of classes) keep their fresh initialisation, with a warning
+    naming them."""
+    from instsynth.modeling.convert import load_project_state
+
     if not Path(path).is_file():
         raise InstSynthError(path, "MODEL.WEIGHTS not found. For the ImageNet ResNet-50 of the Cityscapes configs: "
                                    "mkdir -p weights && wget -P weights https://download.pytorch.org/models/"
                                    "resnet50-0676ba61.pth (or pass MODEL.WEIGHTS '' to train from scratch)")
-    data = read_checkpoint(path)
-    state = data.get("model", data) if isinstance(data, dict) else data
-    if not isinstance(state, dict):
-        raise InstSynthError(path, "checkpoint holds no state dict")
-    if all(k in state for k in _TORCHVISION_RESNET_KEYS) and hasattr(model, "backbone"):
-        state = {f"backbone.body.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+    state, fmt = load_project_state(path)
     own = model.state_dict()
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if skipped:
+        log.warning("%s: re-initialised %d tensors whose shape differs from the checkpoint's (e.g. class heads "
+                    "of another number of classes): %s", path, len(skipped),
+                    ", ".join(f"{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}" for k in skipped))
     for k in skipped:
-        log.warning("not loading %s: shape %s in checkpoint, %s in model", k, tuple(state[k].shape),
-                    tuple(own[k].shape))
         del state[k]
     result = model.load_state_dict(state, strict=False)
     loaded = len(state) - len(result.unexpected_keys)
     if loaded == 0:
-        raise InstSynthError(path, "no parameter of the checkpoint matches this model")
-    log.info("loaded %d tensors from %s (%d model tensors not in it, %d checkpoint tensors unused)",
-             loaded, path, len(result.missing_keys), len(result.unexpected_keys))
+        raise InstSynthError(path, f"no parameter of the checkpoint ({fmt} names) matches this model")
+    log.info("loaded %d tensors from %s (%s names; %d model tensors not in it, %d checkpoint tensors unused)",
+             loaded, path, fmt, len(result.missing_keys), len(result.unexpected_keys))

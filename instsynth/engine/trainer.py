@@ -33,7 +33,8 @@ NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn
 
 # --------------------------------------------------------------------------- setup
 def make_accelerator(cfg):
-    """An Accelerator for MODEL.DEVICE (CPU when CUDA is absent) with fp16 autocast if SOLVER.AMP."""
+    """An Accelerator for MODEL.DEVICE (CPU when CUDA is absent) with fp16 autocast if SOLVER.AMP. DDP looks
+    for unused parameters until :func:`set_find_unused_parameters` says the model needs no search."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -41,6 +42,16 @@ def make_accelerator(cfg):
     amp = "fp16" if cfg.SOLVER.AMP.ENABLED and not cpu else "no"
     return Accelerator(cpu=cpu, mixed_precision=amp,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def set_find_unused_parameters(accelerator, model: nn.Module) -> bool:
+    """DDP's ``find_unused_parameters``: False when the model declares ``every_parameter_gets_gradient`` (as
+    Detectron2 does for these models), saving a graph traversal per step. Call before ``prepare``."""
+    find = not getattr(model, "every_parameter_gets_gradient", False)
+    accelerator.ddp_handler.find_unused_parameters = find
+    if accelerator.num_processes > 1:
+        log.info("DDP find_unused_parameters=%s", find)
+    return find
 
 
 def setup_output(cfg, accelerator) -> Path:
@@ -134,6 +145,7 @@ def do_train(cfg, model: nn.Module, accelerator, resume: bool = False) -> nn.Mod
     out = Path(cfg.OUTPUT_DIR)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)
+    set_find_unused_parameters(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     start_iter = 0
@@ -242,6 +254,15 @@ def _cityscapes_evaluator():
     return evaluate_cityscapes
 
 
+def eval_forward(model: nn.Module, batch: list[dict], amp: bool = False) -> list[dict]:
+    """``model(batch)`` in fp32, or under fp16 autocast (bf16 on CPU) with ``amp`` (``TEST.AMP.ENABLED``).
+    The mixed-precision wrapper that accelerate puts around ``forward`` is bypassed, so fp32 means fp32."""
+    forward = getattr(model, "_original_forward", model)  # accelerate keeps the unwrapped forward there
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16, enabled=amp):
+        return forward(batch)
+
+
 @torch.no_grad()
 def inference(cfg, model: nn.Module, accelerator, dataset_name: str) -> tuple[list[dict], list[dict]]:
     """COCO result entries for every image of a test dataset (gathered on all processes) and its dicts."""
@@ -252,8 +273,7 @@ def inference(cfg, model: nn.Module, accelerator, dataset_name: str) -> tuple[li
     results = []
     start = time.perf_counter()
     for batch in loader:
-        with accelerator.autocast():
-            outputs = model(batch)
+        outputs = eval_forward(model, batch, cfg.TEST.AMP.ENABLED)
         for inp, output in zip(batch, outputs):
             results.extend(instances_to_coco(output["instances"], inp["image_id"], meta.contiguous_to_label_id))
     if accelerator.num_processes > 1:
@@ -265,7 +285,8 @@ def inference(cfg, model: nn.Module, accelerator, dataset_name: str) -> tuple[li
 
 def do_test(cfg, model: nn.Module, accelerator, iteration: int | None = None, writer=None) -> dict[str, dict]:
     """Evaluate on every DATASETS.TEST name; results in ``OUTPUT_DIR/inference`` (``inference/<name>`` when
-    there are several). Returns ``{dataset: metrics}`` on the main process."""
+    there are several) and, with a ``writer``, one metrics.json line at ``iteration`` (see
+    :func:`flatten_metrics`). Returns ``{dataset: metrics}`` on the main process."""
     all_metrics = {}
     several = len(cfg.DATASETS.TEST) > 1
     for name in cfg.DATASETS.TEST:
@@ -283,12 +304,26 @@ def do_test(cfg, model: nn.Module, accelerator, iteration: int | None = None, wr
             metrics["cityscapes"] = cs
             log.info("\n%s", format_table(cs, f"Cityscapes instance AP on {name}:"))
         write_json(out_dir / "metrics.json", metrics)
-        if writer is not None:
-            writer.write({"iteration": iteration, **{f"{name}/{task}/{k}": v for task, m in metrics.items()
-                                                     for k, v in m.items() if isinstance(v, (int, float))}})
         all_metrics[name] = metrics
+    if writer is not None and accelerator.is_main_process:
+        writer.write({"iteration": iteration, **flatten_metrics(all_metrics)})
     accelerator.wait_for_everyone()
     return all_metrics
+
+
+def flatten_metrics(all_metrics: dict[str, dict]) -> dict[str, float]:
+    """The scalars of ``{dataset: {task: {metric: value}}}`` as Detectron2's EvalHook writes them to
+    metrics.json: ``segm/AP``, ``cityscapes/AP50``, ... (with several test sets ``<dataset>/segm/AP``).
+    ``<dataset>/segm/AP`` keys are always written as well (this project's earlier format)."""
+    flat = {}
+    for name, metrics in all_metrics.items():
+        for task, values in metrics.items():
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    flat[f"{name}/{task}/{key}"] = value
+                    if len(all_metrics) == 1:
+                        flat[f"{task}/{key}"] = value
+    return flat
 
 
 # --------------------------------------------------------------------------- entry point
@@ -329,4 +364,5 @@ def run(cfg, eval_only: bool = False, resume: bool = False) -> dict:
         model = accelerator.prepare(model)
         return do_test(cfg, model, accelerator)
     model = do_train(cfg, model, accelerator, resume)
-    return do_test(cfg, model, accelerator)
+    writer = MetricsWriter(Path(cfg.OUTPUT_DIR) / "metrics.json", accelerator.is_main_process)
+    return do_test(cfg, model, accelerator, iteration=cfg.SOLVER.MAX_ITER - 1, writer=writer)

@@ -20,6 +20,9 @@ from ..labels import DEFAULT_PROMPTS
 MODE_NAMES = {"recolor": "Recolor", "diffinpainting": "DiffPainting", "bld": "BlendedDiff", "gligen": "gligen"}
 """Output folder name of each backend (the paper's folder names)."""
 
+MODE_ALIASES = {"diffpainting": "diffinpainting"}
+"""Other accepted spellings of ``--mode`` (``diffpainting``: the paper's own run script)."""
+
 DEFAULT_MODELS = {
     "recolor": None,
     "diffinpainting": "stabilityai/stable-diffusion-2-inpainting",

@@ -123,7 +123,7 @@ def validate_settings(settings: GenerationSettings, where: Path) -> None:
 
 
 def load_crop(inst: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(crop RGB uint8, crop mask bool) of an instance, checked: same size, non-empty mask."""
+    """(crop RGB uint8, crop mask bool) of an instance, checked: same size, mask of the instance's area."""
     rgb_path, mask_path = inst["crop_rgb_path"], inst["crop_mask_path"]
     rgb = read_png(rgb_path, rgb=True, dtype=np.uint8)
     mask = read_png(mask_path, dtype=np.uint8)
@@ -135,6 +135,9 @@ def load_crop(inst: dict) -> tuple[np.ndarray, np.ndarray]:
     mask = mask > 127
     if not mask.any():
         raise InstSynthError(mask_path, "empty instance mask (no pixel is 255)")
+    if int(mask.sum()) != inst["area"]:
+        raise InstSynthError(mask_path, f"instance {inst['key']!r}: {int(mask.sum())} mask pixels but metadata.json "
+                                        f"says area {inst['area']} (crop of another instance, or edited metadata?)")
     return rgb, mask
 
 

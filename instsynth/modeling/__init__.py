@@ -7,9 +7,12 @@ in eval mode a list of ``{"instances": {"pred_masks": BoolTensor[N, height, widt
 "pred_classes": LongTensor, "scores": FloatTensor}}``, one per input, at the original size.
 Register a model with ``@register_model("Name")`` on a ``builder(cfg) -> nn.Module``.
 
-``MODEL.WEIGHTS``: the trainer loads a checkpoint file (``.pth``: ours, a plain state dict, or a
-torchvision ResNet). A model whose builder loads a folder or hub id itself (``from_pretrained``) sets
-the attribute ``loads_own_weights = True``; the trainer then leaves such a value to it.
+``MODEL.WEIGHTS``: the trainer loads a checkpoint file (``.pth``/``.pkl``: ours, a plain state dict, an
+official FastInst / Detectron2 checkpoint, Detectron2's R-50.pkl or a torchvision ResNet; see
+:mod:`instsynth.modeling.convert`). A model whose builder loads a folder or hub id itself (``from_pretrained``) sets
+the attribute ``loads_own_weights = True``; the trainer then leaves such a value to it. A model whose every
+trainable parameter gets a gradient in each training step sets ``every_parameter_gets_gradient = True``, and
+DDP then runs with ``find_unused_parameters=False`` (faster; otherwise True).
 """
 from __future__ import annotations
 

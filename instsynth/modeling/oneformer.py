@@ -295,6 +295,7 @@ class OneFormer(nn.Module):
 
     loads_own_weights = True  # MODEL.WEIGHTS folders / hub ids are loaded by the builder
     backbone_prefix = "oneformer.model.pixel_level_module.encoder"  # parameters that get SOLVER.BACKBONE_MULTIPLIER
+    every_parameter_gets_gradient = True  # DDP runs with find_unused_parameters=False
 
     def __init__(self, hf_model, tokenizer, names: Sequence[str], pixel_mean, pixel_std, size_divisibility: int = 32,
                  task: str = "instance", max_detections: int = 100, mask_threshold: float = 0.5,

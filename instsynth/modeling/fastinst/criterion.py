@@ -52,10 +52,26 @@ def _assign(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class HungarianMatcher(nn.Module):
+    """Costs are computed in fp32 with autocast disabled, as in the official code: under fp16 autocast the
+    BCE cost (a sum over ``num_points`` points) overflows to inf and the assignment becomes arbitrary."""
+
     def __init__(self, cost_class: float, cost_mask: float, cost_dice: float, cost_location: float, num_points: int):
         super().__init__()
         self.cost_class, self.cost_mask, self.cost_dice = cost_class, cost_mask, cost_dice
         self.cost_location, self.num_points = cost_location, num_points
+
+    def cost_matrix(self, logits: torch.Tensor, masks: torch.Tensor, locations: torch.Tensor, labels: torch.Tensor,
+                    tmask: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """fp32 [Q, N] cost of one image: logits [Q, C+1], masks [Q, h, w], locations [Q, 2], target labels [N]
+        and masks [N, H, W], shared point coordinates [1, P, 2]."""
+        with torch.autocast(masks.device.type, enabled=False):
+            tmask = tmask.float()
+            cost_class = -logits.float().softmax(-1)[:, labels]
+            inside = point_sample(tmask[None], locations.float()[None])[0] > 0  # N, Q
+            t_pts = point_sample(tmask[None], coords.float())[0]  # N, P
+            p_pts = point_sample(masks.float()[None], coords.float())[0]  # Q, P
+            return (self.cost_class * cost_class + self.cost_mask * pair_bce_cost(p_pts, t_pts)
+                    + self.cost_dice * pair_dice_cost(p_pts, t_pts) - self.cost_location * inside.T.float())
 
     @torch.no_grad()
     def forward(self, logits: torch.Tensor, masks: torch.Tensor, locations: torch.Tensor,
@@ -63,20 +79,12 @@ class HungarianMatcher(nn.Module):
         """logits [B, Q, C+1], masks [B, Q, h, w], locations [B, Q, 2]; targets: {"labels", "masks"}."""
         out = []
         for b, tgt in enumerate(targets):
-            labels, tmask = tgt["labels"], tgt["masks"].float()
+            labels = tgt["labels"]
             if len(labels) == 0:
                 out.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
                 continue
-            prob = logits[b].float().softmax(-1)
-            cost_class = -prob[:, labels]
-            inside = point_sample(tmask[None], locations[b][None])[0] > 0  # N, Q
-            cost_loc = -inside.T.float()
             coords = torch.rand(1, self.num_points, 2, device=masks.device)
-            t_pts = point_sample(tmask[None], coords)[0]  # N, P
-            p_pts = point_sample(masks[b][None].float(), coords)[0]  # Q, P
-            cost = (self.cost_class * cost_class + self.cost_mask * pair_bce_cost(p_pts, t_pts)
-                    + self.cost_dice * pair_dice_cost(p_pts, t_pts) + self.cost_location * cost_loc)
-            out.append(_assign(cost))
+            out.append(_assign(self.cost_matrix(logits[b], masks[b], locations[b], labels, tgt["masks"], coords)))
         return out
 
     @torch.no_grad()
@@ -89,9 +97,10 @@ class HungarianMatcher(nn.Module):
             if len(labels) == 0:
                 out.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
                 continue
-            prob = proposal_logits[b].float().flatten(1).T.softmax(-1)  # HW, C+1
-            inside = F.adaptive_avg_pool2d(tgt["masks"][None].float(), size)[0] > 0  # N, h, w
-            cost = -self.cost_class * prob[:, labels] - self.cost_location * inside.flatten(1).T.float()
+            with torch.autocast(proposal_logits.device.type, enabled=False):
+                prob = proposal_logits[b].float().flatten(1).T.softmax(-1)  # HW, C+1
+                inside = F.adaptive_avg_pool2d(tgt["masks"][None].float(), size)[0] > 0  # N, h, w
+                cost = -self.cost_class * prob[:, labels] - self.cost_location * inside.flatten(1).T.float()
             out.append(_assign(cost))
         return out
 

@@ -45,6 +45,12 @@ class FastInst(nn.Module):
         self.num_classes = criterion.num_classes
 
     @property
+    def every_parameter_gets_gradient(self) -> bool:
+        """Whether every trainable parameter gets a gradient in each step (DDP then skips the search for unused
+        ones): without deep supervision the intermediate heads only build detached attention masks."""
+        return self.deep_supervision
+
+    @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
