@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 
 from .coco import coco_json_path, convert_cityscapes_to_coco
-from .generation.common import MODE_NAMES
+from .generation.common import MODE_ALIASES, MODE_NAMES
 from .io import InstSynthError, get_logger, progress, read_json, write_bytes, write_json
 from .labels import REPO_ROOT
 from .summary import coco_stats, run_metrics
@@ -311,7 +311,8 @@ class Preparer:
         work = self.out / "work" / shared
         logs = root / "logs"
         sel, gen = work / "selection", work / "generation"
-        mode_dir = gen / MODE_NAMES.get(stage_opts["generation"].get("mode") or "recolor", "Recolor")
+        mode = stage_opts["generation"].get("mode") or "recolor"
+        mode_dir = gen / MODE_NAMES.get(MODE_ALIASES.get(mode, mode), "Recolor")
         steps = [("selection", ["--train_folder", str(e.dataset.resolve()), "--split", e.train_split, "--out", str(sel)]),
                  ("generation", ["--metadata", str(sel / "metadata.json"), "--folder", str(gen)])]
         if stage_opts["filter"]:
