@@ -434,8 +434,12 @@ def train_run(spec: RunSpec) -> None:
     register(spec)
     try:
         run(spec.cfg(), resume=True)
-    finally:  # stop writing this process's later log lines into the run's log.txt
-        root = logging.getLogger("instsynth")
+    finally:
+        from accelerate.state import AcceleratorState
+
+        # accelerate's state is a process-wide singleton: leave none behind for what runs next in this process
+        AcceleratorState._reset_state(reset_partial_state="WORLD_SIZE" not in os.environ)
+        root = logging.getLogger("instsynth")  # stop writing this process's later log lines into the run's log.txt
         for handler in list(root.handlers):
             if str(getattr(handler, "baseFilename", "")).startswith(str(spec.output_dir.resolve()) + os.sep):
                 root.removeHandler(handler)
