@@ -12,33 +12,52 @@ from instsynth.cli import command
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train_folder", required=True, help="Cityscapes dataset root (holds leftImg8bit/ and gtFine/)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--train_folder", help="Cityscapes dataset root (holds leftImg8bit/ and gtFine/)")
+    source.add_argument("--coco", metavar="ANNOTATIONS.json",
+                        help="or a COCO / LVIS instances file (with --images): your own dataset")
+    parser.add_argument("--images", metavar="DIR", help="with --coco: the folder the file's file_name entries are relative to")
+    parser.add_argument("--frequency", default=None,
+                        help="with --coco on LVIS: comma-separated category frequencies to select (r, c, f)")
     parser.add_argument("--k", type=int, default=3, help="instances to select per image, largest first (default 3)")
     parser.add_argument("--split", default="train", help="split to process (default train)")
     parser.add_argument("--classes", default=None,
-                        help="comma-separated thing classes to select (default: all ten, person ... bicycle)")
+                        help="comma-separated thing classes to select (default: all ten, person ... bicycle; "
+                             "with --coco: category names, default all)")
     parser.add_argument("--min-area", type=int, default=64,
                         help="ignore instances smaller than this many pixels (default 64; 0 = paper behaviour)")
     parser.add_argument("--context", type=float, default=1.0,
                         help="crop side = max(box width, box height) x CONTEXT (default 1.0, >= 1)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
-    parser.add_argument("--out", default=None, help="output folder (default: the dataset root)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: the dataset root; with --coco: <folder of the JSON>/instsynth_<split>)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip unreadable or inconsistent images with a warning (listed in selection_report.json)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.coco is None) != (args.images is None):
+        parser.error("--coco and --images go together")
+    if args.frequency and args.coco is None:
+        parser.error("--frequency needs --coco")
+    return args
 
 
 @command
 def main(argv=None) -> None:
     args = parse_args(argv)
     from instsynth.io import InstSynthError
+    from instsynth.coco_input import select_coco_instances
     from instsynth.selection import select_instances
 
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    def names(text):
+        return [c.strip() for c in text.split(",") if c.strip()] if text else None
+
+    common = dict(split=args.split, k=args.k, classes=names(args.classes), min_area=args.min_area,
+                  context=args.context, out=args.out, workers=args.workers, skip_bad=args.skip_bad)
     try:
-        summary = select_instances(args.train_folder, split=args.split, k=args.k, classes=classes,
-                                   min_area=args.min_area, context=args.context, out=args.out,
-                                   workers=args.workers, skip_bad=args.skip_bad)
+        if args.coco is not None:
+            summary = select_coco_instances(args.coco, args.images, frequency=names(args.frequency), **common)
+        else:
+            summary = select_instances(args.train_folder, **common)
     except InstSynthError as exc:
         sys.exit(f"error: {exc}")
     print(f"{summary.instances} instances from {summary.images} images -> {summary.metadata}")

@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="working resolution in pixels, a multiple of 8 (default: the model's native one)")
     p.add_argument("--prompts", default=None, help="prompt bank YAML (default configs/prompts.yaml)")
     p.add_argument("--seed", type=int, default=1, help="base seed (default 1)")
+    p.add_argument("--strict-prompts", action="store_true",
+                   help="COCO datasets: stop with the list of classes missing from the prompt bank instead of "
+                        "generating 'a <colour> <class>' prompts for them")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto",
                    help="auto = fp16 on CUDA, fp32 on CPU")
@@ -71,7 +74,8 @@ def main(argv=None) -> None:
             blending_start_percentage=args.blending_start_percentage, plms=not args.no_plms,
             resolution=args.resolution, seed=args.seed, device=args.device, dtype=args.dtype,
             prompts=resolve_prompts_path(args.prompts), attention_slicing=args.attention_slicing)
-        summary = generate_instances(metadata, out=args.folder, settings=settings, skip_bad=args.skip_bad)
+        summary = generate_instances(metadata, out=args.folder, settings=settings, skip_bad=args.skip_bad,
+                                     strict_prompts=args.strict_prompts)
     except InstSynthError as exc:
         sys.exit(f"error: {exc}")
     print(f"{summary.samples_written} samples written, {summary.samples_existing} already done, "

@@ -296,6 +296,44 @@ def write_demo_dataset(out: str | Path, cities: int = 2, images_per_city: int = 
     return written
 
 
+COCO_FORMATS = ("cityscapes", "coco")
+
+
+def export_coco(cityscapes_root: str | Path, out: str | Path, workers: int | None = 1) -> dict[str, Path]:
+    """The demo tree at ``cityscapes_root`` as a plain COCO dataset under ``out``; returns ``{split: json}``.
+
+    Writes ``out/images/<split>/<city>/<image_id>.png`` (hard links to the leftImg8bit PNGs) and
+    ``out/annotations/instances_<split>.json`` (all ten thing classes, category id = Cityscapes label
+    id; exact pixel-edge polygons, compressed RLE for instances with holes, ``iscrowd`` RLE for group
+    regions), the tree's own stage-5 conversion with file names relative to ``out/images/<split>``.
+    """
+    from .assemble import place_file
+    from .coco import convert_cityscapes_to_coco
+    from .io import LEFT_SUFFIX, read_json
+
+    root, out = Path(cityscapes_root), Path(out)
+    converted = convert_cityscapes_to_coco(root, splits=SPLITS, include_ignored=True, workers=workers)
+    written = {}
+    for split, json_path in converted.items():
+        coco = read_json(json_path)
+        for img in coco["images"]:
+            name = img["file_name"].removesuffix(LEFT_SUFFIX) + ".png"
+            place_file(root / "leftImg8bit" / split / img["file_name"], out / "images" / split / name)
+            img["file_name"] = name
+        for ann in coco["annotations"]:
+            ann.pop("instance_id", None)  # a Cityscapes detail a COCO file does not have
+        coco["info"] = {"description": f"InstSynth demo dataset, split {split} (COCO export)", "version": "1.0"}
+        written[split] = write_json(out / "annotations" / f"instances_{split}.json", coco, indent=None)
+    return written
+
+
+def write_demo_coco_dataset(out: str | Path, cities: int = 2, images_per_city: int = 3,
+                            size: tuple[int, int] = (2048, 1024), seed: int = 0) -> dict[str, Path]:
+    """The demo dataset in COCO format: the Cityscapes tree in ``out/cityscapes`` and its :func:`export_coco`."""
+    write_demo_dataset(Path(out) / "cityscapes", cities, images_per_city, size, seed)
+    return export_coco(Path(out) / "cityscapes", out)
+
+
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
@@ -314,7 +352,14 @@ def main(argv=None) -> None:
     parser.add_argument("--images-per-city", type=int, default=3, help="images per city (default 3)")
     parser.add_argument("--size", type=_parse_size, default=(2048, 1024), help="WIDTHxHEIGHT (default 2048x1024)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--format", choices=COCO_FORMATS, default="cityscapes",
+                        help="cityscapes (default) or coco: OUT/images/<split>/, OUT/annotations/instances_<split>.json "
+                             "(and the Cityscapes tree in OUT/cityscapes)")
     args = parser.parse_args(argv)
+    if args.format == "coco":
+        jsons = write_demo_coco_dataset(args.out, args.cities, args.images_per_city, args.size, args.seed)
+        print(f"demo COCO dataset: {', '.join(str(p) for p in jsons.values())} (images under {Path(args.out) / 'images'})")
+        return
     images = write_demo_dataset(args.out, args.cities, args.images_per_city, args.size, args.seed)
     print(f"demo dataset: {len(images)} images under {args.out}")
 

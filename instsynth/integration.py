@@ -628,12 +628,19 @@ def integrate_samples(inpainting_dir: str | os.PathLike, out: str | os.PathLike,
     ``metadata_path`` defaults to the manifest's metadata; ``coordinates_path`` (stage 1's
     cropped_region_coordinates.json, optional) is checked against it. Bad input raises
     InstSynthError naming the file; with ``skip_bad`` the sample is skipped and listed in
-    integration_report.json. The JSON files are written after every sample was handled.
+    integration_report.json. The JSON files are written after every sample was handled. For a
+    COCO-format metadata the outputs are new images and one merged COCO file (instsynth.coco_output).
     """
     out = Path(out).resolve()
     params.validate(out)
     manifest_path, manifest, meta_path, meta = load_inputs(inpainting_dir, out, metadata_path, coordinates_path)
     chosen, selection = select_samples(manifest["instances"], min_clip_score, top_fraction, manifest_path)
+    if meta.get("format") == "coco":  # your own dataset: new images + one merged COCO file (instsynth.coco_output)
+        from .coco_output import integrate_coco
+
+        return integrate_coco(manifest_path, manifest, meta_path, meta, chosen, selection, params, out,
+                              default_workers() if workers is None else max(1, int(workers)), skip_bad,
+                              {"min_clip_score": min_clip_score, "top_fraction": top_fraction})
     plan = plan_samples(manifest_path, manifest, meta, chosen, params, out, skip_bad)
     entries, files = run_plan(plan, default_workers() if workers is None else max(1, int(workers)))
     stale = remove_stale(plan.previous, entries, out)

@@ -84,8 +84,10 @@ def colorize(label_ids: np.ndarray) -> np.ndarray:
     return _color_lut()[np.asarray(label_ids, dtype=np.uint8)]
 
 
-def load_prompt_bank(path: str | Path | None = None) -> tuple[str, dict[str, list[str]]]:
-    """Load ``(template, {class: [prompt, ...]})`` from the prompts YAML (default configs/prompts.yaml)."""
+def load_prompt_bank(path: str | Path | None = None, classes=()) -> tuple[str, dict[str, list[str]]]:
+    """Load ``(template, {class: [prompt, ...]})`` from the prompts YAML (default configs/prompts.yaml).
+
+    Class names must be Cityscapes names or among ``classes`` (a COCO dataset's category names)."""
     import yaml
 
     from .io import InstSynthError
@@ -99,7 +101,7 @@ def load_prompt_bank(path: str | Path | None = None) -> tuple[str, dict[str, lis
         raise InstSynthError(path, "'template' must be a string containing '{}'")
     if not isinstance(prompts, dict) or not all(isinstance(v, list) and v for v in prompts.values()):
         raise InstSynthError(path, "'prompts' must map each class name to a non-empty list")
-    unknown = sorted(set(prompts) - set(name2label))
+    unknown = sorted(set(prompts) - set(name2label) - set(classes))
     if unknown:
         raise InstSynthError(path, f"unknown class names {unknown}")
     return template, {k: [str(p) for p in v] for k, v in prompts.items()}
@@ -108,3 +110,50 @@ def load_prompt_bank(path: str | Path | None = None) -> tuple[str, dict[str, lis
 def render_prompt(template: str, prompt: str) -> str:
     """Fill the template: ``render_prompt("a photo of {}", "a red car")`` -> ``"a photo of a red car"``."""
     return template.format(prompt)
+
+
+PROMPT_COLOURS = ("red", "white", "black", "blue", "green", "yellow", "grey", "brown")
+"""Colours of the prompts generated for classes without an entry in the prompt bank."""
+
+
+def category_phrase(name: str, synonyms=None) -> str:
+    """Readable noun of a category: its first synonym (LVIS) or name, ``_`` as spaces, ``(...)`` dropped.
+
+    ``category_phrase("bow_(weapon)")`` -> ``"bow"``; ``category_phrase("x", ["school_bus"])`` -> ``"school bus"``."""
+    import re
+
+    text = next((s for s in (synonyms or []) if isinstance(s, str) and s.strip()), name)
+    text = re.sub(r"\([^)]*\)", " ", text).replace("_", " ")
+    return " ".join(text.split()) or name
+
+
+def generated_prompts(name: str, synonyms=None) -> list[str]:
+    """Prompts for a class the bank does not know: ``"a red <phrase>"``, ``"a white <phrase>"``, ...
+
+    One is picked per instance with the instance's seed, like the bank's own prompts."""
+    phrase = category_phrase(name, synonyms)
+    return [f"a {colour} {phrase}" for colour in PROMPT_COLOURS]
+
+
+def complete_prompt_bank(bank: dict[str, list[str]], categories: list[dict], strict: bool = False,
+                         where: str | Path = DEFAULT_PROMPTS) -> dict[str, list[str]]:
+    """The bank plus :func:`generated_prompts` for every category (``{"name", "synonyms"?}``) it lacks.
+
+    With ``strict`` a missing class is an InstSynthError listing all of them instead."""
+    from .io import InstSynthError
+
+    missing = [c for c in categories if c["name"] not in bank]
+    if strict and missing:
+        raise InstSynthError(where, f"no prompts for classes {sorted(c['name'] for c in missing)}; add them to the "
+                                    "prompt bank or drop --strict-prompts to generate 'a <colour> <class>' prompts")
+    return {**bank, **{c["name"]: generated_prompts(c["name"], c.get("synonyms")) for c in missing}}
+
+
+def prompt_bank_for(meta: dict, path: str | Path | None = None, strict: bool = False
+                    ) -> tuple[str, dict[str, list[str]]]:
+    """``(template, bank)`` for a stage-1 metadata: the bank file, completed for a COCO dataset's categories."""
+    categories = meta.get("categories") if meta.get("format") == "coco" else None
+    template, bank = load_prompt_bank(path, [c["name"] for c in categories or []])
+    if categories is not None:
+        bank = complete_prompt_bank(bank, categories, strict, path or DEFAULT_PROMPTS)
+    return template, bank

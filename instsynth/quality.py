@@ -723,10 +723,14 @@ def _jsonable(obj: Any) -> Any:
 # --------------------------------------------------------------------------- quality gate
 def other_prompts(manifest: dict, prompts: str | os.PathLike | None = None) -> Callable[[SampleRef], list[str]]:
     """``ref -> [its text, then the texts of the other prompts of its class]`` from the run's prompt bank."""
-    from .labels import load_prompt_bank, render_prompt
+    from .labels import prompt_bank_for, render_prompt
 
     params = manifest.get("params", {})
-    template, bank = load_prompt_bank(prompts or params.get("prompts"))
+    try:  # a COCO dataset's metadata completes the bank with its categories' generated prompts
+        meta = read_json(manifest["metadata"])
+    except (KeyError, TypeError, InstSynthError):
+        meta = {}
+    template, bank = prompt_bank_for(meta if isinstance(meta, dict) else {}, prompts or params.get("prompts"))
     template = params.get("prompt_template") or template
 
     def texts(ref: SampleRef) -> list[str]:

@@ -22,6 +22,7 @@ atomically, after every image was handled.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -52,6 +53,8 @@ SKIP_REASONS = ("group_region", "class_not_selected", "below_min_area", "beyond_
 _INSTANCE_FIELDS = {"key": str, "image_id": str, "city": str, "instance_id": int, "label_id": int,
                     "class": str, "area": int, "bbox": list, "crop_box": list, "image": str,
                     "instance_ids": str, "crop_rgb": str, "crop_mask": str}
+_COCO_INSTANCE_FIELDS = {**{k: v for k, v in _INSTANCE_FIELDS.items() if k != "instance_ids"}, "coco_image_id": int}
+"""Fields of an instance of a COCO-format metadata.json (``"format": "coco"``, see instsynth.coco_input)."""
 
 log = get_logger("instsynth.selection")
 
@@ -347,10 +350,10 @@ def _check_box(path: Path, key: str, name: str, box: Any) -> None:
         raise InstSynthError(path, f"instance {key!r}: {name} must be [x0, y0, x1, y1] with x0 < x1, y0 < y1, got {box!r}")
 
 
-def _check_instance(path: Path, n: int, inst: Any) -> None:
+def _check_instance(path: Path, n: int, inst: Any, fields: dict = _INSTANCE_FIELDS, identity=None) -> None:
     if not isinstance(inst, dict):
         raise InstSynthError(path, f"instances[{n}] is not an object")
-    for name, kind in _INSTANCE_FIELDS.items():
+    for name, kind in fields.items():
         if not isinstance(inst.get(name), kind) or isinstance(inst.get(name), bool):
             raise InstSynthError(path, f"instances[{n}]: field {name!r} missing or not {kind.__name__}")
     key = inst["key"]
@@ -359,7 +362,19 @@ def _check_instance(path: Path, n: int, inst: Any) -> None:
     (bx0, by0, bx1, by1), (cx0, cy0, cx1, cy1) = inst["bbox"], inst["crop_box"]
     if not (cx0 <= bx0 and cy0 <= by0 and bx1 <= cx1 and by1 <= cy1):
         raise InstSynthError(path, f"instance {key!r}: crop_box {inst['crop_box']} does not contain bbox {inst['bbox']}")
-    _check_identity(path, n, inst)
+    (identity or _check_identity)(path, n, inst)
+
+
+def _check_coco_identity(categories: dict[int, str], path: Path, n: int, inst: dict) -> None:
+    """A COCO metadata's instance: key ``<stem>_<annotation id>``, ``image`` a file of that stem, and
+    ``label_id`` / ``class`` a category of the file (see instsynth.coco_input)."""
+    where = f"instances[{n}] ({inst['key']!r})"
+    if inst["key"] != f"{inst['image_id']}_{inst['instance_id']}" or Path(inst["image"]).stem != inst["image_id"]:
+        raise InstSynthError(path, f"{where}: key, image_id and image disagree with annotation {inst['instance_id']}; "
+                                   "was the file edited by hand?")
+    if categories.get(inst["label_id"]) != inst["class"]:
+        raise InstSynthError(path, f"{where}: class {inst['class']!r} is not category {inst['label_id']} of the "
+                                   "file's categories; was the file edited by hand?")
 
 
 def _check_identity(path: Path, n: int, inst: dict) -> None:
@@ -393,6 +408,8 @@ def load_metadata(path: str | os.PathLike, check_files: bool = True) -> dict:
     Adds absolute :class:`~pathlib.Path` fields ``image_path``, ``instance_ids_path`` (from
     ``dataset_root``) and ``crop_rgb_path``, ``crop_mask_path`` (from the metadata folder) to every
     instance. With ``check_files`` those four files must exist. Bad input raises InstSynthError.
+    A COCO-format metadata (``"format": "coco"``) has no instanceIds: its instances carry their
+    annotation id as ``instance_id`` and ``coco_image_id``, and ``coco_json`` names the source file.
     """
     path = Path(path).resolve()
     meta = read_json(path)
@@ -401,16 +418,28 @@ def load_metadata(path: str | os.PathLike, check_files: bool = True) -> dict:
     for name, kind in (("dataset_root", str), ("split", str), ("k", int), ("instances", list)):
         if not isinstance(meta.get(name), kind):
             raise InstSynthError(path, f"field {name!r} missing or not {kind.__name__}")
+    coco = meta.get("format") == "coco"
+    if coco and not isinstance(meta.get("coco_json"), str):
+        raise InstSynthError(path, "field 'coco_json' missing or not str")
+    fields, files = ((_COCO_INSTANCE_FIELDS, ("image_path", "crop_rgb_path", "crop_mask_path")) if coco else
+                     (_INSTANCE_FIELDS, ("image_path", "instance_ids_path", "crop_rgb_path", "crop_mask_path")))
+    identity = None
+    if coco:
+        if not (isinstance(meta.get("categories"), list) and all(isinstance(c, dict) for c in meta["categories"])):
+            raise InstSynthError(path, "field 'categories' missing or not a list of objects")
+        identity = functools.partial(_check_coco_identity, {c.get("id"): c.get("name") for c in meta["categories"]})
     root, folder, keys = Path(meta["dataset_root"]), path.parent, set()
     for n, inst in enumerate(meta["instances"]):
-        _check_instance(path, n, inst)
+        _check_instance(path, n, inst, fields, identity)
         if inst["key"] in keys:
             raise InstSynthError(path, f"duplicate instance key {inst['key']!r}")
         keys.add(inst["key"])
-        inst.update(image_path=root / inst["image"], instance_ids_path=root / inst["instance_ids"],
-                    crop_rgb_path=folder / inst["crop_rgb"], crop_mask_path=folder / inst["crop_mask"])
+        inst.update(image_path=root / inst["image"], crop_rgb_path=folder / inst["crop_rgb"],
+                    crop_mask_path=folder / inst["crop_mask"])
+        if not coco:
+            inst["instance_ids_path"] = root / inst["instance_ids"]
         if check_files:
-            for name in ("image_path", "instance_ids_path", "crop_rgb_path", "crop_mask_path"):
+            for name in files:
                 if not inst[name].is_file():
                     raise InstSynthError(path, f"instance {inst['key']!r}: {name[:-5]} file {inst[name]} not found")
     return meta

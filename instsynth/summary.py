@@ -16,14 +16,17 @@ from collections import Counter
 from pathlib import Path
 
 from .cli import command
+from .coco_output import SYNTHETIC_FOLDER, merged_json_path
 from .io import InstSynthError, is_generated_folder, read_json, write_json
 
 COCO_NAME = "instancesonly_filtered_gtFine_{}.json"
 
 
 def original_subset(coco: dict) -> dict:
-    """The COCO dict restricted to images outside InstSynth's generated city folders."""
-    keep = {im["id"] for im in coco["images"] if not is_generated_folder(Path(im["file_name"]).parent.name)}
+    """The COCO dict restricted to images outside InstSynth's generated folders (``*_syn`` cities,
+    ``instsynth_syn/`` of a merged COCO file)."""
+    keep = {im["id"] for im in coco["images"] if not is_generated_folder(Path(im["file_name"]).parent.name)
+            and not im["file_name"].startswith(SYNTHETIC_FOLDER + "/")}
     return {**coco, "images": [im for im in coco["images"] if im["id"] in keep],
             "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}
 
@@ -56,6 +59,8 @@ def run_summary(work_dir: str | Path, output: str | Path, mode_name: str = "Reco
     for split in splits:
         path = output / "annotations" / COCO_NAME.format(split)
         if not path.is_file():
+            path = merged_json_path(output, split)  # your own dataset: the merged COCO file of stage 2
+        if not path.is_file():
             continue
         data = read_json(path)
         before = original_subset(data)
@@ -78,10 +83,11 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{stage:<12} {_scalars(rep) or '(see report)'}")
     for split, s in summary["coco"].items():
         b, a = s["before"], s["after"]
+        width = max([12, *(len(n) + 2 for n in a["per_class"])])
         lines += ["", f"COCO {split}: images {b['images']} -> {a['images']}, "
                       f"instances {b['instances']} -> {a['instances']}  ({s['file']})",
-                  f"  {'class':<12}{'before':>8}{'after':>8}"]
-        lines += [f"  {n:<12}{b['per_class'][n]:>8}{a['per_class'][n]:>8}" for n in a["per_class"]]
+                  f"  {'class':<{width}}{'before':>8}{'after':>8}"]
+        lines += [f"  {n:<{width}}{b['per_class'][n]:>8}{a['per_class'][n]:>8}" for n in a["per_class"]]
     lines += ["", f"output dataset: {summary['output']}", f"work folder:    {summary['work_dir']}", "=" * 72]
     return "\n".join(lines)
 

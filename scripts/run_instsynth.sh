@@ -1,10 +1,30 @@
 #!/usr/bin/env bash
 # InstSynth, the whole run: edit the variables below (or set them in the environment) and run
 #   bash scripts/run_instsynth.sh
+# or, on your own COCO / LVIS dataset:
+#   bash scripts/run_instsynth.sh --coco ANNOTATIONS.json --images DIR [--val-coco JSON --val-images DIR] [--name mydata]
 # Every stage is resumable: after a failure, fix the cause and run the script again; finished work
 # is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --coco) COCO_JSON=$2; shift 2 ;;
+    --images) COCO_IMAGES=$2; shift 2 ;;
+    --val-coco) VAL_COCO_JSON=$2; shift 2 ;;
+    --val-images) VAL_COCO_IMAGES=$2; shift 2 ;;
+    --name) DATASET_NAME=$2; shift 2 ;;
+    *) echo "unknown argument '$1' (use --coco JSON --images DIR [--val-coco JSON --val-images DIR] [--name NAME])" >&2; exit 2 ;;
+  esac
+done
+COCO_JSON=${COCO_JSON:-}           # your own dataset: COCO / LVIS instances file (empty: Cityscapes)
+COCO_IMAGES=${COCO_IMAGES:-}       # the folder its file_name entries are relative to
+VAL_COCO_JSON=${VAL_COCO_JSON:-}   # optional: its val split, registered as ${DATASET_NAME}_val for evaluation
+VAL_COCO_IMAGES=${VAL_COCO_IMAGES:-}
+DATASET_NAME=${DATASET_NAME:-mydata}
+if [ -n "$COCO_JSON" ] && [ -z "$COCO_IMAGES" ]; then echo "--coco needs --images DIR" >&2; exit 2; fi
+if [ -n "$COCO_JSON" ]; then OUTPUT_DATASET_PATH=${OUTPUT_DATASET_PATH:-datasets/${DATASET_NAME}_instsynth}; fi
 
 # ---- edit me ---------------------------------------------------------------------------------
 DATASET_PATH=${DATASET_PATH:-datasets/cityscapes}                       # source Cityscapes tree
@@ -38,7 +58,11 @@ stage() { STAGE="$*"; echo; echo "==> [$(date +%H:%M:%S)] $*"; }
 trap 'echo "error: stage ${STAGE:-setup} failed (exit $?); fix the cause above and rerun: finished work is skipped" >&2' ERR
 
 stage "1/7 instance selection"
-"$PYTHON" process_clean_ver.py --train_folder "$DATASET_PATH" --k "$K" --out "$SEL_DIR"
+if [ -n "$COCO_JSON" ]; then
+  "$PYTHON" process_clean_ver.py --coco "$COCO_JSON" --images "$COCO_IMAGES" --k "$K" --out "$SEL_DIR"
+else
+  "$PYTHON" process_clean_ver.py --train_folder "$DATASET_PATH" --k "$K" --out "$SEL_DIR"
+fi
 
 stage "2/7 instance generation ($MODE)"
 "$PYTHON" generation/instance_generation.py --mode "$MODE" --metadata "$SEL_DIR/metadata.json" \
@@ -57,6 +81,35 @@ stage "3/7 integration: paste samples, cut new image/label pairs"
   --cropped_region_coordinates "$SEL_DIR/cropped_region_coordinates.json" \
   --output_folder_name "$OUTPUT_DATASET_PATH" --crops_per_sample "$CROPS_PER_SAMPLE" --blend "$BLEND" \
   --seed "$SEED" ${GATE[@]+"${GATE[@]}"}
+
+if [ -n "$COCO_JSON" ]; then
+  # your own dataset: integration wrote OUT/images and OUT/annotations/instances_train_instsynth.json;
+  # register the datasets by name for train_net.py
+  CATALOG="$OUTPUT_DATASET_PATH/catalog.yaml"
+  stage "4/7 catalog: $CATALOG"
+  "$PYTHON" -m instsynth.data.catalog add "$CATALOG" "${DATASET_NAME}_train_instsynth" \
+    "$OUTPUT_DATASET_PATH/annotations/instances_train_instsynth.json" "$OUTPUT_DATASET_PATH/images"
+  "$PYTHON" -m instsynth.data.catalog add "$CATALOG" "${DATASET_NAME}_train" "$COCO_JSON" "$COCO_IMAGES"
+  TEST_NAME="${DATASET_NAME}_train"
+  if [ -n "$VAL_COCO_JSON" ]; then
+    "$PYTHON" -m instsynth.data.catalog add "$CATALOG" "${DATASET_NAME}_val" "$VAL_COCO_JSON" "$VAL_COCO_IMAGES"
+    TEST_NAME="${DATASET_NAME}_val"
+  fi
+  stage "5-6/7 label crops and COCO conversion: not needed (the merged COCO file is written by integration)"
+  if [ -n "$TRAIN_CONFIG" ]; then
+    stage "7/7 training ($TRAIN_CONFIG) on ${DATASET_NAME}_train_instsynth, evaluated on $TEST_NAME"
+    NUM_CLASSES=$("$PYTHON" -c "import json, sys; print(len(json.load(open(sys.argv[1]))['categories']))" "$COCO_JSON")
+    # shellcheck disable=SC2086
+    INSTSYNTH_CATALOG="$CATALOG" "$PYTHON" train_net.py --config-file "$TRAIN_CONFIG" --resume \
+      DATASETS.TRAIN "('${DATASET_NAME}_train_instsynth',)" DATASETS.TEST "('$TEST_NAME',)" \
+      MODEL.FASTINST.NUM_CLASSES "$NUM_CLASSES" MODEL.ONE_FORMER.NUM_CLASSES "$NUM_CLASSES" $TRAIN_OPTS
+  else
+    stage "7/7 training skipped (TRAIN_CONFIG is empty)"
+  fi
+  "$PYTHON" -m instsynth.summary run --work_dir "$WORK_DIR" --output "$OUTPUT_DATASET_PATH" --mode_name "$MODE_NAME" \
+    --json "$WORK_DIR/summary.json"
+  exit 0
+fi
 
 stage "4/7 assembly: original splits into the output dataset"
 "$PYTHON" move_folder_clean_ver.py --src_path "$DATASET_PATH" --des_path "$OUTPUT_DATASET_PATH"

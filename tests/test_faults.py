@@ -268,3 +268,17 @@ def test_debug_shows_the_traceback_of_bad_input_too(tmp_path):
     assert plain.returncode == 1 and plain.stderr.strip() == f"error: {tmp_path / 'nowhere'}/gtFine/train: " \
         "folder not found (expected a Cityscapes tree: gtFine/<split>/<city>/)"
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "InstSynthError" in debug.stderr
+
+
+def test_checkpoint_on_a_full_disk(tmpfs):
+    import torch
+
+    from instsynth.engine.checkpoint import save_checkpoint
+
+    model = torch.nn.Linear(256, 256)
+    tmpfs.fill(leave_bytes=64 * 1024)  # a 256 kB checkpoint does not fit
+    with pytest.raises(OutputError, match=r"model_final.pth: no space left on device \(0.\d MB free"):
+        save_checkpoint(tmpfs.path / "train", "model_final.pth", model)
+    assert temp_files(tmpfs.path) == []
+    tmpfs.free()
+    assert save_checkpoint(tmpfs.path / "train", "model_final.pth", model).is_file()

@@ -7,6 +7,10 @@ name either tree directly. Each needs the COCO file written by
 ``cityscapes-to-coco-conversion/main_defined_clean_ver.py``:
 ``<root>/annotations/instancesonly_filtered_gtFine_<split>.json``.
 
+Your own COCO datasets are registered by name in a YAML catalog named by ``$INSTSYNTH_CATALOG``
+(several files separated by ``:``): ``NAME: {json_file: PATH, image_root: DIR}`` per dataset, paths
+relative to the catalog file; or in Python with :func:`register_coco_instances`.
+
 The ``cityscapes_demo_*`` names build the demo dataset and its COCO files on first use in
 ``$INSTSYNTH_DEMO_DIR`` (default ``~/.cache/instsynth/demo``), so quick configs run on a fresh clone.
 """
@@ -107,21 +111,57 @@ def _register_builtin() -> None:
 _register_builtin()
 
 
+CATALOG_ENV = "INSTSYNTH_CATALOG"
+
+
+def load_catalog(path: str | os.PathLike) -> dict[str, DatasetSpec]:
+    """Datasets of a YAML catalog ``{NAME: {json_file, image_root}}`` (paths relative to the file)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InstSynthError(path, f"dataset catalog not found (named by ${CATALOG_ENV})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InstSynthError(path, f"not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise InstSynthError(path, "expected a mapping NAME: {json_file: PATH, image_root: DIR}")
+    specs = {}
+    for name, entry in data.items():
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("json_file", "image_root"))):
+            raise InstSynthError(path, f"dataset {name!r}: needs string fields json_file and image_root")
+        json_file, image_root = (path.parent / Path(entry[k]).expanduser() for k in ("json_file", "image_root"))
+        specs[str(name)] = DatasetSpec(str(name), json_file, image_root)
+    return specs
+
+
+def catalog_specs() -> dict[str, DatasetSpec]:
+    """Every dataset of the catalog files named by ``$INSTSYNTH_CATALOG`` (read on every call)."""
+    specs: dict[str, DatasetSpec] = {}
+    for part in filter(None, os.environ.get(CATALOG_ENV, "").split(os.pathsep)):
+        specs.update(load_catalog(part))
+    return specs
+
+
 def registered_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *catalog_specs()})
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """The spec of a registered dataset; an unknown name lists the registered ones."""
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+    """The spec of a registered or catalogued dataset; an unknown name lists the registered ones."""
+    catalog = catalog_specs()
+    if name not in _REGISTRY and name not in catalog:
+        close = difflib.get_close_matches(name, registered_names(), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise InstSynthError("DATASETS", f"unknown dataset name {name!r}.{hint} Registered datasets: "
-                                         f"{', '.join(registered_names())} (add your own with "
-                                         "instsynth.data.catalog.register_coco_instances)")
-    spec = _REGISTRY[name]()
+                                         f"{', '.join(registered_names())} (add your own to a YAML catalog named by "
+                                         f"${CATALOG_ENV}, or with instsynth.data.catalog.register_coco_instances)")
+    spec = _REGISTRY[name]() if name in _REGISTRY else catalog[name]
     if spec.prepare is not None:
         spec.prepare()
+    if not spec.json_file.is_file() and spec.dataset_root is None:
+        raise InstSynthError(spec.json_file, f"COCO annotations of dataset {name!r} not found")
     if not spec.json_file.is_file():
         raise InstSynthError(spec.json_file, f"COCO annotations of dataset {name!r} not found; convert the "
                              f"Cityscapes tree first: python cityscapes-to-coco-conversion/main_defined_clean_ver.py "
@@ -170,3 +210,48 @@ def get_metadata(name: str) -> Metadata:
     cats = _categories(spec.json_file, spec.json_file.stat().st_mtime)
     return Metadata(name, spec.json_file, spec.image_root, spec.dataset_root,
                     tuple(n for _, n in cats), tuple(i for i, _ in cats))
+
+
+def add_to_catalog(catalog: str | os.PathLike, name: str, json_file: str | os.PathLike,
+                   image_root: str | os.PathLike) -> Path:
+    """Add (or replace) dataset ``name`` in a YAML catalog file, keeping its other entries; absolute paths."""
+    import yaml
+
+    from instsynth.io import write_bytes
+
+    catalog = Path(catalog)
+    entries = {}
+    if catalog.is_file():
+        load_catalog(catalog)  # a broken catalog is an error, not something to overwrite
+        entries = yaml.safe_load(catalog.read_text()) or {}
+    entries[name] = {"json_file": str(Path(json_file).resolve()), "image_root": str(Path(image_root).resolve())}
+    return write_bytes(catalog, yaml.safe_dump(entries, sort_keys=True).encode())
+
+
+def main(argv=None) -> None:
+    """``python -m instsynth.data.catalog add CATALOG NAME JSON IMAGE_ROOT`` / ``list``."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m instsynth.data.catalog",
+                                description="Register COCO datasets by name for train_net.py ($INSTSYNTH_CATALOG).")
+    sub = p.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add", help="add or replace a dataset in a catalog YAML file")
+    add.add_argument("catalog", help="catalog YAML file (created if missing); point $INSTSYNTH_CATALOG at it")
+    add.add_argument("name", help="dataset name for DATASETS.TRAIN / DATASETS.TEST")
+    add.add_argument("json_file", help="COCO instances JSON")
+    add.add_argument("image_root", help="folder the JSON's file_name entries are relative to")
+    sub.add_parser("list", help="print every registered dataset name")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "add":
+            path = add_to_catalog(args.catalog, args.name, args.json_file, args.image_root)
+            print(f"{args.name} -> {path}")
+        else:
+            print("\n".join(registered_names()))
+    except InstSynthError as exc:
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()

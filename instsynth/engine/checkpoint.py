@@ -6,6 +6,7 @@ stored as tensors and plain Python values so it loads with ``torch.load(weights_
 """
 from __future__ import annotations
 
+import errno
 import random
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from instsynth.io import InstSynthError, atomic_path, get_logger, write_bytes
+from instsynth.io import InstSynthError, atomic_path, free_mb, get_logger, write_bytes
 
 log = get_logger("instsynth.engine")
 LAST_CHECKPOINT = "last_checkpoint"
@@ -56,7 +57,12 @@ def save_checkpoint(output_dir: str | Path, name: str, model: nn.Module, optimiz
         data["scaler"] = scaler.state_dict()
     path = output_dir / name
     with atomic_path(path) as tmp:
-        torch.save(data, tmp)
+        try:
+            torch.save(data, tmp)
+        except RuntimeError as exc:  # torch reports a failed write without errno; a full disk is the usual cause
+            if free_mb(tmp) >= 1:
+                raise
+            raise OSError(errno.ENOSPC, "No space left on device") from exc
     write_bytes(output_dir / LAST_CHECKPOINT, name.encode())
     log.info("saved checkpoint %s", path)
     return path

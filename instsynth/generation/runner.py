@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..io import InstSynthError, get_logger, progress, read_png, write_json, write_png
-from ..labels import load_prompt_bank, render_prompt
+from ..labels import prompt_bank_for, render_prompt
 from ..selection import load_metadata
 from .common import (Backend, GenerationSettings, SampleJob, backend_class, choose_prompt, composite,
                      instance_seed, sample_seed)
@@ -301,13 +301,13 @@ class _Run:
 
 
 def prepare_run(metadata: str | os.PathLike, out: str | os.PathLike | None, settings: GenerationSettings,
-                skip_bad: bool) -> _Run:
+                skip_bad: bool, strict_prompts: bool = False) -> _Run:
     """Validate inputs and settings, read what earlier runs recorded, plan this shard's samples."""
     meta_path = Path(metadata).resolve()
     meta = load_metadata(meta_path, check_files=False)
     mode_dir = (Path(out).resolve() if out is not None else meta_path.parent) / settings.mode_name
     validate_settings(settings, meta_path)
-    template, bank = load_prompt_bank(settings.prompts)
+    template, bank = prompt_bank_for(meta, settings.prompts, strict_prompts)  # COCO: + generated prompts
     shard = current_shard(settings.device)
     header = manifest_header(settings, meta, meta_path, template)
     if shard.rank == 0:
@@ -347,17 +347,19 @@ def run_batches(run: _Run) -> None:
 
 
 def generate_instances(metadata: str | os.PathLike, out: str | os.PathLike | None = None,
-                       settings: GenerationSettings = GenerationSettings(), skip_bad: bool = False
-                       ) -> GenerationSummary:
+                       settings: GenerationSettings = GenerationSettings(), skip_bad: bool = False,
+                       strict_prompts: bool = False) -> GenerationSummary:
     """Generate ``settings.num_samples`` images of every instance of a stage-1 ``metadata.json``.
 
     Writes ``<out>/<ModeName>/<split>/<city>/<image_id>_<instance_id>_<ModeName>_<sample:06d>.png``,
     the manifest ``<out>/<ModeName>/generation.json`` and ``generation_report.json``; ``out``
     defaults to the metadata's folder. Samples already recorded are skipped. Bad input raises
-    InstSynthError; with ``skip_bad`` the instance is skipped and listed in the report.
+    InstSynthError; with ``skip_bad`` the instance is skipped and listed in the report. For a COCO
+    metadata, classes without prompts get :func:`instsynth.labels.generated_prompts` unless
+    ``strict_prompts`` (then an error lists them).
     """
     started = time.time()
-    run = prepare_run(metadata, out, settings, skip_bad)
+    run = prepare_run(metadata, out, settings, skip_bad, strict_prompts)
     run_batches(run)
     if run.shard.world > 1:
         run.write_manifest()  # also when this shard had nothing to do: it carries its skips and counts

@@ -1,0 +1,375 @@
+"""Stage 1 on your own dataset: read a COCO / LVIS instance-segmentation file, select and crop instances.
+
+``select_coco_instances(coco_json, images_dir, ...)`` is :func:`instsynth.selection.select_instances`
+for a COCO-format dataset: per image the k largest non-crowd annotations of the chosen categories
+(by rasterised pixel count, ties broken by the smaller annotation id, at least ``min_area`` pixels)
+get the same square crop box and the same two crop PNGs, and the same ``metadata.json``,
+``cropped_region_coordinates.json`` and ``selection_report.json`` are written. Segmentations may be
+polygons, uncompressed RLE (``counts`` a list) or compressed RLE (``counts`` a string); images may
+have any size and format OpenCV reads and lie in nested folders; categories come from the file.
+LVIS files (categories with ``synonyms``, ``def``, ``frequency``; images with
+``not_exhaustive_category_ids``) are read the same way, and ``frequency`` selects categories by
+LVIS frequency (``r``, ``c``, ``f``).
+
+In a COCO ``metadata.json`` (``"format": "coco"``) an instance's ``instance_id`` is its annotation
+id, ``label_id`` its category id, ``class`` the category name, ``image_id`` the image file's stem,
+``city`` the image's folder relative to ``images_dir`` (``images`` at the top level), ``image`` its
+``file_name`` and ``coco_image_id`` the image's id in the file; the key is ``<stem>_<annotation id>``.
+
+The file is checked before any work: duplicate image / annotation / category ids, annotations that
+point to an unknown image or category, polygons with fewer than 3 points, RLE of another size, boxes
+outside their image and missing image files raise an InstSynthError naming the file and the id; with
+``skip_bad`` the offending annotation (or image) is left out and counted in selection_report.json.
+The source JSON and images are only read.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from .io import InstSynthError, default_workers, get_logger, progress, read_json, read_png, write_if_changed
+from .parallel import ordered_map
+from .selection import (COORDINATES_NAME, CROPS_DIR, DEFAULT_MIN_AREA, METADATA_NAME, METADATA_VERSION,
+                        REPORT_NAME, SKIP_REASONS, ImageResult, SelectionSummary, _json_bytes, encode_crop,
+                        square_crop_box, stale_crops)
+
+COCO_FORMAT = "coco"
+"""Value of ``format`` in a metadata.json written from a COCO file (Cityscapes metadata has none)."""
+BOX_TOLERANCE = 1.0
+"""Pixels an annotation's bbox may extend beyond its image (rounding in exported files) before it is bad."""
+LVIS_FREQUENCIES = ("r", "c", "f")
+TOP_LEVEL_FOLDER = "images"
+"""``city`` of images at the top level of ``images_dir``."""
+
+log = get_logger("instsynth.coco_input")
+
+
+# --------------------------------------------------------------------------- masks
+def segmentation_rle(segmentation: Any, height: int, width: int) -> dict:
+    """pycocotools RLE of a COCO segmentation (polygons, uncompressed or compressed RLE)."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    counts = segmentation["counts"]
+    return {"size": segmentation["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
+    """Boolean (height, width) mask of an annotation, rasterised by pycocotools."""
+    return mask_utils.decode(segmentation_rle(ann["segmentation"], height, width)).astype(bool)
+
+
+# --------------------------------------------------------------------------- reading and checking
+@dataclass
+class CocoSource:
+    """A checked COCO file: its raw dict, categories by id, kept images (sorted by file name), their annotations."""
+
+    json_path: Path
+    images_dir: Path
+    data: dict
+    categories: dict[int, dict]
+    images: list[dict]
+    annotations: dict[int, list[dict]]  # image id -> annotations in file order
+    bad: list[dict] = field(default_factory=list)  # what skip_bad left out: {"kind", "id", "problem"}
+
+
+def _segmentation_problem(seg: Any, height: int, width: int) -> str | None:
+    if isinstance(seg, list):
+        if not seg:
+            return "empty segmentation"
+        for poly in seg:
+            if not isinstance(poly, list) or len(poly) % 2 or not all(isinstance(v, (int, float)) for v in poly):
+                return "polygon must be a flat list of x, y numbers"
+            if len(poly) < 6:
+                return f"polygon with {len(poly) // 2} points (needs at least 3)"
+        return None
+    if isinstance(seg, dict) and isinstance(seg.get("counts"), (list, str)) and isinstance(seg.get("size"), list):
+        if list(seg["size"]) != [height, width]:
+            return f"RLE size {seg['size']} differs from its image's [height, width] [{height}, {width}]"
+        return None
+    return "segmentation must be polygons or RLE {size, counts}"
+
+
+def _annotation_problem(ann: Any, images: dict[int, dict], categories: dict[int, dict]) -> str | None:
+    if not isinstance(ann, dict):
+        return "not an object"
+    if ann.get("image_id") not in images:
+        return f"points to image id {ann.get('image_id')!r}, which is not in the file"
+    if ann.get("category_id") not in categories:
+        return f"unknown category id {ann.get('category_id')!r}"
+    img = images[ann["image_id"]]
+    height, width = img["height"], img["width"]
+    problem = _segmentation_problem(ann.get("segmentation"), height, width)
+    if problem:
+        return problem
+    box = ann.get("bbox")
+    if box is not None:
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            return f"bbox must be [x, y, w, h], got {box!r}"
+        x, y, w, h = box
+        t = BOX_TOLERANCE
+        if w < 0 or h < 0 or x < -t or y < -t or x + w > width + t or y + h > height + t:
+            return f"bbox {box} lies outside its {width}x{height} image {img['file_name']}"
+    return None
+
+
+def _unique(json_path: Path, items: list, what: str) -> dict[int, dict]:
+    """Items by id; a missing or duplicate id raises InstSynthError naming it."""
+    by_id: dict[int, dict] = {}
+    for n, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
+            raise InstSynthError(json_path, f"{what}[{n}] has no integer 'id'")
+        if item["id"] in by_id:
+            raise InstSynthError(json_path, f"duplicate {what} id {item['id']}")
+        by_id[item["id"]] = item
+    return by_id
+
+
+def load_coco_source(coco_json: str | os.PathLike, images_dir: str | os.PathLike, skip_bad: bool = False,
+                     check_images: bool = True) -> CocoSource:
+    """Read and check a COCO / LVIS instances file (see the module docstring for what is checked)."""
+    json_path, images_dir = Path(coco_json).resolve(), Path(images_dir).resolve()
+    data = read_json(json_path)
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+        raise InstSynthError(json_path, "not a COCO instances file (needs lists 'images', 'annotations', 'categories')")
+    categories = _unique(json_path, data["categories"], "category")
+    for cat in categories.values():
+        if not isinstance(cat.get("name"), str):
+            raise InstSynthError(json_path, f"category id {cat['id']} has no name")
+    names = Counter(c["name"] for c in categories.values())
+    if any(n > 1 for n in names.values()):
+        raise InstSynthError(json_path, f"duplicate category names {sorted(k for k, n in names.items() if n > 1)}")
+    images = _unique(json_path, data["images"], "image")
+    _unique(json_path, data["annotations"], "annotation")
+    bad: list[dict] = []
+
+    def reject(kind: str, item_id: Any, problem: str) -> None:
+        if not skip_bad:
+            raise InstSynthError(json_path, f"{kind} id {item_id}: {problem}")
+        log.warning("skipping %s id %s: %s", kind, item_id, problem)
+        bad.append({"kind": kind, "id": item_id, "problem": problem})
+
+    kept: dict[int, dict] = {}
+    for image_id, img in images.items():
+        name, w, h = img.get("file_name"), img.get("width"), img.get("height")
+        if not isinstance(name, str) or not all(isinstance(v, int) and v > 0 for v in (w, h)):
+            reject("image", image_id, "needs a string 'file_name' and positive integer 'width' and 'height'")
+        elif PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            reject("image", image_id, f"file_name {name!r} must be relative to the images folder")
+        elif check_images and not (images_dir / name).is_file():
+            reject("image", image_id, f"image file {images_dir / name} not found")
+        else:
+            kept[image_id] = img
+    annotations: dict[int, list[dict]] = {i: [] for i in kept}
+    for ann in data["annotations"]:
+        if ann.get("image_id") in images and ann["image_id"] not in kept:
+            continue  # its image was skipped
+        problem = _annotation_problem(ann, images, categories)
+        if problem:
+            reject("annotation", ann.get("id"), problem)
+        else:
+            annotations[ann["image_id"]].append(ann)
+    ordered = sorted(kept.values(), key=lambda i: (i["file_name"], i["id"]))
+    return CocoSource(json_path, images_dir, data, categories, ordered, annotations, bad)
+
+
+def select_categories(source: CocoSource, classes: Sequence[str] | None = None,
+                      frequency: Sequence[str] | None = None) -> tuple[int, ...]:
+    """Category ids named by ``classes`` (default: all) and of an LVIS ``frequency`` (r, c, f), sorted."""
+    by_name = {c["name"]: i for i, c in source.categories.items()}
+    if classes:
+        unknown = [c for c in classes if c not in by_name]
+        if unknown:
+            raise InstSynthError(source.json_path, f"unknown category names {unknown}; the file has "
+                                                   f"{sorted(by_name)[:50]}")
+        ids = {by_name[c] for c in classes}
+    else:
+        ids = set(source.categories)
+    if frequency:
+        wrong = sorted(set(frequency) - set(LVIS_FREQUENCIES))
+        if wrong:
+            raise InstSynthError(source.json_path, f"frequency must be among {LVIS_FREQUENCIES}, got {wrong}")
+        if not any("frequency" in c for c in source.categories.values()):
+            raise InstSynthError(source.json_path, "categories have no LVIS 'frequency' field; drop --frequency")
+        ids = {i for i in ids if source.categories[i].get("frequency") in frequency}
+    if not ids:
+        raise InstSynthError(source.json_path, "no category matches the chosen classes and frequency")
+    return tuple(sorted(ids))
+
+
+# --------------------------------------------------------------------------- per image
+@dataclass(frozen=True)
+class CocoParams:
+    """What to select in a COCO dataset: the k largest annotations of ``category_ids``."""
+
+    k: int
+    category_ids: tuple[int, ...]
+    min_area: int
+    context: float
+
+
+def image_location(file_name: str) -> tuple[str, str]:
+    """(city, image_id) of a file name: its folder (``images`` at the top level) and its stem."""
+    path = PurePosixPath(file_name)
+    folder = path.parent.as_posix()
+    return (TOP_LEVEL_FOLDER if folder == "." else folder), path.stem
+
+
+def rank_annotations(areas: dict[int, int], anns: list[dict], params: CocoParams
+                     ) -> tuple[list[tuple[dict, int]], Counter]:
+    """The selected ``[(annotation, area), ...]`` (largest first, ties by id) and skip counts by reason.
+
+    ``areas``: rasterised pixel count of every non-crowd annotation of the chosen categories."""
+    skipped = Counter()
+    candidates = []
+    for ann in anns:
+        if ann.get("iscrowd", 0):
+            skipped["group_region"] += 1
+        elif ann["category_id"] not in params.category_ids:
+            skipped["class_not_selected"] += 1
+        else:
+            area = areas[ann["id"]]
+            if area < max(params.min_area, 1):
+                skipped["below_min_area"] += 1
+            else:
+                candidates.append((ann, area))
+    candidates.sort(key=lambda pair: (-pair[1], pair[0]["id"]))
+    skipped["beyond_k"] = max(0, len(candidates) - params.k)
+    return candidates[: params.k], skipped
+
+
+def _read_image(source_path: Path, img: dict) -> np.ndarray:
+    bgr = read_png(source_path, rgb=True, bgr=True)  # any format OpenCV decodes
+    if bgr.shape[:2] != (img["height"], img["width"]):
+        raise InstSynthError(source_path, f"size {bgr.shape[1]}x{bgr.shape[0]} differs from the annotation file's "
+                                          f"{img['width']}x{img['height']} (image id {img['id']})")
+    return bgr
+
+
+def select_in_coco_image(img: dict, anns: list[dict], images_dir: Path, split: str, params: CocoParams,
+                         categories: dict[int, str], out: Path) -> ImageResult:
+    """Select, crop and write the instances of one COCO image; returns their metadata entries."""
+    city, stem = image_location(img["file_name"])
+    height, width = img["height"], img["width"]
+    wanted = [a for a in anns if not a.get("iscrowd", 0) and a["category_id"] in params.category_ids]
+    rles = {a["id"]: segmentation_rle(a["segmentation"], height, width) for a in wanted}
+    areas = {i: int(mask_utils.area(rle)) for i, rle in rles.items()}  # pixel counts without decoding
+    chosen, skipped = rank_annotations(areas, anns, params)
+    result = ImageResult(stem, skipped=skipped)
+    if not chosen:
+        return result
+    bgr = _read_image(images_dir / img["file_name"], img)
+    for ann, area in chosen:
+        mask = mask_utils.decode(rles[ann["id"]]).astype(bool)  # only the chosen ones are decoded
+        x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
+        bbox = (x, y, x + w, y + h)
+        x0, y0, x1, y1 = crop = square_crop_box(bbox, width, height, params.context)
+        key = f"{stem}_{ann['id']}"
+        folder = f"{CROPS_DIR}/{split}/{city}_syn"
+        rgb_rel, mask_rel = f"{folder}/{key}_rgb.png", f"{folder}/{key}_mask.png"
+        result.crops_written += write_if_changed(out / rgb_rel, encode_crop(bgr[y0:y1, x0:x1]))
+        result.crops_written += write_if_changed(out / mask_rel, encode_crop(mask[y0:y1, x0:x1].astype(np.uint8) * 255))
+        result.instances.append({
+            "key": key, "image_id": stem, "city": city, "instance_id": int(ann["id"]),
+            "label_id": int(ann["category_id"]), "class": categories[ann["category_id"]], "area": area,
+            "bbox": list(map(int, bbox)), "crop_box": list(map(int, crop)), "image": img["file_name"],
+            "coco_image_id": int(img["id"]), "crop_rgb": rgb_rel, "crop_mask": mask_rel})
+    return result
+
+
+def _select_task(task: tuple) -> ImageResult:
+    """Worker entry point: bad input becomes ``ImageResult.error``."""
+    try:
+        return select_in_coco_image(*task)
+    except InstSynthError as exc:
+        return ImageResult(image_location(task[0]["file_name"])[1], error=(str(exc.path), exc.problem))
+
+
+# --------------------------------------------------------------------------- the stage
+def default_out(coco_json: str | os.PathLike, split: str) -> Path:
+    """Default output folder of stage 1 on a COCO file: ``<folder of the JSON>/instsynth_<split>``."""
+    return Path(coco_json).resolve().parent / f"instsynth_{split}"
+
+
+def select_coco_instances(coco_json: str | os.PathLike, images_dir: str | os.PathLike, split: str = "train",
+                          k: int = 3, classes: Sequence[str] | None = None, frequency: Sequence[str] | None = None,
+                          min_area: int = DEFAULT_MIN_AREA, context: float = 1.0,
+                          out: str | os.PathLike | None = None, workers: int | None = None,
+                          skip_bad: bool = False) -> SelectionSummary:
+    """Run stage 1 on a COCO / LVIS file; write crops and the three JSON files to ``out``.
+
+    ``out`` defaults to :func:`default_out`. Bad input raises InstSynthError naming the file and id;
+    with ``skip_bad`` bad annotations, images and unreadable image files are skipped and listed in
+    ``selection_report.json``. The JSON files are written only after every image was handled.
+    """
+    if not isinstance(k, int) or k < 1:
+        raise InstSynthError(coco_json, f"k must be an integer >= 1, got {k!r}")
+    if min_area < 0 or not context >= 1.0:
+        raise InstSynthError(coco_json, f"min_area must be >= 0 and context >= 1.0, got {min_area}, {context}")
+    source = load_coco_source(coco_json, images_dir, skip_bad)
+    if not source.images:
+        raise InstSynthError(source.json_path, "no image listed (empty dataset?)")
+    params = CocoParams(k, select_categories(source, classes, frequency), int(min_area), float(context))
+    out = Path(out).resolve() if out is not None else default_out(source.json_path, split)
+    names = {i: c["name"] for i, c in source.categories.items()}
+    tasks = [(img, source.annotations[img["id"]], source.images_dir, split, params, names, out) for img in source.images]
+    workers = default_workers() if workers is None else max(1, int(workers))
+
+    instances, bad_images, without, fewer = [], [], [], 0
+    skipped = Counter(dict.fromkeys(SKIP_REASONS, 0))
+    crops_written = 0
+    results = ordered_map(_select_task, tasks, workers)
+    with contextlib.closing(results):
+        for img, result in zip(source.images, progress(results, "stage 1: selecting", len(tasks))):
+            if result.error is not None:
+                path, problem = result.error
+                if not skip_bad:
+                    raise InstSynthError(path, problem)
+                log.warning("skipping image id %s: %s: %s", img["id"], path, problem)
+                bad_images.append({"image_id": img["id"], "path": path, "problem": problem})
+                continue
+            instances += result.instances
+            skipped.update(result.skipped)
+            crops_written += result.crops_written
+            fewer += len(result.instances) < params.k
+            if not result.instances:
+                without.append(img["file_name"])
+
+    header = {"version": METADATA_VERSION, "format": COCO_FORMAT, "dataset_root": str(source.images_dir),
+              "split": split, "coco_json": str(source.json_path)}
+    metadata = {**header, "k": k, "categories": [source.categories[i] for i in sorted(source.categories)],
+                "instances": instances}
+    coordinates = [{"key": i["key"], "cropped_instance_mask": i["crop_mask"], "bbox_coordinate": i["crop_box"]}
+                   for i in instances]
+    report = {**header, "params": {"k": k, "classes": [names[i] for i in params.category_ids],
+                                   "frequency": list(frequency or []), "min_area": params.min_area,
+                                   "context": params.context},
+              "images_seen": len(source.images), "images_with_instances": len(source.images) - len(bad_images) - len(without),
+              "instances_selected": len(instances), "images_with_fewer_than_k": fewer,
+              "images_without_instances": without, "instances_skipped": dict(skipped),
+              "bad_images": bad_images, "bad_annotations": [b for b in source.bad if b["kind"] == "annotation"],
+              "bad_image_entries": [b for b in source.bad if b["kind"] == "image"]}
+    paths = out / METADATA_NAME, out / COORDINATES_NAME, out / REPORT_NAME
+    stale = stale_crops(paths[0], metadata)
+    for path, obj in zip(paths, (metadata, coordinates, report)):
+        write_if_changed(path, _json_bytes(obj))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    log.info("stage 1 (COCO): %d instances from %d images (%d crop files written, %d bad items) -> %s",
+             len(instances), len(source.images), crops_written, len(source.bad) + len(bad_images), paths[0])
+    return SelectionSummary(*paths, images=len(source.images), instances=len(instances), crops_written=crops_written,
+                            bad_images=len(bad_images) + len(source.bad), stale_removed=len(stale))
+
+
+def is_coco_metadata(meta: dict) -> bool:
+    """True for a metadata.json written by :func:`select_coco_instances`."""
+    return meta.get("format") == COCO_FORMAT
