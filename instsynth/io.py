@@ -143,7 +143,8 @@ def output_error(path: str | os.PathLike, exc: OSError) -> OSError:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
 
-    On failure the temporary file is removed; a write the machine refuses raises :class:`OutputError`.
+    On failure the temporary file is removed; a write the machine refuses raises :class:`OutputError`
+    (also a writer's errno-less RuntimeError, as torch.save raises, when under 1 MB is left).
     """
     path = Path(path)
     tmp = None
@@ -155,10 +156,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
+        refused = exc
+        if tmp is not None and type(exc) is RuntimeError and free_mb(tmp) < 1:  # e.g. torch.save: no errno
+            refused = OSError(errno.ENOSPC, "No space left on device")
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        error = output_error(path, exc) if isinstance(exc, OSError) else exc
+        error = output_error(path, refused) if isinstance(refused, OSError) else exc
         if error is exc:
             raise
         raise error from exc

@@ -6,7 +6,6 @@ stored as tensors and plain Python values so it loads with ``torch.load(weights_
 """
 from __future__ import annotations
 
-import errno
 import random
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from instsynth.io import InstSynthError, atomic_path, free_mb, get_logger, write_bytes
+from instsynth.io import InstSynthError, atomic_path, get_logger, write_bytes
 
 log = get_logger("instsynth.engine")
 LAST_CHECKPOINT = "last_checkpoint"
@@ -44,6 +43,15 @@ def checkpoint_name(iteration: int) -> str:
     return f"model_{iteration:07d}.pth"
 
 
+def save_torch(data, path: str | Path) -> Path:
+    """``torch.save(data)`` to ``path`` atomically; a full disk is reported as such by
+    :func:`~instsynth.io.atomic_path` (torch's error has no errno)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
+    return path
+
+
 def save_checkpoint(output_dir: str | Path, name: str, model: nn.Module, optimizer=None, scheduler=None,
                     scaler=None, iteration: int = -1) -> Path:
     """Write ``output_dir/name`` atomically and point ``last_checkpoint`` at it."""
@@ -55,14 +63,7 @@ def save_checkpoint(output_dir: str | Path, name: str, model: nn.Module, optimiz
         data["scheduler"] = scheduler.state_dict()
     if scaler is not None:
         data["scaler"] = scaler.state_dict()
-    path = output_dir / name
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(data, tmp)
-        except RuntimeError as exc:  # torch reports a failed write without errno; a full disk is the usual cause
-            if free_mb(tmp) >= 1:
-                raise
-            raise OSError(errno.ENOSPC, "No space left on device") from exc
+    path = save_torch(data, output_dir / name)
     write_bytes(output_dir / LAST_CHECKPOINT, name.encode())
     log.info("saved checkpoint %s", path)
     return path

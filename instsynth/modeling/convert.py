@@ -45,7 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instsynth.io import InstSynthError, atomic_path, get_logger
+from instsynth.cli import command
+from instsynth.io import InstSynthError, get_logger
 
 log = get_logger("instsynth.modeling")
 
@@ -255,13 +256,13 @@ def convert(src: str | Path, dst: str | Path, to: str = "instsynth") -> tuple[Pa
         state = to_official(state)
     elif to != "instsynth":
         raise InstSynthError("--to", f"must be instsynth or official, got {to!r}")
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst) as tmp:
-        torch.save({"model": state, "__author__": f"instsynth (converted from {Path(src).name}, {fmt})"}, tmp)
+    from instsynth.engine.checkpoint import save_torch
+
+    dst = save_torch({"model": state, "__author__": f"instsynth (converted from {Path(src).name}, {fmt})"}, dst)
     return dst, fmt, len(state)
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m instsynth.modeling.convert",
@@ -273,10 +274,7 @@ def main(argv=None) -> int:
     p.add_argument("--to", choices=("instsynth", "official"), default="instsynth",
                    help="names of the written checkpoint (default: this project's)")
     args = p.parse_args(argv)
-    try:
-        dst, fmt, n = convert(args.input, args.output, args.to)
-    except InstSynthError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    dst, fmt, n = convert(args.input, args.output, args.to)
     print(f"{args.input} ({fmt}) -> {dst}: {n} tensors")
     return 0
 
