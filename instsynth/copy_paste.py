@@ -29,6 +29,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from .cli import command
 from .generation.common import stable_seed
 from .integration import new_image_id, output_paths
 from .io import (CityscapesImage, InstSynthError, default_workers, encode_png, get_logger, iter_cityscapes_images,
@@ -220,6 +221,7 @@ def copy_paste_dataset(dataset_root: str | os.PathLike, out: str | os.PathLike, 
     return report
 
 
+@command
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m instsynth.copy_paste", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="Cityscapes root (leftImg8bit/, gtFine/)")
@@ -236,10 +238,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     params = CopyPasteParams(seed=args.seed, scale_range=tuple(args.scale_range), flip=not args.no_flip,
                              keep_prob=args.keep_prob, max_objects=args.max_objects, min_pixels=args.min_pixels)
-    try:
-        report = copy_paste_dataset(args.dataset, args.out, args.num_images, args.split, params, args.workers)
-    except InstSynthError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    report = copy_paste_dataset(args.dataset, args.out, args.num_images, args.split, params, args.workers)
     print(f"{report['new_images']} images, {report['instances_pasted']} instances pasted -> {args.out}")
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from .cli import command
 from .coco import coco_json_path, convert_cityscapes_to_coco
 from .generation.common import MODE_ALIASES, MODE_NAMES
 from .io import InstSynthError, get_logger, progress, read_json, write_bytes, write_json
@@ -681,6 +682,7 @@ def run_experiment(exp: Experiment, arms: list[str] | None = None, prepare_only:
     return results
 
 
+@command
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m instsynth.experiment", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="experiment YAML (see configs/experiments/)")
@@ -689,11 +691,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prepare_only", action="store_true", help="build the arms' data, train nothing")
     parser.add_argument("--table_only", action="store_true", help="only rebuild the table from finished runs")
     args = parser.parse_args(argv)
-    try:
-        exp = load_experiment(args.config, args.output)
-        results = run_experiment(exp, args.arms.split(",") if args.arms else None, args.prepare_only, args.table_only)
-    except InstSynthError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    exp = load_experiment(args.config, args.output)
+    results = run_experiment(exp, args.arms.split(",") if args.arms else None, args.prepare_only, args.table_only)
     print(format_results(results))
     print(f"runs trained: {results['runs']['trained']}, already finished: {results['runs']['skipped']}")
     print(f"table: {exp.output_dir / 'results.md'}  numbers: {exp.output_dir / 'results.json'}")
