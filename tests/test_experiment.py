@@ -1,0 +1,218 @@
+"""Experiment harness: arms x seeds on the demo data, resumption, the results table, its statistics,
+and the Simple Copy-Paste arm."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from instsynth.experiment import (Preparer, cli_flags, gain_interval, load_experiment, main, mean_std, run_experiment,
+                                  run_specs)
+from instsynth.io import InstSynthError, read_json, read_png
+
+from conftest import REPO
+
+QUICK = REPO / "configs" / "quick_schedules" / "fastinst_R50_quick.yaml"
+
+
+def write_config(path, dataset, out, arms, seeds=(1, 2), **train_opts):
+    opts = {"SOLVER.MAX_ITER": 2, "SOLVER.IMS_PER_BATCH": 1, "SOLVER.CHECKPOINT_PERIOD": 1000, "LOG_PERIOD": 1000,
+            "INPUT.MIN_SIZE_TRAIN": [64], "INPUT.CROP.SIZE": [64, 128], "INPUT.MIN_SIZE_TEST": 64,
+            "INPUT.MAX_SIZE_TEST": 128, **train_opts}  # tiny: 4 trainings must stay cheap
+    path.write_text(yaml.safe_dump({"output_dir": str(out), "dataset": str(dataset), "seeds": list(seeds),
+                                    "workers": 1, "train": {"config": str(QUICK), "opts": opts}, "arms": arms}))
+    return path
+
+
+RECOLOR = {"selection": {"k": 2, "workers": 1}, "generation": {"mode": "recolor", "num_samples": 2},
+           "integration": {"crops_per_sample": 1, "workers": 1}}
+
+
+@pytest.fixture(scope="module")
+def experiment(demo_root, tmp_path_factory):
+    """The harness CLI on the demo data: baseline and an InstSynth (recolor) arm, 2 seeds each."""
+    tmp = tmp_path_factory.mktemp("experiment")
+    config = write_config(tmp / "exp.yaml", demo_root, tmp / "out", {"baseline": {}, "recolor": RECOLOR})
+    main(["--config", str(config)])
+    return tmp, config
+
+
+def mtimes(root):
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and not p.name.startswith("results.")}
+
+
+def test_harness_trains_every_arm_and_seed_and_writes_the_table(experiment):
+    tmp, _ = experiment
+    out = tmp / "out"
+    for arm in ("baseline", "recolor"):
+        for seed in (1, 2):
+            run = out / "runs" / arm / f"seed_{seed}"
+            assert (run / "model_final.pth").is_file() and (run / "inference" / "metrics.json").is_file()
+            assert f"SEED: {seed}" in (run / "config.yaml").read_text()
+    results = read_json(out / "results.json")
+    assert results["families"] == ["segm", "cityscapes"] and results["runs"] == {"trained": 4, "skipped": 0}
+    base, syn = results["arms"]["baseline"], results["arms"]["recolor"]
+    integration = read_json(out / "data" / "recolor" / "integration_report.json")
+    assert syn["extra_images"] == integration["new_images"] > 0  # 2 samples x (panorama + crop) per instance
+    assert syn["reports"]["integration_report"]["samples_integrated"] == integration["samples_integrated"]
+    assert syn["train_images"] == base["train_images"] + syn["extra_images"]
+    for arm in (base, syn):
+        ap = arm["metrics"]["segm"]["AP"]
+        assert arm["seeds"] == 2 and len(ap["values"]) == 2 and ap["std"] is not None
+        assert "AP-car" in arm["metrics"]["segm"] and "AP50" in arm["metrics"]["cityscapes"]
+    gain = syn["metrics"]["segm"]["AP"]
+    assert gain["gain"] == pytest.approx(gain["mean"] - base["metrics"]["segm"]["AP"]["mean"])
+    assert gain["low"] <= gain["gain"] <= gain["high"] and "gain" not in base["metrics"]["segm"]["AP"]
+    # rare classes: the fewest baseline train instances (classes without any are not rare, they have no AP)
+    counts = results["baseline_train_instances"]
+    rare = results["rare_classes"]
+    assert len(rare) == 3 and all(counts[c] > 0 for c in rare)
+    assert max(counts[c] for c in rare) <= min(counts[c] for c in counts if counts[c] and c not in rare)
+    table = (out / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| baseline ") or line.startswith("| recolor ")]
+    assert len(rows) == 2 * 2  # one row per arm in the COCO and in the Cityscapes table
+    assert all(f"| {c} * " in table for c in rare)
+    assert " ± " in table and "Welch t interval" in table
+
+
+def test_rerun_skips_finished_runs_and_prepared_data(experiment, capsys):
+    tmp, config = experiment
+    before = mtimes(tmp / "out")
+    main(["--config", str(config)])
+    printed = capsys.readouterr().out
+    assert "runs trained: 0, already finished: 4" in printed and "| recolor " in printed
+    assert mtimes(tmp / "out") == before  # no stage rerun, no checkpoint or metrics rewritten
+
+
+def test_new_seed_trains_only_that_run_and_changed_settings_are_refused(experiment, demo_root):
+    tmp, _ = experiment
+    arms = {"baseline": {}, "recolor": RECOLOR}
+    more = write_config(tmp / "more.yaml", demo_root, tmp / "out", arms, seeds=(1, 2, 3))
+    results = run_experiment(load_experiment(more), arms=["baseline"])
+    assert results["runs"] == {"trained": 1, "skipped": 2}
+    assert results["arms"]["baseline"]["seeds"] == 3 and results["arms"]["recolor"]["seeds"] == 2
+    changed = write_config(tmp / "changed.yaml", demo_root, tmp / "out", arms, **{"SOLVER.BASE_LR": 0.01})
+    with pytest.raises(InstSynthError, match="trained with other settings"):
+        run_experiment(load_experiment(changed), arms=["baseline"])
+
+
+def test_control_arms_match_the_synthetic_arm(experiment, demo_root):
+    """duplicate and copy_paste add as many images as the InstSynth arm; only copy-paste adds new instances."""
+    tmp, _ = experiment
+    arms = {"baseline": {}, "recolor": RECOLOR, "duplicate": {}, "copy_paste": {"options": {"seed": 3}}}
+    config = write_config(tmp / "controls.yaml", demo_root, tmp / "out", arms)
+    results = run_experiment(load_experiment(config), prepare_only=True)
+    extra = read_json(tmp / "out" / "data" / "recolor" / PREPARED)["stats"]["images"]
+    dup = read_json(tmp / "out" / "data" / "duplicate" / PREPARED)
+    base_coco = read_json(tmp / "out" / "data" / "baseline" / "annotations" / "instancesonly_filtered_gtFine_train.json")
+    dup_coco = read_json(dup["json_file"])
+    assert len(dup_coco["images"]) == extra and {im["file_name"] for im in dup_coco["images"]} == \
+        {im["file_name"] for im in base_coco["images"]}
+    per_image = len(base_coco["annotations"]) / len(base_coco["images"])
+    assert len(dup_coco["annotations"]) == pytest.approx(extra * per_image, rel=0.35)
+    cp = read_json(tmp / "out" / "data" / "copy_paste" / PREPARED)
+    assert cp["stats"]["images"] == extra and cp["stats"]["instances"] > dup["stats"]["instances"]
+    assert results["runs"] == {"trained": 0, "skipped": 0}
+    # same_epochs: each arm gets MAX_ITER x its images / the baseline's (2 iterations on the baseline)
+    exp = load_experiment(config)
+    exp.schedule = "same_epochs"
+    specs = run_specs(exp, exp.arms, Preparer(exp).prepare(exp.arms))
+    base_images = len(base_coco["images"])
+    iters = {s.arm: s.cfg().SOLVER.MAX_ITER for s in specs}
+    assert iters == {"baseline": 2, **dict.fromkeys(("recolor", "duplicate", "copy_paste"),
+                                                    round(2 * (base_images + extra) / base_images))}
+
+
+PREPARED = "prepared.json"
+
+
+def test_stage_options_become_flags():
+    assert cli_flags({"k": 3, "skip-bad": True, "force": False, "prompts": None, "thresholds": [0.2, 0.3],
+                      "mode": "recolor"}) == ["--k", "3", "--skip-bad", "--thresholds", "0.2", "0.3", "--mode", "recolor"]
+
+
+def test_config_errors_name_the_problem(tmp_path, demo_root):
+    cases = [({"baseline": {}, "recolor": {"integration": {"output_folder_name": "x"}}}, "set by the harness"),
+             ({"recolor": RECOLOR}, "exactly one baseline"),
+             ({"baseline": {}, "duplicate": {}}, "match: ARM"),
+             ({"baseline": {}, "copy": {"kind": "copy-paste"}}, "kind must be one of")]
+    for arms, message in cases:
+        path = write_config(tmp_path / "bad.yaml", demo_root, tmp_path / "out", arms)
+        with pytest.raises(InstSynthError, match=message):
+            load_experiment(path)
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "arms": {"baseline": {}}, "seed": 3}))
+    with pytest.raises(InstSynthError, match=r"unknown key\(s\) \['seed'\]"):
+        load_experiment(path)
+
+
+def test_gain_interval_is_welch_t_or_bootstrap():
+    from scipy import stats
+
+    arm, base = [31.0, 32.0, 33.5, 32.5], [30.0, 30.5, 29.0]
+    gain, low, high = gain_interval(arm, base, "t", 0.95)
+    ref = stats.ttest_ind(arm, base, equal_var=False).confidence_interval(0.95)
+    assert gain == pytest.approx(np.mean(arm) - np.mean(base))
+    assert (low, high) == pytest.approx((ref.low, ref.high))
+    g, lo, hi = gain_interval(arm, base, "bootstrap", 0.95, samples=4000)
+    assert g == gain and lo < gain < hi and hi - lo < high - low  # percentile bootstrap is narrower here
+    assert (lo, hi) == gain_interval(arm, base, "bootstrap", 0.95, samples=4000)[1:]  # seeded
+    assert min(arm) - max(base) <= lo and hi <= max(arm) - min(base)
+    assert gain_interval([1.0], base) == (1.0 - np.mean(base), None, None)
+    assert mean_std([2.0, 4.0]) == (3.0, pytest.approx(np.sqrt(2))) and mean_std([2.0]) == (2.0, None)
+
+
+def test_copy_paste_pastes_whole_source_instances_over_the_target(demo_root, tmp_path):
+    from instsynth.copy_paste import CopyPasteParams, copy_paste_dataset
+    from instsynth.io import CityscapesImage
+    from instsynth.labels import colorize, instance_ids_to_label_ids
+
+    report = copy_paste_dataset(demo_root, tmp_path, 8, params=CopyPasteParams(seed=5), workers=1)
+    entries = read_json(tmp_path / "copy_paste.json")["images"]
+    assert report["new_images"] == len(entries) == 8 and report["instances_pasted"] > 8
+    assert len({e["image_id"] for e in entries}) == 8
+    for e in entries:
+        target = CityscapesImage(demo_root, "train", e["city"], e["target_image_id"])
+        rgb, ids = read_png(target.left, rgb=True), read_png(target.gt("instanceIds"))
+        out = {k: read_png(tmp_path / p) for k, p in e["outputs"].items()}
+        assert e["source_image_id"] != e["target_image_id"] and e["pasted"]
+        new_values = [int(v) for v in e["pasted"].values()]
+        assert not set(new_values) & set(np.unique(ids).tolist())  # fresh instance ids
+        assert all(int(old) // 1000 == new // 1000 for old, new in e["pasted"].items())  # same class
+        pasted = np.isin(out["instanceIds"], new_values)
+        assert all((out["instanceIds"] == v).sum() >= 16 for v in new_values)
+        assert (out["instanceIds"][~pasted] == ids[~pasted]).all()  # occluded instances only lose pixels
+        assert (out["leftImg8bit"][~pasted] == rgb[~pasted]).all()
+        assert (out["labelIds"] == instance_ids_to_label_ids(out["instanceIds"])).all()
+        assert (out["color"] == colorize(out["labelIds"])).all()
+    again = copy_paste_dataset(demo_root, tmp_path, 8, params=CopyPasteParams(seed=5), workers=2)
+    assert again["files_written"] == 0  # same bytes with two workers: nothing rewritten
+    fewer = copy_paste_dataset(demo_root, tmp_path, 5, params=CopyPasteParams(seed=5), workers=1)
+    assert len(fewer["stale_images_removed"]) == 3
+    assert len(list((tmp_path / "leftImg8bit").rglob("*.png"))) == 5
+    assert json.loads((tmp_path / "copy_paste_report.json").read_text())["new_images"] == 5
+
+
+def test_table_only_reports_mean_std_and_gain_of_the_finished_runs(experiment, tmp_path, capsys):
+    """--table_only reads each run's inference/metrics.json: here known numbers give a known table."""
+    import shutil
+
+    from scipy import stats
+
+    src, config = experiment
+    out = tmp_path / "out"
+    shutil.copytree(src / "out" / "runs", out / "runs")
+    shutil.copytree(src / "out" / "data", out / "data", symlinks=True)
+    ap = {("baseline", 1): 30.0, ("baseline", 2): 31.0, ("recolor", 1): 32.0, ("recolor", 2): 34.0}
+    for (arm, seed), value in ap.items():
+        path = out / "runs" / arm / f"seed_{seed}" / "inference" / "metrics.json"
+        metrics = read_json(path)
+        metrics["segm"].update({"AP": value, "AP50": 2 * value, "AP-car": value + 10})
+        path.write_text(json.dumps(metrics))
+    main(["--config", str(config), "--output", str(out), "--table_only"])
+    printed = capsys.readouterr().out
+    ref = stats.ttest_ind([32.0, 34.0], [30.0, 31.0], equal_var=False).confidence_interval(0.95)
+    row = next(line for line in printed.splitlines() if line.startswith("| recolor "))
+    assert "| 33.00 ± 1.41 | 66.00 ± 2.83 |" in row and f"+2.50 [{ref.low:+.2f}, {ref.high:+.2f}]" in row
+    assert next(line for line in printed.splitlines() if line.startswith("| car ")).count("(+2.50)") == 1
+    assert "runs trained: 0, already finished: 0" in printed and (out / "results.md").read_text() in printed + "\n"
