@@ -37,9 +37,8 @@ from pycocotools import mask as mask_utils
 
 from .io import InstSynthError, default_workers, get_logger, progress, read_json, read_png, write_if_changed
 from .parallel import ordered_map
-from .selection import (COORDINATES_NAME, CROPS_DIR, DEFAULT_MIN_AREA, METADATA_NAME, METADATA_VERSION,
-                        REPORT_NAME, SKIP_REASONS, ImageResult, SelectionSummary, _json_bytes, encode_crop,
-                        square_crop_box, stale_crops)
+from .selection import (CROPS_DIR, DEFAULT_MIN_AREA, METADATA_VERSION, SKIP_REASONS, ImageResult,
+                        SelectionSummary, encode_crop, square_crop_box, write_selection)
 
 COCO_FORMAT = "coco"
 """Value of ``format`` in a metadata.json written from a COCO file (Cityscapes metadata has none)."""
@@ -358,12 +357,7 @@ def select_coco_instances(coco_json: str | os.PathLike, images_dir: str | os.Pat
               "images_without_instances": without, "instances_skipped": dict(skipped),
               "bad_images": bad_images, "bad_annotations": [b for b in source.bad if b["kind"] == "annotation"],
               "bad_image_entries": [b for b in source.bad if b["kind"] == "image"]}
-    paths = out / METADATA_NAME, out / COORDINATES_NAME, out / REPORT_NAME
-    stale = stale_crops(paths[0], metadata)
-    for path, obj in zip(paths, (metadata, coordinates, report)):
-        write_if_changed(path, _json_bytes(obj))
-    for path in stale:
-        path.unlink(missing_ok=True)
+    paths, stale = write_selection(out, metadata, coordinates, report)
     log.info("stage 1 (COCO): %d instances from %d images (%d crop files written, %d bad items) -> %s",
              len(instances), len(source.images), crops_written, len(source.bad) + len(bad_images), paths[0])
     return SelectionSummary(*paths, images=len(source.images), instances=len(instances), crops_written=crops_written,

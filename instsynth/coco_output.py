@@ -31,7 +31,7 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -41,7 +41,6 @@ from .coco import segmentation_of
 from .coco_input import CocoSource, annotation_mask, load_coco_source
 from .io import InstSynthError, encode_png, get_logger, progress, read_json, read_png, write_if_changed
 from .label_crops import crop_resize_labels, crop_resize_rgb
-from .parallel import ordered_map
 
 log = get_logger("instsynth.coco_output")
 
@@ -203,10 +202,6 @@ def integrate_image(task: CocoImageTask) -> list[CocoSampleResult]:
     return results
 
 
-def _run_tasks(tasks: list[CocoImageTask], workers: int) -> Iterator[list[CocoSampleResult]]:
-    return ordered_map(integrate_image, tasks, workers)
-
-
 # --------------------------------------------------------------------------- the merged file
 def merge_coco(source: CocoSource, entries: list[dict], info: dict) -> dict:
     """The source file (its valid images and annotations untouched) plus the new images and annotations.
@@ -296,24 +291,10 @@ def plan_coco(source: CocoSource, manifest: dict, meta: dict, chosen: dict[str, 
 
 def run_coco_plan(plan, tasks: dict[int, CocoImageTask], workers: int) -> tuple[list[dict], int]:
     """Compute the plan's samples; every new-image entry in plan order and the number of files written."""
-    results: dict[tuple[str, int], CocoSampleResult] = {}
-    bar = progress(None, "stage 2: integrating (COCO)", sum(len(t.samples) for t in tasks.values()))
-    try:
-        for sample_results in _run_tasks(list(tasks.values()), workers):
-            for res in sample_results:
-                results[res.task.key, res.task.sample] = res
-                bar.update(1)
-                if res.error is not None:
-                    plan.skip(res.task.key, res.task.sample, *res.error)
-    finally:
-        bar.close()
-    entries: list[dict] = []
-    for pair in plan.order:
-        if pair in plan.reused:
-            entries += plan.reused[pair]
-        elif pair in results and results[pair].error is None:
-            entries += results[pair].entries
-    return entries, sum(r.written for r in results.values())
+    from .integration import run_samples
+
+    entries, results = run_samples(plan, list(tasks.values()), integrate_image, workers, "stage 2: integrating (COCO)")
+    return entries, sum(r.written for r in results)
 
 
 def remove_stale_images(previous: dict[str, dict], entries: list[dict], out: Path) -> list[str]:

@@ -40,7 +40,7 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -463,10 +463,6 @@ def integrate_image(task: ImageTask) -> list[SampleResult]:
     return results
 
 
-def _run_tasks(tasks: list[ImageTask], workers: int) -> Iterator[list[SampleResult]]:
-    return ordered_map(integrate_image, tasks, workers)
-
-
 # --------------------------------------------------------------------------- inputs
 def check_coordinates_match(path: Path, coordinates: Any, instances: list[dict]) -> None:
     """Stage 1's cropped_region_coordinates.json must list the metadata's instances, in order, with their boxes."""
@@ -635,13 +631,14 @@ def plan_samples(manifest_path: Path, manifest: dict, meta: dict, chosen: dict[s
     return plan
 
 
-def run_plan(plan: _Plan, workers: int) -> tuple[list[dict], Counter]:
-    """Compute the plan's samples; every new-image entry in plan order and file counts (written, existing)."""
-    results: dict[tuple[str, int], SampleResult] = {}
-    tasks = list(plan.tasks.values())
-    bar = progress(None, "stage 2: integrating", sum(len(t.samples) for t in tasks))
+def run_samples(plan, tasks: list, integrate, workers: int, desc: str) -> tuple[list[dict], list]:
+    """Run ``integrate`` over the image tasks in worker processes, counting failed samples as the plan's skips.
+
+    Returns every new-image entry in plan order (reused ones included) and the sample results computed."""
+    results: dict[tuple[str, int], Any] = {}
+    bar = progress(None, desc, sum(len(t.samples) for t in tasks))
     try:
-        for sample_results in _run_tasks(tasks, workers):
+        for sample_results in ordered_map(integrate, tasks, workers):
             for res in sample_results:
                 results[res.task.key, res.task.sample] = res
                 bar.update(1)
@@ -655,7 +652,13 @@ def run_plan(plan: _Plan, workers: int) -> tuple[list[dict], Counter]:
             entries += plan.reused[pair]
         elif pair in results and results[pair].error is None:
             entries += results[pair].entries
-    files = Counter(written=sum(r.written for r in results.values()), existing=sum(r.existing for r in results.values()))
+    return entries, list(results.values())
+
+
+def run_plan(plan: _Plan, workers: int) -> tuple[list[dict], Counter]:
+    """Compute the plan's samples; every new-image entry in plan order and file counts (written, existing)."""
+    entries, results = run_samples(plan, list(plan.tasks.values()), integrate_image, workers, "stage 2: integrating")
+    files = Counter(written=sum(r.written for r in results), existing=sum(r.existing for r in results))
     return entries, files
 
 

@@ -378,18 +378,26 @@ def select_instances(dataset_root: str | os.PathLike, split: str = "train", k: i
               "selected_per_class": dict(Counter(i["class"] for i in got.instances)),
               "images_without_instances": got.without_instances, "instances_skipped": dict(got.skipped),
               "bad_images": got.bad}
-    paths = out / METADATA_NAME, out / COORDINATES_NAME, out / REPORT_NAME
-    stale = stale_crops(paths[0], metadata)
-    for path, obj in zip(paths, (metadata, coordinates, report)):
-        write_if_changed(path, _json_bytes(obj))
-    for path in stale:
-        path.unlink(missing_ok=True)
+    paths, stale = write_selection(out, metadata, coordinates, report)
     if not got.instances:
         log.warning("no instance selected in %s (split %s)", root, split)
     log.info("stage 1: %d instances from %d images (%d crop files written, %d stale removed, %d bad images) -> %s",
              len(got.instances), len(images), got.crops_written, len(stale), len(got.bad), paths[0])
     return SelectionSummary(*paths, images=len(images), instances=len(got.instances),
                             crops_written=got.crops_written, bad_images=len(got.bad), stale_removed=len(stale))
+
+
+def write_selection(out: Path, metadata: dict, coordinates: list, report: dict) -> tuple[tuple[Path, ...], list[Path]]:
+    """Write stage 1's three JSON files (unchanged ones untouched) and delete the crops no longer listed.
+
+    Returns the paths (metadata, coordinates, report) and the stale crops removed."""
+    paths = out / METADATA_NAME, out / COORDINATES_NAME, out / REPORT_NAME
+    stale = stale_crops(paths[0], metadata)
+    for path, obj in zip(paths, (metadata, coordinates, report)):
+        write_if_changed(path, _json_bytes(obj))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return paths, stale
 
 
 def stale_crops(metadata_path: Path, metadata: dict) -> list[Path]:
