@@ -7,6 +7,7 @@ All logic lives in :mod:`instsynth.selection`.
 import argparse
 import sys
 
+from instsynth.budget import add_budget_arguments
 from instsynth.cli import command
 
 
@@ -28,15 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="ignore instances smaller than this many pixels (default 64; 0 = paper behaviour)")
     parser.add_argument("--context", type=float, default=1.0,
                         help="crop side = max(box width, box height) x CONTEXT (default 1.0, >= 1)")
-    parser.add_argument("--k_per_class", default=None,
-                        help="per-class budget CLASS=K,... (e.g. truck=6,bus=6): an instance of class c is selected "
-                             "when it is among the K_c largest of its image (other classes: --k)")
-    parser.add_argument("--balance", choices=["none", "inverse_freq"], default="none",
-                        help="inverse_freq: K_c = round(k x min(max_factor, (n_max / n_c) ** power)) from the split's "
-                             "instances per class, so rare classes get more instances per image (default none)")
-    parser.add_argument("--balance_power", type=float, default=0.5,
-                        help="exponent of the inverse frequency (default 0.5; 1.0 = plain inverse frequency)")
-    parser.add_argument("--max_factor", type=float, default=8.0, help="largest balance factor (default 8)")
+    add_budget_arguments(parser, "--k_per_class", "instances selected per image", "--k", "truck=6,bus=6")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: the dataset root; with --coco: <folder of the JSON>/instsynth_<split>)")

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from instsynth.budget import add_budget_arguments
 from instsynth.cli import command
 
 
@@ -25,15 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model_path", default=None,
                    help="local pipeline folder or hub id (default per mode: SD2-inpainting, SDXL base, GLIGEN 1.4 inpainting)")
     p.add_argument("--num_samples", type=int, default=1, help="samples per instance (default 1)")
-    p.add_argument("--samples_per_class", default=None,
-                   help="per-class budget CLASS=N,... (e.g. truck=4,bus=4): samples per instance of those classes "
-                        "(others: --num_samples)")
-    p.add_argument("--balance", choices=["none", "inverse_freq"], default="none",
-                   help="inverse_freq: samples per instance = round(num_samples x min(max_factor, (n_max / n_c) ** "
-                        "power)) from stage 1's instances per class, so rare classes get more (default none)")
-    p.add_argument("--balance_power", type=float, default=0.5,
-                   help="exponent of the inverse frequency (default 0.5; 1.0 = plain inverse frequency)")
-    p.add_argument("--max_factor", type=float, default=8.0, help="largest balance factor (default 8)")
+    add_budget_arguments(p, "--samples_per_class", "samples per instance", "--num_samples", "truck=4,bus=4")
     p.add_argument("--batch_size", type=int, default=1,
                    help="images per pipeline call, packed across instances (default 1; halved on GPU out-of-memory)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")

@@ -21,6 +21,24 @@ DEFAULT_POWER = 0.5
 DEFAULT_MAX_FACTOR = 8.0
 
 
+def add_budget_arguments(parser, flag: str, what: str, base_flag: str, example: str) -> None:
+    """The budget flags of a stage CLI: ``flag`` (explicit CLASS=N,...), --balance, --balance_power, --max_factor.
+
+    ``what`` names the budgeted number (e.g. "instances selected per image"), ``base_flag`` the flag of its
+    base value, ``example`` an explicit budget."""
+    parser.add_argument(flag, default=None,
+                        help=f"per-class budget CLASS=N,... (e.g. {example}): {what} for those classes "
+                             f"(other classes: {base_flag})")
+    parser.add_argument("--balance", choices=BALANCES, default="none",
+                        help=f"inverse_freq: {what} for class c = round({base_flag.lstrip('-')} x min(max_factor, "
+                             "(n_max / n_c) ** power)) from the split's instances per class, so rare classes get more "
+                             "(default none)")
+    parser.add_argument("--balance_power", type=float, default=DEFAULT_POWER,
+                        help=f"exponent of the inverse frequency (default {DEFAULT_POWER}; 1.0 = plain inverse frequency)")
+    parser.add_argument("--max_factor", type=float, default=DEFAULT_MAX_FACTOR,
+                        help=f"largest balance factor (default {DEFAULT_MAX_FACTOR:g})")
+
+
 def parse_class_values(text: str | Mapping[str, int] | None, what: str = "budget") -> dict[str, int]:
     """``"truck=6,bus=6"`` (or a mapping) -> ``{"truck": 6, "bus": 6}``; ValueError on unknown classes or bad numbers."""
     if not text:

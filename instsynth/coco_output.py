@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -40,6 +40,9 @@ from .assemble import place_file
 from .coco import segmentation_of
 from .coco_input import CocoSource, annotation_mask, load_coco_source
 from .io import InstSynthError, encode_png, get_logger, progress, read_json, read_png, write_if_changed
+from .integration import (INTEGRATION_NAME, INTEGRATION_VERSION, REPORT_NAME, ContextCrop, IntegrationSummary,
+                          SampleResult, SampleTask, _json_bytes, _Plan, choose_context_crop, crop_seed, load_sample,
+                          paste, run_samples, sample_fingerprint)
 from .label_crops import crop_resize_labels, crop_resize_rgb
 
 log = get_logger("instsynth.coco_output")
@@ -120,26 +123,15 @@ class CocoImageTask:
     anns: list[dict]
     images_dir: Path
     split: str
-    samples: list  # instsynth.integration.SampleTask
+    samples: list[SampleTask]
     params: Any  # instsynth.integration.IntegrationParams
     out: Path
 
 
-@dataclass
-class CocoSampleResult:
-    task: Any
-    entries: list[dict] = field(default_factory=list)
-    written: int = 0
-    existing: int = 0
-    error: tuple[str, str, str] | None = None  # (path, problem, reason)
-
-
-def integrate_sample(task, img: dict, rgb: np.ndarray, anns: list[dict], masks: dict[int, np.ndarray],
-                     labels: np.ndarray, counts: np.ndarray, split: str, params, out: Path) -> CocoSampleResult:
+def integrate_sample(task: SampleTask, img: dict, rgb: np.ndarray, anns: list[dict], masks: dict[int, np.ndarray],
+                     labels: np.ndarray, counts: np.ndarray, split: str, params, out: Path) -> SampleResult:
     """Paste one sample, cut its context crops, write every new image and return its entries."""
-    from .integration import ContextCrop, choose_context_crop, crop_seed, load_sample, paste
-
-    result = CocoSampleResult(task)
+    result = SampleResult(task)
     height, width = rgb.shape[:2]
     x0, y0, x1, y1 = task.crop_box
     if task.instance_id not in masks or not (x1 <= width and y1 <= height):
@@ -180,14 +172,14 @@ def integrate_sample(task, img: dict, rgb: np.ndarray, anns: list[dict], masks: 
     return result
 
 
-def integrate_image(task: CocoImageTask) -> list[CocoSampleResult]:
-    """Worker: every sample of one source image; bad input becomes ``CocoSampleResult.error``."""
+def integrate_image(task: CocoImageTask) -> list[SampleResult]:
+    """Worker: every sample of one source image; bad input becomes ``SampleResult.error``."""
     img = task.image
     path = task.images_dir / img["file_name"]
     try:
         rgb = read_png(path, rgb=True, shape=(img["height"], img["width"]))
     except InstSynthError as exc:
-        return [CocoSampleResult(s, error=(str(exc.path), exc.problem, "bad_source")) for s in task.samples]
+        return [SampleResult(s, error=(str(exc.path), exc.problem, "bad_source")) for s in task.samples]
     height, width = rgb.shape[:2]
     masks = {a["id"]: annotation_mask(a, height, width) for a in task.anns}
     labels = instance_map(task.anns, masks, height, width)
@@ -198,7 +190,7 @@ def integrate_image(task: CocoImageTask) -> list[CocoSampleResult]:
             results.append(integrate_sample(sample, img, rgb, task.anns, masks, labels, counts, task.split,
                                             task.params, task.out))
         except InstSynthError as exc:
-            results.append(CocoSampleResult(sample, error=(str(exc.path), exc.problem, "bad_sample")))
+            results.append(SampleResult(sample, error=(str(exc.path), exc.problem, "bad_sample")))
     return results
 
 
@@ -245,8 +237,6 @@ def link_originals(source: CocoSource, out: Path) -> Counter:
 # --------------------------------------------------------------------------- the stage
 def sample_fingerprint_coco(params, inst: dict, sample_path: Path, anns: list[dict]) -> str:
     """The Cityscapes sample fingerprint extended by the source image's annotations."""
-    from .integration import sample_fingerprint
-
     digest = hashlib.sha256(sample_fingerprint(params, inst, sample_path).encode())
     digest.update(json.dumps(anns, sort_keys=True).encode())
     return digest.hexdigest()
@@ -257,8 +247,6 @@ def plan_coco(source: CocoSource, manifest: dict, meta: dict, chosen: dict[str, 
     """Every chosen sample in metadata order: reused (unchanged since the last run), to do, or skipped.
 
     Returns ``(plan, tasks by source image id)``; ``plan`` is an :class:`instsynth.integration._Plan`."""
-    from .integration import SampleTask, _Plan
-
     images = {img["id"]: img for img in source.images}
     plan = _Plan(skip_bad=skip_bad)
     tasks: dict[int, CocoImageTask] = {}
@@ -291,8 +279,6 @@ def plan_coco(source: CocoSource, manifest: dict, meta: dict, chosen: dict[str, 
 
 def run_coco_plan(plan, tasks: dict[int, CocoImageTask], workers: int) -> tuple[list[dict], int]:
     """Compute the plan's samples; every new-image entry in plan order and the number of files written."""
-    from .integration import run_samples
-
     entries, results = run_samples(plan, list(tasks.values()), integrate_image, workers, "stage 2: integrating (COCO)")
     return entries, sum(r.written for r in results)
 
@@ -310,8 +296,6 @@ def remove_stale_images(previous: dict[str, dict], entries: list[dict], out: Pat
 def integrate_coco(manifest_path: Path, manifest: dict, meta_path: Path, meta: dict, chosen: dict[str, list[int]],
                    selection: dict, params, out: Path, workers: int, skip_bad: bool, filters: dict):
     """Stage 2 for COCO metadata (see the module docstring); returns an IntegrationSummary."""
-    from .integration import INTEGRATION_NAME, INTEGRATION_VERSION, REPORT_NAME, IntegrationSummary, _json_bytes
-
     source = load_coco_source(meta["coco_json"], meta["dataset_root"], skip_bad=skip_bad)
     try:
         previous = {e["file_name"]: e for e in read_json(out / INTEGRATION_NAME)["images"]}

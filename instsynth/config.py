@@ -13,10 +13,9 @@ from ast import literal_eval
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
 from yacs.config import CfgNode as CN
 
-from instsynth.io import InstSynthError
+from instsynth.io import InstSynthError, read_yaml
 
 BASE_KEY = "_BASE_"
 
@@ -198,12 +197,7 @@ def _load_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise ConfigError(path, "circular _BASE_ chain: " + " -> ".join(map(str, seen + (path,))))
-    if not path.is_file():
-        raise ConfigError(path, "config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(path, f"not valid YAML ({exc})") from None
+    data = read_yaml(path, "config file not found", ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(path, "a config file must be a mapping of keys")
     base = data.pop(BASE_KEY, None)

@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from .cli import command
 from .coco import coco_json_path, convert_cityscapes_to_coco
 from .generation.common import MODE_ALIASES, MODE_NAMES
-from .io import InstSynthError, get_logger, progress, read_json, write_bytes, write_json
+from .io import InstSynthError, get_logger, progress, read_json, read_yaml, write_bytes, write_json
 from .labels import REPO_ROOT
 from .summary import coco_stats, run_metrics
 
@@ -158,12 +157,7 @@ def parse_arms(path: Path, arms: Any) -> list[Arm]:
 def load_experiment(path: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> Experiment:
     """Read and check an experiment YAML (see configs/experiments/)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InstSynthError(path, "experiment config not found") from None
-    except yaml.YAMLError as exc:
-        raise InstSynthError(path, f"not valid YAML ({exc})") from None
+    data = read_yaml(path, "experiment config not found")
     if not isinstance(data, dict):
         raise InstSynthError(path, "an experiment config must be a mapping")
     _check_keys(path, "the experiment", data, TOP_KEYS)

@@ -201,6 +201,20 @@ def read_json(path: str | os.PathLike) -> Any:
         raise InstSynthError(path, f"not valid JSON ({exc})") from None
 
 
+def read_yaml(path: str | os.PathLike, missing: str = "file not found", error: type = InstSynthError) -> Any:
+    """Read a YAML file (an empty file reads as ``{}``); a missing or malformed file raises ``error`` naming it."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (FileNotFoundError, IsADirectoryError):
+        raise error(path, missing) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise error(path, f"not valid YAML ({exc})") from None
+    return {} if data is None else data
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """PNG bytes of an 8-bit/16-bit gray or RGB array (RGB order, like PIL)."""
     image = np.ascontiguousarray(image)

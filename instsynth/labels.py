@@ -88,14 +88,10 @@ def load_prompt_bank(path: str | Path | None = None, classes=()) -> tuple[str, d
     """Load ``(template, {class: [prompt, ...]})`` from the prompts YAML (default configs/prompts.yaml).
 
     Class names must be Cityscapes names or among ``classes`` (a COCO dataset's category names)."""
-    import yaml
-
-    from .io import InstSynthError
+    from .io import InstSynthError, read_yaml
 
     path = Path(path or DEFAULT_PROMPTS)
-    if not path.is_file():
-        raise InstSynthError(path, "prompt bank not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path, "prompt bank not found")
     template, prompts = data.get("template"), data.get("prompts")
     if not isinstance(template, str) or "{}" not in template:
         raise InstSynthError(path, "'template' must be a string containing '{}'")

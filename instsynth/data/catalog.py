@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from instsynth.io import InstSynthError, get_logger
+from instsynth.io import InstSynthError, get_logger, read_yaml
 
 log = get_logger("instsynth.data")
 
@@ -116,15 +116,8 @@ CATALOG_ENV = "INSTSYNTH_CATALOG"
 
 def load_catalog(path: str | os.PathLike) -> dict[str, DatasetSpec]:
     """Datasets of a YAML catalog ``{NAME: {json_file, image_root}}`` (paths relative to the file)."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise InstSynthError(path, f"dataset catalog not found (named by ${CATALOG_ENV})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InstSynthError(path, f"not valid YAML ({exc})") from None
+    data = read_yaml(path, f"dataset catalog not found (named by ${CATALOG_ENV})")
     if not isinstance(data, dict):
         raise InstSynthError(path, "expected a mapping NAME: {json_file: PATH, image_root: DIR}")
     specs = {}
@@ -223,7 +216,7 @@ def add_to_catalog(catalog: str | os.PathLike, name: str, json_file: str | os.Pa
     entries = {}
     if catalog.is_file():
         load_catalog(catalog)  # a broken catalog is an error, not something to overwrite
-        entries = yaml.safe_load(catalog.read_text()) or {}
+        entries = read_yaml(catalog)
     entries[name] = {"json_file": str(Path(json_file).resolve()), "image_root": str(Path(image_root).resolve())}
     return write_bytes(catalog, yaml.safe_dump(entries, sort_keys=True).encode())
 
