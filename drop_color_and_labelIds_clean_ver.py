@@ -6,7 +6,6 @@ instanceIds. Safe to rerun: files already right are not rewritten. All logic liv
 :mod:`instsynth.label_crops`.
 """
 import argparse
-import sys
 
 from instsynth.cli import command
 
@@ -24,14 +23,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 @command
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from instsynth.io import InstSynthError
     from instsynth.label_crops import drop_color_and_label_ids
 
-    try:
-        summary = drop_color_and_label_ids(args.cropped_region_coordinates_path, workers=args.workers,
-                                           skip_bad=args.skip_bad)
-    except InstSynthError as exc:
-        sys.exit(f"error: {exc}")
+    summary = drop_color_and_label_ids(args.cropped_region_coordinates_path, workers=args.workers,
+                                       skip_bad=args.skip_bad)
     print(f"{summary.images} images: {summary.files_written} label files written, "
           f"{summary.files_existing} already up to date, {len(summary.bad)} skipped")
 

@@ -8,7 +8,6 @@ drop_color_and_labelIds_clean_ver.py) and ``OUT/integration_report.json``. All l
 :mod:`instsynth.integration`.
 """
 import argparse
-import sys
 
 from instsynth.cli import command
 
@@ -54,20 +53,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     from instsynth.integration import IntegrationParams, integrate_samples
-    from instsynth.io import InstSynthError
 
     params = IntegrationParams(blend=args.blend, crops_per_sample=args.crops_per_sample, seed=args.seed,
                                min_instance_pixels=args.min_instance_pixels, max_tries=args.max_tries,
                                feather_pixels=args.feather_pixels)
-    try:
-        summary = integrate_samples(args.inpainting_dir, args.output_folder_name, metadata_path=args.metadata_path,
-                                    coordinates_path=args.cropped_region_coordinates, params=params,
-                                    workers=args.workers, skip_bad=args.skip_bad,
-                                    min_clip_score=args.min_clip_score, top_fraction=args.top_fraction,
-                                    min_mask_iou=args.min_mask_iou, min_clip_margin=args.min_clip_margin,
-                                    fallback=args.fallback)
-    except InstSynthError as exc:
-        sys.exit(f"error: {exc}")
+    summary = integrate_samples(args.inpainting_dir, args.output_folder_name, metadata_path=args.metadata_path,
+                                coordinates_path=args.cropped_region_coordinates, params=params,
+                                workers=args.workers, skip_bad=args.skip_bad,
+                                min_clip_score=args.min_clip_score, top_fraction=args.top_fraction,
+                                min_mask_iou=args.min_mask_iou, min_clip_margin=args.min_clip_margin,
+                                fallback=args.fallback)
     print(f"{summary.samples} samples -> {summary.new_images} new images ({summary.files_written} files written, "
           f"{summary.skipped} samples skipped) -> {summary.integration}")
     if summary.gate and summary.gate["criteria"]:

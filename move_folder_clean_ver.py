@@ -5,7 +5,6 @@
 Hard links by default (a copy where the filesystem cannot link); reruns skip identical files.
 """
 import argparse
-import sys
 
 from instsynth.cli import command
 
@@ -28,13 +27,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from instsynth.assemble import assemble_dataset
-    from instsynth.io import InstSynthError
 
-    try:
-        report = assemble_dataset(args.src_path, args.des_path, mode=args.mode, splits=tuple(args.splits),
-                                  include_generated=args.include_generated)
-    except InstSynthError as exc:
-        sys.exit(f"error: {exc}")
+    report = assemble_dataset(args.src_path, args.des_path, mode=args.mode, splits=tuple(args.splits),
+                              include_generated=args.include_generated)
     print(", ".join(f"{k}: {v}" for k, v in report.items()))
 
 

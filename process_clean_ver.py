@@ -5,7 +5,6 @@ crops (``crops/<split>/<city>_syn/<key>_{rgb,mask}.png``) under ``--out`` (defau
 All logic lives in :mod:`instsynth.selection`.
 """
 import argparse
-import sys
 
 from instsynth.budget import add_budget_arguments
 from instsynth.cli import command
@@ -48,7 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 @command
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from instsynth.io import InstSynthError
     from instsynth.coco_input import select_coco_instances
     from instsynth.selection import select_instances
 
@@ -57,14 +55,11 @@ def main(argv=None) -> None:
 
     common = dict(split=args.split, k=args.k, classes=names(args.classes), min_area=args.min_area,
                   context=args.context, out=args.out, workers=args.workers, skip_bad=args.skip_bad)
-    try:
-        if args.coco is not None:
-            summary = select_coco_instances(args.coco, args.images, frequency=names(args.frequency), **common)
-        else:
-            summary = select_instances(args.train_folder, **common, k_per_class=args.k_per_class, balance=args.balance,
-                                       balance_power=args.balance_power, max_factor=args.max_factor)
-    except InstSynthError as exc:
-        sys.exit(f"error: {exc}")
+    if args.coco is not None:
+        summary = select_coco_instances(args.coco, args.images, frequency=names(args.frequency), **common)
+    else:
+        summary = select_instances(args.train_folder, **common, k_per_class=args.k_per_class, balance=args.balance,
+                                   balance_power=args.balance_power, max_factor=args.max_factor)
     print(f"{summary.instances} instances from {summary.images} images -> {summary.metadata}")
 
 

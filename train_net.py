@@ -37,14 +37,8 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
-
     cli = parse_args()
     from instsynth.cli import command
     from instsynth.engine.launch import launch
-    from instsynth.io import InstSynthError
 
-    try:
-        command(launch)(main, cli.num_gpus, cli.num_machines, cli.machine_rank, cli.dist_url, args=(cli,))
-    except InstSynthError as exc:
-        sys.exit(f"error: {exc}")
+    command(launch)(main, cli.num_gpus, cli.num_machines, cli.machine_rank, cli.dist_url, args=(cli,))

@@ -40,15 +40,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     import instsynth.coco as coco
-    from instsynth.io import InstSynthError
 
-    try:
-        outputs = coco.convert_cityscapes_to_coco(args.datadir, splits=tuple(args.splits), fmt=args.fmt,
-                                                  include_ignored=args.include_ignored, min_area=args.min_area,
-                                                  workers=args.workers, skip_bad=args.skip_bad,
-                                                  write_polygons=args.write_polygons)
-    except InstSynthError as exc:
-        sys.exit(f"error: {exc}")
+    outputs = coco.convert_cityscapes_to_coco(args.datadir, splits=tuple(args.splits), fmt=args.fmt,
+                                              include_ignored=args.include_ignored, min_area=args.min_area,
+                                              workers=args.workers, skip_bad=args.skip_bad,
+                                              write_polygons=args.write_polygons)
     for split, path in outputs.items():
         print(f"{split}: {path}")
 

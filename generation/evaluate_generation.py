@@ -28,15 +28,11 @@ def parse_args(argv=None):
 
 @command
 def main(argv=None) -> None:
-    from instsynth.io import InstSynthError
     from instsynth.quality import evaluate_generation, format_table
 
     args = parse_args(argv)
-    try:
-        result = evaluate_generation(args.manifest, inception=args.inception, clip=args.clip, out=args.out,
-                                     device=args.device, batch_size=args.batch_size, workers=args.workers)
-    except InstSynthError as exc:
-        raise SystemExit(f"error: {exc}")
+    result = evaluate_generation(args.manifest, inception=args.inception, clip=args.clip, out=args.out,
+                                 device=args.device, batch_size=args.batch_size, workers=args.workers)
     print(format_table(result))
     print(f"per-sample results: {result['path']}")
 

@@ -52,17 +52,13 @@ def parse_args(argv=None):
 
 @command
 def main(argv=None) -> None:
-    from instsynth.io import InstSynthError
     from instsynth.quality import format_gate_table, score_generation
 
     args = parse_args(argv)
-    try:
-        report = score_generation(args.manifest, clip=args.clip, prompts=args.prompts, device=args.device,
-                                  batch_size=args.batch_size, force=args.force, thresholds=args.thresholds,
-                                  top_fractions=args.top_fractions, workers=args.workers, mask_model=args.mask_model,
-                                  mask_weights=args.mask_weights, mask_min_score=args.mask_min_score)
-    except InstSynthError as exc:
-        raise SystemExit(f"error: {exc}")
+    report = score_generation(args.manifest, clip=args.clip, prompts=args.prompts, device=args.device,
+                              batch_size=args.batch_size, force=args.force, thresholds=args.thresholds,
+                              top_fractions=args.top_fractions, workers=args.workers, mask_model=args.mask_model,
+                              mask_weights=args.mask_weights, mask_min_score=args.mask_min_score)
     print(format_gate_table(report))
     print(f"report: {report['path']}")
 

@@ -65,23 +65,20 @@ def main(argv=None) -> None:
         sys.exit("error: --model_path needs --mode (diffinpainting, bld or gligen)")
     if args.model_path and Path(args.model_path).expanduser().is_dir():  # one spelling per local model
         args.model_path = str(Path(args.model_path).expanduser().resolve())
-    try:
-        if args.metadata is None and args.folder is None:
-            raise InstSynthError(".", "pass --metadata META or --folder DIR (holding metadata.json)")
-        metadata = args.metadata or find_metadata(args.folder)
-        settings = GenerationSettings(
-            mode=args.mode or "recolor", model_path=args.model_path, num_samples=args.num_samples,
-            batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale,
-            strength=args.strength, negative_prompt=args.negative_prompt,
-            blending_start_percentage=args.blending_start_percentage, plms=not args.no_plms,
-            resolution=args.resolution, seed=args.seed, device=args.device, dtype=args.dtype,
-            prompts=resolve_prompts_path(args.prompts), attention_slicing=args.attention_slicing,
-            samples_per_class=args.samples_per_class, balance=args.balance, balance_power=args.balance_power,
-            max_factor=args.max_factor)
-        summary = generate_instances(metadata, out=args.folder, settings=settings, skip_bad=args.skip_bad,
-                                     strict_prompts=args.strict_prompts)
-    except InstSynthError as exc:
-        sys.exit(f"error: {exc}")
+    if args.metadata is None and args.folder is None:
+        raise InstSynthError(".", "pass --metadata META or --folder DIR (holding metadata.json)")
+    metadata = args.metadata or find_metadata(args.folder)
+    settings = GenerationSettings(
+        mode=args.mode or "recolor", model_path=args.model_path, num_samples=args.num_samples,
+        batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale,
+        strength=args.strength, negative_prompt=args.negative_prompt,
+        blending_start_percentage=args.blending_start_percentage, plms=not args.no_plms,
+        resolution=args.resolution, seed=args.seed, device=args.device, dtype=args.dtype,
+        prompts=resolve_prompts_path(args.prompts), attention_slicing=args.attention_slicing,
+        samples_per_class=args.samples_per_class, balance=args.balance, balance_power=args.balance_power,
+        max_factor=args.max_factor)
+    summary = generate_instances(metadata, out=args.folder, settings=settings, skip_bad=args.skip_bad,
+                                 strict_prompts=args.strict_prompts)
     print(f"{summary.samples_written} samples written, {summary.samples_existing} already done, "
           f"{summary.skipped} instances skipped -> {summary.manifest}")
 

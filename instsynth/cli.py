@@ -45,15 +45,10 @@ def command(main: F) -> F:
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except SystemExit as exc:  # a script's own ``except InstSynthError: sys.exit("error: ...")``
-            cause = exc.__context__
-            if not (debug() and isinstance(cause, Exception) and error_line(cause)):
-                raise
         except Exception as exc:
             line = None if debug() else error_line(exc)
             if line is None:
                 raise
             raise SystemExit(line) from None
-        raise cause  # outside the handler, so the traceback is the original error's alone
 
     return run  # type: ignore[return-value]

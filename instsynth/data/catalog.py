@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+from instsynth.cli import command
 from instsynth.io import InstSynthError, get_logger, read_yaml
 
 log = get_logger("instsynth.data")
@@ -221,10 +222,10 @@ def add_to_catalog(catalog: str | os.PathLike, name: str, json_file: str | os.Pa
     return write_bytes(catalog, yaml.safe_dump(entries, sort_keys=True).encode())
 
 
+@command
 def main(argv=None) -> None:
     """``python -m instsynth.data.catalog add CATALOG NAME JSON IMAGE_ROOT`` / ``list``."""
     import argparse
-    import sys
 
     p = argparse.ArgumentParser(prog="python -m instsynth.data.catalog",
                                 description="Register COCO datasets by name for train_net.py ($INSTSYNTH_CATALOG).")
@@ -236,14 +237,11 @@ def main(argv=None) -> None:
     add.add_argument("image_root", help="folder the JSON's file_name entries are relative to")
     sub.add_parser("list", help="print every registered dataset name")
     args = p.parse_args(argv)
-    try:
-        if args.command == "add":
-            path = add_to_catalog(args.catalog, args.name, args.json_file, args.image_root)
-            print(f"{args.name} -> {path}")
-        else:
-            print("\n".join(registered_names()))
-    except InstSynthError as exc:
-        sys.exit(f"error: {exc}")
+    if args.command == "add":
+        path = add_to_catalog(args.catalog, args.name, args.json_file, args.image_root)
+        print(f"{args.name} -> {path}")
+    else:
+        print("\n".join(registered_names()))
 
 
 if __name__ == "__main__":
