@@ -1,0 +1,25 @@
+"""The redesign changes no output byte: both demo runs hash as recorded before it (tests/golden_runs.py)."""
+import json
+
+import pytest
+
+from golden_runs import HASHES, golden_hashes
+
+DELIBERATE: dict[str, dict[str, str]] = {"cityscapes": {}, "coco": {}}
+"""Files whose bytes changed on purpose since the recording, by run: path -> why (none so far)."""
+
+
+@pytest.fixture(scope="module")
+def hashes(tmp_path_factory):
+    return golden_hashes(tmp_path_factory.mktemp("golden"))
+
+
+@pytest.mark.parametrize("run", ["cityscapes", "coco"])
+def test_demo_run_is_byte_identical(hashes, run):
+    recorded, found = json.loads(HASHES.read_text())[run], hashes[run]
+    changed = {p for p in recorded.keys() & found.keys() if recorded[p] != found[p]} - DELIBERATE[run].keys()
+    missing, extra = sorted(recorded.keys() - found.keys()), sorted(found.keys() - recorded.keys())
+    assert not (changed or missing or extra), (
+        f"{run}: {len(changed)} files changed (e.g. {sorted(changed)[:5]}), {len(missing)} missing "
+        f"(e.g. {missing[:5]}), {len(extra)} new (e.g. {extra[:5]})")
+    assert len(found) > 50  # both runs write their whole tree
