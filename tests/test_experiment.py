@@ -65,7 +65,11 @@ def test_harness_trains_every_arm_and_seed_and_writes_the_table(experiment):
         assert "AP-car" in arm["metrics"]["segm"] and "AP50" in arm["metrics"]["cityscapes"]
     gain = syn["metrics"]["segm"]["AP"]
     assert gain["gain"] == pytest.approx(gain["mean"] - base["metrics"]["segm"]["AP"]["mean"])
-    assert gain["low"] <= gain["gain"] <= gain["high"] and "gain" not in base["metrics"]["segm"]["AP"]
+    assert "gain" not in base["metrics"]["segm"]["AP"]
+    if gain["no_information"] or base["metrics"]["segm"]["AP"]["no_information"]:  # 2 iterations: AP is 0.0
+        assert gain["low"] is None and "No information in this table's AP" in (out / "results.md").read_text()
+    else:
+        assert gain["low"] <= gain["gain"] <= gain["high"]
     # rare classes: the fewest baseline train instances (classes without any are not rare, they have no AP)
     counts = results["baseline_train_instances"]
     rare = results["rare_classes"]
@@ -254,7 +258,8 @@ def test_table_only_reports_mean_std_and_gain_of_the_finished_runs(experiment, t
     assert "| 33.00 ± 1.41 | 66.00 ± 2.83 |" in row and f"+2.50 [{ref.low:+.2f}, {ref.high:+.2f}]" in row
     assert next(line for line in printed.splitlines() if line.startswith("| car ")).count("(+2.50)") == 1
     assert "runs trained: 0, already finished: 4 (tabulated)" in printed
-    assert (out / "results.md").read_text() in printed + "\n" and "No information" not in printed
+    assert (out / "results.md").read_text() in printed + "\n"
+    assert "No information" not in printed.split("## Cityscapes AP")[0]  # the COCO AP above varies and is not 0
 
 
 def test_table_says_when_its_values_carry_no_information(experiment, tmp_path, capsys):
