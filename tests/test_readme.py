@@ -51,7 +51,7 @@ def blocks(path: Path) -> list[tuple[str, int, str]]:
     return found
 
 
-def tested_blocks() -> list[tuple[str, str]]:
+def bash_blocks() -> list[tuple[str, str]]:
     """(``file:line``, script) of every ```bash block, in run order."""
     return [(f"{path.relative_to(ROOT)}:{line}", text)
             for path in documents() if path.exists()
@@ -63,10 +63,10 @@ def test_rule_is_kept():
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme
     assert "```bash" in readme and "tests/test_readme.py" in readme
-    offenders = [where for where, text in tested_blocks() if "[" in text]
+    offenders = [where for where, text in bash_blocks() if "[" in text]
     assert not offenders, f"```bash blocks are run; mark synopses with [optional] parts ```sh: {offenders}"
     assert (ROOT / "INSTALL.md").exists()
-    assert len(tested_blocks()) >= 10
+    assert len(bash_blocks()) >= 10
 
 
 def _workspace(tmp: Path) -> dict:
@@ -89,7 +89,7 @@ def _workspace(tmp: Path) -> dict:
 def test_documented_commands_run(tmp_path):
     """Every ```bash block of the documents runs, in order, on the demo tree."""
     env = _workspace(tmp_path)
-    for where, script in tested_blocks():
+    for where, script in bash_blocks():
         began = time.monotonic()
         try:
             done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
