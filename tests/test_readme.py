@@ -10,6 +10,7 @@ pipefail`` in one temporary folder that holds links to the repository's files an
 (``python -m instsynth.demo ... --size 512x256``) at ``datasets/cityscapes``, the one dataset root the
 documents use. ``python`` is this interpreter; the repository is on PYTHONPATH.
 """
+import json
 import os
 import re
 import subprocess
@@ -101,3 +102,6 @@ def test_documented_commands_run(tmp_path):
         if done.returncode != 0:
             tail = (done.stdout + done.stderr)[-3000:]
             pytest.fail(f"{where}: block failed (exit {done.returncode}):\n{script}\n--- output ---\n{tail}")
+    for coco in sorted(tmp_path.glob("datasets/*_instsynth/annotations/instancesonly_filtered_gtFine_train.json")):
+        images = json.loads(coco.read_text())["images"]
+        assert any("_syn/" in image["file_name"] for image in images), f"{coco}: no synthetic image (one output folder?)"
