@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import cv2
 import numpy as np
 
+from ..io import InstSynthError
 from ..labels import INSTANCE_ID_OFFSET
 
 Box = tuple[int, int, int, int]
@@ -195,8 +196,9 @@ class Dataset(ABC):
         return self.root
 
     @abstractmethod
-    def images(self, split: str) -> list[SourceImage]:
-        """The split's images in the order every stage processes them."""
+    def images(self, split: str, include_generated: bool = False) -> list[SourceImage]:
+        """The split's images in the order every stage processes them; images InstSynth wrote
+        (``*_syn`` cities, ``instsynth_syn/`` folders) only with ``include_generated``."""
 
     @abstractmethod
     def categories(self) -> list[Category]:
@@ -207,8 +209,6 @@ class Dataset(ABC):
 
     def category_ids(self, names: Sequence[str] | None = None) -> tuple[int, ...]:
         """Sorted ids of the named categories (all when ``names`` is empty); unknown names raise InstSynthError."""
-        from ..io import InstSynthError
-
         by_name = {c.name: c.id for c in self.categories()}
         unknown = [n for n in names or () if n not in by_name]
         if unknown:

@@ -357,6 +357,7 @@ class CocoSourceImage(SourceImage):
                            lambda: instance_map(anns, masks.all(anns), height, width), native=(anns, masks))
 
     def read_pixels(self, bgr: bool = False, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """Pixels checked against the file's width and height (``shape`` is the same size)."""
         pixels = _read_image(self.path, self.info)
         return pixels if bgr else cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
 
@@ -379,8 +380,9 @@ class CocoDataset(Dataset):
         """What ``skip_bad`` left out: ``{"kind", "id", "problem"}``."""
         return self.source.bad
 
-    def images(self, split: str) -> list[CocoSourceImage]:
-        """Every kept image, by (file_name, id); ``split`` only names outputs (the file is one split)."""
+    def images(self, split: str, include_generated: bool = True) -> list[CocoSourceImage]:
+        """Every kept image of the file, by (file_name, id), as stage 1 lists them (a merged file's new images
+        included: ``include_generated`` is accepted and ignored); ``split`` only names outputs."""
         out = []
         for img in self.source.images:
             folder, stem = image_location(img["file_name"])
