@@ -4,8 +4,8 @@ The official FastInst, OneFormer and Mask2Former repositories are Detectron2 pro
 dataset name registered there. One line in their ``train_net.py`` (before ``launch``) makes this project's
 output trainable by name:
 
-    from instsynth.detectron2 import register_output
-    register_output("datasets/cityscapes_instsynth")   # -> cityscapes_instsynth_train, ..._val (+ _coco_*)
+    from instsynth.detectron2 import register_instsynth
+    register_instsynth("datasets/cityscapes_instsynth")   # -> cityscapes_instsynth_train, ..._val (+ _coco_*)
 
 and ``DATASETS.TRAIN ("cityscapes_instsynth_train",)`` in their config. What gets registered:
 
@@ -79,7 +79,7 @@ def register_cityscapes(name: str, root: str | Path, split: str, from_json: bool
     return name
 
 
-def register_output(root: str | Path, name: str | None = None, from_json: bool = False) -> list[str]:
+def register_instsynth(root: str | Path, name: str | None = None, from_json: bool = False) -> list[str]:
     """Register every split of an InstSynth output folder under ``name`` (default: the folder's name);
     see the module docstring. Returns the registered names."""
     root = Path(root)

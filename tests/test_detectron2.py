@@ -22,9 +22,9 @@ def output(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def names(output):
-    from instsynth.detectron2 import register_cityscapes, register_output
+    from instsynth.detectron2 import register_cityscapes, register_instsynth
 
-    registered = register_output(output, "t20_demo")
+    registered = register_instsynth(output, "t20_demo")
     for split in ("train", "val"):  # masks as RLE (exact) and from the polygons files
         register_cityscapes(f"t20_demo_png_{split}", output, split, to_polygons=False)
         register_cityscapes(f"t20_demo_json_{split}", output, split, from_json=True)
@@ -61,7 +61,7 @@ def instances(record, crowd=False):
                    if bool(a.get("iscrowd", 0)) == crowd)
 
 
-def test_register_output_names_and_metadata(names, output):
+def test_register_instsynth_names_and_metadata(names, output):
     from detectron2.data import MetadataCatalog
 
     assert names == ["t20_demo_train", "t20_demo_coco_train", "t20_demo_val", "t20_demo_coco_val"]
@@ -84,7 +84,7 @@ def test_coco_and_instance_png_loaders_give_the_same_instances_and_masks(names, 
     for name in png:
         assert instances(png[name]) == instances(coco[name]), name
         assert instances(png[name], crowd=True) == instances(coco[name], crowd=True), name
-    # the polygon form that training reads (to_polygons=True, register_output's default) has the same instances
+    # the polygon form that training reads (to_polygons=True, register_instsynth's default) has the same instances
     poly = dicts(f"t20_demo_{split}")
     assert {n: len(d["annotations"]) for n, d in poly.items()} == {n: len(d["annotations"]) for n, d in png.items()}
 
