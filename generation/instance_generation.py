@@ -79,6 +79,8 @@ def main(argv=None) -> None:
         max_factor=args.max_factor)
     summary = generate_instances(metadata, out=args.folder, settings=settings, skip_bad=args.skip_bad,
                                  strict_prompts=args.strict_prompts)
+    if summary.rank != 0:
+        return  # rank 0 prints the merged run's summary
     print(f"{summary.samples_written} samples written, {summary.samples_existing} already done, "
           f"{summary.skipped} instances skipped -> {summary.manifest}")
 

@@ -79,6 +79,7 @@ class GenerationSummary:
     samples_written: int
     samples_existing: int
     skipped: int
+    rank: int = 0  # this process's rank: only rank 0's summary covers the whole run (the others: their shard)
 
 
 @dataclass
@@ -398,7 +399,7 @@ def generate_instances(metadata: str | os.PathLike, out: str | os.PathLike | Non
     run.shard.barrier()
     if summary is None:
         summary = GenerationSummary(run.mode_dir / MANIFEST_NAME, run.mode_dir / REPORT_NAME, len(run.plans),
-                                    run.state.written, run.state.existing, len(run.state.skipped))
+                                    run.state.written, run.state.existing, len(run.state.skipped), run.shard.rank)
     return summary
 
 
