@@ -225,12 +225,15 @@ class ArmData:
 
 
 def cli_flags(options: dict) -> list[str]:
-    """Command-line flags of an options mapping: ``{k: 3, skip-bad: true, thresholds: [0.2, 0.3]}`` ->
-    ``--k 3 --skip-bad --thresholds 0.2 0.3`` (false / null values are left out)."""
+    """Command-line flags of an options mapping: ``{k: 3, skip-bad: true, thresholds: [0.2, 0.3],
+    pipeline_options: {max_sequence_length: 256}}`` -> ``--k 3 --skip-bad --thresholds 0.2 0.3
+    --pipeline_options max_sequence_length=256`` (false / null values are left out)."""
     flags = []
     for key, value in options.items():
         if value is True:
             flags.append(f"--{key}")
+        elif isinstance(value, dict):
+            flags += [f"--{key}", ",".join(f"{k}={v}" for k, v in value.items())]
         elif value is not False and value is not None:
             flags += [f"--{key}", *map(str, value if isinstance(value, (list, tuple)) else [value])]
     return flags
