@@ -129,6 +129,12 @@ PREPARED = "prepared.json"
 def test_stage_options_become_flags():
     assert cli_flags({"k": 3, "skip-bad": True, "force": False, "prompts": None, "thresholds": [0.2, 0.3],
                       "mode": "recolor"}) == ["--k", "3", "--skip-bad", "--thresholds", "0.2", "0.3", "--mode", "recolor"]
+    # a diffusers arm's pipeline options (a YAML mapping) become one KEY=VALUE,... flag
+    flags = cli_flags({"mode": "diffusers", "pipeline_options": {"max_sequence_length": 256, "prior_guidance_scale": 4}})
+    assert flags == ["--mode", "diffusers", "--pipeline_options", "max_sequence_length=256,prior_guidance_scale=4"]
+    from instsynth.generation.common import parse_pipeline_options
+
+    assert parse_pipeline_options(flags[-1]) == {"max_sequence_length": 256, "prior_guidance_scale": 4}
 
 
 def test_config_errors_name_the_problem(tmp_path, demo_root):
