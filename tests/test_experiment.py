@@ -222,3 +222,23 @@ def test_table_only_reports_mean_std_and_gain_of_the_finished_runs(experiment, t
     assert "| 33.00 ± 1.41 | 66.00 ± 2.83 |" in row and f"+2.50 [{ref.low:+.2f}, {ref.high:+.2f}]" in row
     assert next(line for line in printed.splitlines() if line.startswith("| car ")).count("(+2.50)") == 1
     assert "runs trained: 0, already finished: 0" in printed and (out / "results.md").read_text() in printed + "\n"
+
+
+def test_arm_budgeted_from_the_baseline_ap_is_prepared_after_the_baseline_trained(demo_root, tmp_path):
+    """``budget_from_baseline: true``: the baseline's first seed trains, then stage 1 and generation of the arm
+    run with --balance ap --baseline_metrics of that run."""
+    arms = {"baseline": {}, "ap": {**RECOLOR, "budget_from_baseline": True}}
+    config = write_config(tmp_path / "exp.yaml", demo_root, tmp_path / "out", arms, seeds=(1,))
+    main(["--config", str(config), "--prepare_only"])
+    assert not (tmp_path / "out" / "data" / "ap").exists()  # waits for the baseline's AP
+    main(["--config", str(config)])
+    out = tmp_path / "out"
+    metrics = out / "runs" / "baseline" / "seed_1" / "inference" / "metrics.json"
+    works = list((out / "work").glob("*/selection/metadata.json"))
+    assert len(works) == 1
+    budget = read_json(works[0])["class_budget"]
+    assert budget["balance"] == "ap" and budget["baseline_metrics"] == str(metrics)
+    assert set(budget["baseline_ap"]) == {k[3:] for k in read_json(metrics)["segm"] if k.startswith("AP-")}
+    generation = read_json(works[0].parent.parent / "generation" / "Recolor" / "generation.json")
+    assert generation["params"]["budget"]["balance"] == "ap"
+    assert (out / "runs" / "ap" / "seed_1" / "inference" / "metrics.json").is_file()
