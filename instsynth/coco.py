@@ -23,9 +23,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 from scipy import ndimage
 
+from .imageops import corner_polygons, rle_encode, segmentation_of  # noqa: F401 (names of this module too)
 from .parallel import ordered_map
 from .io import (CityscapesImage, InstSynthError, default_workers, get_logger, iter_cityscapes_images,
                  progress, read_json, read_png, write_json)
@@ -55,56 +55,11 @@ def coco_categories(include_ignored: bool = False) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- mask geometry
-def corner_polygons(mask: np.ndarray) -> tuple[list[np.ndarray], bool]:
-    """Pixel-edge polygons of a binary mask: ``([(N, 2) int corner points per external contour], has_holes)``.
-
-    Coordinates are pixel corners relative to the mask's top-left corner (pixel (x, y) spans
-    ``[x, x+1] x [y, y+1]``), the convention pycocotools rasterises polygons with.
-    """
-    h, w = mask.shape
-    up = np.zeros((2 * h + 2, 2 * w + 2), np.uint8)
-    up[1:-1, 1:-1] = cv2.resize(mask.astype(np.uint8), (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST)
-    contours, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        return [], False
-    parents = hierarchy[0][:, 3]
-    polygons = []
-    for contour, parent in zip(contours, parents):
-        if parent != -1:
-            continue
-        corners = contour[:, 0, :] // 2  # ((c - 1) + 1) // 2: undo the padding, then snap to corners
-        keep = np.r_[True, np.any(corners[1:] != corners[:-1], axis=1)]
-        corners = corners[keep]
-        if len(corners) > 1 and (corners[0] == corners[-1]).all():
-            corners = corners[:-1]
-        polygons.append(corners)
-    return polygons, bool((parents != -1).any())
-
-
 def centre_polygons(mask: np.ndarray) -> list[np.ndarray]:
     """Outer contours through boundary-pixel centres (Cityscapes polygons.json convention)."""
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     # 1- and 2-point contours (one pixel, a thin line) are closed to 3 points so that PIL can draw them
     return [c[:, 0, :] if len(c) >= 3 else np.resize(c[:, 0, :], (3, 2)) for c in contours]
-
-
-def rle_encode(mask: np.ndarray, top: int, left: int, height: int, width: int) -> dict:
-    """Exact COCO RLE (``counts`` as str) of a bbox-local ``mask`` placed at (top, left) in a height x width image."""
-    strip = np.zeros((mask.shape[1], height), np.uint8)  # columns left..right, column-major order
-    strip[:, top:top + mask.shape[0]] = mask.T
-    flat = strip.ravel()
-    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    counts = np.diff(np.r_[0, edges, flat.size]).tolist()
-    if flat[0]:  # COCO RLE starts with a run of zeros
-        counts.insert(0, 0)
-    counts[0] += left * height  # columns before the strip
-    trail = (width - left - mask.shape[1]) * height  # columns after it
-    if flat[-1] and trail:
-        counts.append(trail)
-    elif not flat[-1]:
-        counts[-1] += trail
-    rle = mask_utils.frPyObjects({"counts": counts, "size": [height, width]}, height, width)
-    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
 
 
 # --------------------------------------------------------------------------- per image
@@ -170,17 +125,6 @@ def image_regions(instance_ids: np.ndarray, path: Path) -> dict[int, tuple]:
         if MAX_LABEL_ID < value and decode_instance_id(value)[0] not in THING_LABEL_IDS:
             raise InstSynthError(path, f"value {value} is neither a Cityscapes label id nor a thing instance id")
     return regions
-
-
-def segmentation_of(local: np.ndarray, top: int, left: int, height: int, width: int, fmt: str) -> tuple[object, bool]:
-    """(COCO segmentation, has_holes) of a bbox-local mask: pixel-edge polygons, or RLE for
-    ``fmt="rle"`` and for masks with holes (so a hole is never filled)."""
-    if fmt == "polygon":
-        polys, has_holes = corner_polygons(local)
-        if not has_holes:
-            return [(p + (left, top)).ravel().astype(float).tolist() for p in polys], False
-        return rle_encode(local, top, left, height, width), True
-    return rle_encode(local, top, left, height, width), False
 
 
 def convert_image(image: CityscapesImage, options: ConversionOptions) -> dict:

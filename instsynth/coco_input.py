@@ -27,182 +27,26 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .io import InstSynthError, default_workers, get_logger, progress, read_json, read_png, write_if_changed
+from .formats.coco import (BOX_TOLERANCE, LVIS_FREQUENCIES, TOP_LEVEL_FOLDER, CocoSource,  # noqa: F401 (names kept)
+                           _annotation_problem, _read_image, annotation_mask, image_location, load_coco_source,
+                           segmentation_rle, select_categories)
+from .io import InstSynthError, default_workers, get_logger, progress, write_if_changed
 from .parallel import ordered_map
 from .selection import (CROPS_DIR, DEFAULT_MIN_AREA, METADATA_VERSION, SKIP_REASONS, ImageResult,
                         SelectionSummary, encode_crop, square_crop_box, write_selection)
 
 COCO_FORMAT = "coco"
 """Value of ``format`` in a metadata.json written from a COCO file (Cityscapes metadata has none)."""
-BOX_TOLERANCE = 1.0
-"""Pixels an annotation's bbox may extend beyond its image (rounding in exported files) before it is bad."""
-LVIS_FREQUENCIES = ("r", "c", "f")
-TOP_LEVEL_FOLDER = "images"
-"""``city`` of images at the top level of ``images_dir``."""
 
 log = get_logger("instsynth.coco_input")
-
-
-# --------------------------------------------------------------------------- masks
-def segmentation_rle(segmentation: Any, height: int, width: int) -> dict:
-    """pycocotools RLE of a COCO segmentation (polygons, uncompressed or compressed RLE)."""
-    if isinstance(segmentation, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation["counts"], list):
-        return mask_utils.frPyObjects(segmentation, height, width)
-    counts = segmentation["counts"]
-    return {"size": segmentation["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-
-
-def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
-    """Boolean (height, width) mask of an annotation, rasterised by pycocotools."""
-    return mask_utils.decode(segmentation_rle(ann["segmentation"], height, width)).astype(bool)
-
-
-# --------------------------------------------------------------------------- reading and checking
-@dataclass
-class CocoSource:
-    """A checked COCO file: its raw dict, categories by id, kept images (sorted by file name), their annotations."""
-
-    json_path: Path
-    images_dir: Path
-    data: dict
-    categories: dict[int, dict]
-    images: list[dict]
-    annotations: dict[int, list[dict]]  # image id -> annotations in file order
-    bad: list[dict] = field(default_factory=list)  # what skip_bad left out: {"kind", "id", "problem"}
-
-
-def _segmentation_problem(seg: Any, height: int, width: int) -> str | None:
-    if isinstance(seg, list):
-        if not seg:
-            return "empty segmentation"
-        for poly in seg:
-            if not isinstance(poly, list) or len(poly) % 2 or not all(isinstance(v, (int, float)) for v in poly):
-                return "polygon must be a flat list of x, y numbers"
-            if len(poly) < 6:
-                return f"polygon with {len(poly) // 2} points (needs at least 3)"
-        return None
-    if isinstance(seg, dict) and isinstance(seg.get("counts"), (list, str)) and isinstance(seg.get("size"), list):
-        if list(seg["size"]) != [height, width]:
-            return f"RLE size {seg['size']} differs from its image's [height, width] [{height}, {width}]"
-        return None
-    return "segmentation must be polygons or RLE {size, counts}"
-
-
-def _annotation_problem(ann: Any, images: dict[int, dict], categories: dict[int, dict]) -> str | None:
-    if not isinstance(ann, dict):
-        return "not an object"
-    if ann.get("image_id") not in images:
-        return f"points to image id {ann.get('image_id')!r}, which is not in the file"
-    if ann.get("category_id") not in categories:
-        return f"unknown category id {ann.get('category_id')!r}"
-    img = images[ann["image_id"]]
-    height, width = img["height"], img["width"]
-    problem = _segmentation_problem(ann.get("segmentation"), height, width)
-    if problem:
-        return problem
-    box = ann.get("bbox")
-    if box is not None:
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            return f"bbox must be [x, y, w, h], got {box!r}"
-        x, y, w, h = box
-        t = BOX_TOLERANCE
-        if w < 0 or h < 0 or x < -t or y < -t or x + w > width + t or y + h > height + t:
-            return f"bbox {box} lies outside its {width}x{height} image {img['file_name']}"
-    return None
-
-
-def _unique(json_path: Path, items: list, what: str) -> dict[int, dict]:
-    """Items by id; a missing or duplicate id raises InstSynthError naming it."""
-    by_id: dict[int, dict] = {}
-    for n, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
-            raise InstSynthError(json_path, f"{what}[{n}] has no integer 'id'")
-        if item["id"] in by_id:
-            raise InstSynthError(json_path, f"duplicate {what} id {item['id']}")
-        by_id[item["id"]] = item
-    return by_id
-
-
-def load_coco_source(coco_json: str | os.PathLike, images_dir: str | os.PathLike, skip_bad: bool = False,
-                     check_images: bool = True) -> CocoSource:
-    """Read and check a COCO / LVIS instances file (see the module docstring for what is checked)."""
-    json_path, images_dir = Path(coco_json).resolve(), Path(images_dir).resolve()
-    data = read_json(json_path)
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
-        raise InstSynthError(json_path, "not a COCO instances file (needs lists 'images', 'annotations', 'categories')")
-    categories = _unique(json_path, data["categories"], "category")
-    for cat in categories.values():
-        if not isinstance(cat.get("name"), str):
-            raise InstSynthError(json_path, f"category id {cat['id']} has no name")
-    names = Counter(c["name"] for c in categories.values())
-    if any(n > 1 for n in names.values()):
-        raise InstSynthError(json_path, f"duplicate category names {sorted(k for k, n in names.items() if n > 1)}")
-    images = _unique(json_path, data["images"], "image")
-    _unique(json_path, data["annotations"], "annotation")
-    bad: list[dict] = []
-
-    def reject(kind: str, item_id: Any, problem: str) -> None:
-        if not skip_bad:
-            raise InstSynthError(json_path, f"{kind} id {item_id}: {problem}")
-        log.warning("skipping %s id %s: %s", kind, item_id, problem)
-        bad.append({"kind": kind, "id": item_id, "problem": problem})
-
-    kept: dict[int, dict] = {}
-    for image_id, img in images.items():
-        name, w, h = img.get("file_name"), img.get("width"), img.get("height")
-        if not isinstance(name, str) or not all(isinstance(v, int) and v > 0 for v in (w, h)):
-            reject("image", image_id, "needs a string 'file_name' and positive integer 'width' and 'height'")
-        elif PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
-            reject("image", image_id, f"file_name {name!r} must be relative to the images folder")
-        elif check_images and not (images_dir / name).is_file():
-            reject("image", image_id, f"image file {images_dir / name} not found")
-        else:
-            kept[image_id] = img
-    annotations: dict[int, list[dict]] = {i: [] for i in kept}
-    for ann in data["annotations"]:
-        if ann.get("image_id") in images and ann["image_id"] not in kept:
-            continue  # its image was skipped
-        problem = _annotation_problem(ann, images, categories)
-        if problem:
-            reject("annotation", ann.get("id"), problem)
-        else:
-            annotations[ann["image_id"]].append(ann)
-    ordered = sorted(kept.values(), key=lambda i: (i["file_name"], i["id"]))
-    return CocoSource(json_path, images_dir, data, categories, ordered, annotations, bad)
-
-
-def select_categories(source: CocoSource, classes: Sequence[str] | None = None,
-                      frequency: Sequence[str] | None = None) -> tuple[int, ...]:
-    """Category ids named by ``classes`` (default: all) and of an LVIS ``frequency`` (r, c, f), sorted."""
-    by_name = {c["name"]: i for i, c in source.categories.items()}
-    if classes:
-        unknown = [c for c in classes if c not in by_name]
-        if unknown:
-            raise InstSynthError(source.json_path, f"unknown category names {unknown}; the file has "
-                                                   f"{sorted(by_name)[:50]}")
-        ids = {by_name[c] for c in classes}
-    else:
-        ids = set(source.categories)
-    if frequency:
-        wrong = sorted(set(frequency) - set(LVIS_FREQUENCIES))
-        if wrong:
-            raise InstSynthError(source.json_path, f"frequency must be among {LVIS_FREQUENCIES}, got {wrong}")
-        if not any("frequency" in c for c in source.categories.values()):
-            raise InstSynthError(source.json_path, "categories have no LVIS 'frequency' field; drop --frequency")
-        ids = {i for i in ids if source.categories[i].get("frequency") in frequency}
-    if not ids:
-        raise InstSynthError(source.json_path, "no category matches the chosen classes and frequency")
-    return tuple(sorted(ids))
 
 
 # --------------------------------------------------------------------------- per image
@@ -214,13 +58,6 @@ class CocoParams:
     category_ids: tuple[int, ...]
     min_area: int
     context: float
-
-
-def image_location(file_name: str) -> tuple[str, str]:
-    """(city, image_id) of a file name: its folder (``images`` at the top level) and its stem."""
-    path = PurePosixPath(file_name)
-    folder = path.parent.as_posix()
-    return (TOP_LEVEL_FOLDER if folder == "." else folder), path.stem
 
 
 def rank_annotations(areas: dict[int, int], anns: list[dict], params: CocoParams
@@ -244,14 +81,6 @@ def rank_annotations(areas: dict[int, int], anns: list[dict], params: CocoParams
     candidates.sort(key=lambda pair: (-pair[1], pair[0]["id"]))
     skipped["beyond_k"] = max(0, len(candidates) - params.k)
     return candidates[: params.k], skipped
-
-
-def _read_image(source_path: Path, img: dict) -> np.ndarray:
-    bgr = read_png(source_path, rgb=True, bgr=True)  # any format OpenCV decodes
-    if bgr.shape[:2] != (img["height"], img["width"]):
-        raise InstSynthError(source_path, f"size {bgr.shape[1]}x{bgr.shape[0]} differs from the annotation file's "
-                                          f"{img['width']}x{img['height']} (image id {img['id']})")
-    return bgr
 
 
 def select_in_coco_image(img: dict, anns: list[dict], images_dir: Path, split: str, params: CocoParams,

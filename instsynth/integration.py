@@ -45,6 +45,8 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from .formats.cityscapes import (MAX_CROPS_PER_SAMPLE, MAX_SAMPLE_INDEX, coordinates_entry,  # noqa: F401
+                                 new_image_id, output_paths)
 from .generation.common import resize_image, stable_seed
 from .generation.manifest import load_manifest
 from .parallel import ordered_map
@@ -57,9 +59,6 @@ INTEGRATION_VERSION = 1
 INTEGRATION_NAME = "integration.json"
 REPORT_NAME = "integration_report.json"
 BLENDS = ("hard", "feather", "normalized")
-MAX_SAMPLE_INDEX = 9999
-MAX_CROPS_PER_SAMPLE = 99
-"""Name fields are fixed-width: instance id 5 digits, sample 4, crop 2."""
 
 log = get_logger("instsynth.integration")
 
@@ -82,23 +81,6 @@ class IntegrationParams:
             raise InstSynthError(where, f"crops_per_sample must be in [0, {MAX_CROPS_PER_SAMPLE}], got {self.crops_per_sample}")
         if self.min_instance_pixels < 0 or self.max_tries < 1 or self.feather_pixels < 1:
             raise InstSynthError(where, "min_instance_pixels must be >= 0, max_tries and feather_pixels >= 1")
-
-
-# --------------------------------------------------------------------------- naming
-def new_image_id(source_image_id: str, instance_id: int, sample: int, crop: int) -> str:
-    """``<city>_<seq>_<frame><instance_id:05d><sample:04d><crop:02d>``: unique per (image, instance, sample, crop)."""
-    city, seq, frame = split_image_id(source_image_id)
-    if not (0 <= instance_id < 100_000 and 0 <= sample <= MAX_SAMPLE_INDEX and 0 <= crop <= MAX_CROPS_PER_SAMPLE):
-        raise ValueError(f"name fields out of range: instance {instance_id}, sample {sample}, crop {crop}")
-    return f"{city}_{seq}_{frame}{instance_id:05d}{sample:04d}{crop:02d}"
-
-
-def output_paths(split: str, city: str, image_id: str) -> dict[str, str]:
-    """Paths (relative to OUT) of a new image's files: leftImg8bit, instanceIds, labelIds, color."""
-    image = CityscapesImage(Path("."), split, f"{city}_syn", image_id)
-    paths = {"leftImg8bit": image.left}
-    paths.update({kind: image.gt(kind) for kind in ("instanceIds", "labelIds", "color")})
-    return {k: p.as_posix() for k, p in paths.items()}
 
 
 # --------------------------------------------------------------------------- pasting
@@ -516,14 +498,6 @@ def reusable(task: SampleTask, image: CityscapesImage, params: IntegrationParams
             return None
         entries.append({**entry, "instance_source": entry.get("instance_source", "generated")})
     return entries
-
-
-def coordinates_entry(entry: dict, dataset_root: Path) -> dict:
-    """The stage-4 record of a new image: its box, size, source label files and output paths."""
-    source = CityscapesImage(dataset_root, entry["split"], entry["city"], entry["source_image_id"])
-    return {"image_id": entry["image_id"], "kind": entry["kind"], "bbox_coordinate": entry["bbox_coordinate"],
-            "size": entry["size"], "source": {k: str(source.gt(k)) for k in ("instanceIds", "labelIds", "color")},
-            "output": entry["outputs"]}
 
 
 def remove_stale(previous: dict[str, dict], entries: list[dict], out: Path) -> list[str]:

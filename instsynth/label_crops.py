@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import cv2
 import numpy as np
 
+from .formats.cityscapes import COORDINATES_VERSION
+from .imageops import crop_resize_labels, crop_resize_rgb  # noqa: F401 (names of this module too)
 from .parallel import ordered_map
 from .io import (InstSynthError, default_workers, encode_png, get_logger, progress, read_json, read_png,
                  write_if_changed)
 
-COORDINATES_VERSION = 1
 DONE_NAME = "label_crops_done.json"
 """Hash of every coordinates entry whose labels were written: a rerun skips those (files present)."""
 STAGE4_KINDS = ("labelIds", "color")
@@ -36,31 +36,6 @@ log = get_logger("instsynth.label_crops")
 
 
 # --------------------------------------------------------------------------- crop + resize
-def crop_resize_labels(labels: np.ndarray, box: Sequence[int], size: tuple[int, int]) -> np.ndarray:
-    """Cut ``box`` (x0, y0, x1, y1, half-open) out of a label map and resize it to ``size`` (w, h).
-
-    Nearest neighbour with pixel-centre sampling (``INTER_NEAREST_EXACT``), so every label value in
-    the output exists in the source and all channels (color) and dtypes (uint16 instanceIds) map
-    their pixels identically. When enlarging, every source pixel of the box appears in the output.
-    """
-    x0, y0, x1, y1 = map(int, box)
-    crop = labels[y0:y1, x0:x1]
-    if crop.shape[1::-1] == tuple(size):
-        return crop.copy()
-    return cv2.resize(crop, tuple(size), interpolation=cv2.INTER_NEAREST_EXACT)
-
-
-def crop_resize_rgb(rgb: np.ndarray, box: Sequence[int], size: tuple[int, int]) -> np.ndarray:
-    """Cut ``box`` out of an RGB image and resize it to ``size`` (w, h): area filter to shrink, bilinear to enlarge."""
-    x0, y0, x1, y1 = map(int, box)
-    crop = rgb[y0:y1, x0:x1]
-    w, h = size
-    if crop.shape[:2] == (h, w):
-        return crop.copy()
-    shrink = w * h < crop.shape[0] * crop.shape[1]
-    return cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
 def is_identity(box: Sequence[int], size: tuple[int, int], source_shape: tuple[int, ...]) -> bool:
     """True when ``box`` is the whole source image and ``size`` its own size (a panorama)."""
     h, w = source_shape[:2]

@@ -2,8 +2,8 @@
 
 ``tests/golden/demo_hashes.json`` was recorded before the one-pipeline redesign (issue 17);
 ``tests/test_golden.py`` reruns both pipelines and requires the same bytes. A file's hash is taken
-after two normalisations only: the run's temporary root is replaced by ``$ROOT`` (absolute paths in
-JSON and YAML files), the value of every ``"seconds"`` field (wall time) by 0, and every 64-digit hex
+after two normalisations only: the run's temporary root is replaced by ``$ROOT`` and the checkout by
+``$REPO`` (absolute paths in JSON and YAML files), the value of every ``"seconds"`` field (wall time) by 0, and every 64-digit hex
 string by ``<sha256>``: fingerprints hash absolute paths (the files they stand for are hashed here).
 
 Record anew (only for a deliberate change of output, which the test must then name):
@@ -63,7 +63,7 @@ def normalised_bytes(path: Path, root: Path) -> bytes:
     """The file's bytes, normalised in text files (see the module docstring)."""
     data = path.read_bytes()
     if path.suffix in TEXT_SUFFIXES:
-        data = data.replace(str(root).encode(), b"$ROOT")
+        data = data.replace(str(root).encode(), b"$ROOT").replace(str(REPO).encode(), b"$REPO")
         data = SHA256.sub(b'"<sha256>"', TIMING.sub(b'"seconds": 0', data))
     return data
 

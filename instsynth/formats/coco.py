@@ -1,0 +1,456 @@
+"""A COCO / LVIS instances file and its image folder: reading, checking, and writing new images.
+
+:func:`load_coco_source` reads and checks the file before any work: duplicate image / annotation /
+category ids, annotations that point to an unknown image or category, polygons with fewer than 3
+points, RLE of another size, boxes outside their image and missing image files raise an
+InstSynthError naming the file and the id; with ``skip_bad`` the offending annotation (or image) is
+left out and listed in ``CocoSource.bad``. Segmentations may be polygons, uncompressed or compressed
+RLE. LVIS fields are kept verbatim: categories' ``frequency``, ``synonyms``, ``def``; images'
+``not_exhaustive_category_ids`` and ``neg_category_ids`` (which new images inherit).
+
+Images are listed by ``(file_name, id)``; an image's ``folder`` is its file's folder (``images`` at the
+top level) and its ``stem`` the file's stem. An instance is an annotation (area: the pycocotools
+pixel count of its rasterised segmentation). New images are
+``OUT/images/instsynth_syn/<split>/<folder>/<stem>_<annotation id>_<sample:04d>_<crop:02d>.png``;
+``finish`` writes ``OUT/annotations/instances_<split>_instsynth.json``: the source file plus the new
+images and their exact annotations (:func:`merge_coco`). The source JSON and images are only read.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from ..imageops import crop_resize_labels, segmentation_of
+from ..io import InstSynthError, encode_png, get_logger, read_json, read_png, write_if_changed
+from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
+                   painted_masks)
+
+BOX_TOLERANCE = 1.0
+"""Pixels an annotation's bbox may extend beyond its image (rounding in exported files) before it is bad."""
+LVIS_FREQUENCIES = ("r", "c", "f")
+TOP_LEVEL_FOLDER = "images"
+"""``city`` of images at the top level of ``images_dir``."""
+SYNTHETIC_FOLDER = "instsynth_syn"
+"""Folder of the new images inside ``OUT/images`` (next to the linked originals)."""
+LVIS_IMAGE_FIELDS = ("not_exhaustive_category_ids", "neg_category_ids")
+"""Per-image LVIS fields a new image inherits from its source image (still true of its pixels)."""
+log = get_logger("instsynth.formats.coco")
+
+
+# --------------------------------------------------------------------------- masks
+def segmentation_rle(segmentation: Any, height: int, width: int) -> dict:
+    """pycocotools RLE of a COCO segmentation (polygons, uncompressed or compressed RLE)."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    counts = segmentation["counts"]
+    return {"size": segmentation["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
+    """Boolean (height, width) mask of an annotation, rasterised by pycocotools."""
+    return mask_utils.decode(segmentation_rle(ann["segmentation"], height, width)).astype(bool)
+
+
+# --------------------------------------------------------------------------- reading and checking
+@dataclass
+class CocoSource:
+    """A checked COCO file: its raw dict, categories by id, kept images (sorted by file name), their annotations."""
+
+    json_path: Path
+    images_dir: Path
+    data: dict
+    categories: dict[int, dict]
+    images: list[dict]
+    annotations: dict[int, list[dict]]  # image id -> annotations in file order
+    bad: list[dict] = field(default_factory=list)  # what skip_bad left out: {"kind", "id", "problem"}
+
+
+def _segmentation_problem(seg: Any, height: int, width: int) -> str | None:
+    if isinstance(seg, list):
+        if not seg:
+            return "empty segmentation"
+        for poly in seg:
+            if not isinstance(poly, list) or len(poly) % 2 or not all(isinstance(v, (int, float)) for v in poly):
+                return "polygon must be a flat list of x, y numbers"
+            if len(poly) < 6:
+                return f"polygon with {len(poly) // 2} points (needs at least 3)"
+        return None
+    if isinstance(seg, dict) and isinstance(seg.get("counts"), (list, str)) and isinstance(seg.get("size"), list):
+        if list(seg["size"]) != [height, width]:
+            return f"RLE size {seg['size']} differs from its image's [height, width] [{height}, {width}]"
+        return None
+    return "segmentation must be polygons or RLE {size, counts}"
+
+
+def _annotation_problem(ann: Any, images: dict[int, dict], categories: dict[int, dict]) -> str | None:
+    if not isinstance(ann, dict):
+        return "not an object"
+    if ann.get("image_id") not in images:
+        return f"points to image id {ann.get('image_id')!r}, which is not in the file"
+    if ann.get("category_id") not in categories:
+        return f"unknown category id {ann.get('category_id')!r}"
+    img = images[ann["image_id"]]
+    height, width = img["height"], img["width"]
+    problem = _segmentation_problem(ann.get("segmentation"), height, width)
+    if problem:
+        return problem
+    box = ann.get("bbox")
+    if box is not None:
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            return f"bbox must be [x, y, w, h], got {box!r}"
+        x, y, w, h = box
+        t = BOX_TOLERANCE
+        if w < 0 or h < 0 or x < -t or y < -t or x + w > width + t or y + h > height + t:
+            return f"bbox {box} lies outside its {width}x{height} image {img['file_name']}"
+    return None
+
+
+def _unique(json_path: Path, items: list, what: str) -> dict[int, dict]:
+    """Items by id; a missing or duplicate id raises InstSynthError naming it."""
+    by_id: dict[int, dict] = {}
+    for n, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
+            raise InstSynthError(json_path, f"{what}[{n}] has no integer 'id'")
+        if item["id"] in by_id:
+            raise InstSynthError(json_path, f"duplicate {what} id {item['id']}")
+        by_id[item["id"]] = item
+    return by_id
+
+
+def load_coco_source(coco_json: str | os.PathLike, images_dir: str | os.PathLike, skip_bad: bool = False,
+                     check_images: bool = True) -> CocoSource:
+    """Read and check a COCO / LVIS instances file (see the module docstring for what is checked)."""
+    json_path, images_dir = Path(coco_json).resolve(), Path(images_dir).resolve()
+    data = read_json(json_path)
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+        raise InstSynthError(json_path, "not a COCO instances file (needs lists 'images', 'annotations', 'categories')")
+    categories = _unique(json_path, data["categories"], "category")
+    for cat in categories.values():
+        if not isinstance(cat.get("name"), str):
+            raise InstSynthError(json_path, f"category id {cat['id']} has no name")
+    names = Counter(c["name"] for c in categories.values())
+    if any(n > 1 for n in names.values()):
+        raise InstSynthError(json_path, f"duplicate category names {sorted(k for k, n in names.items() if n > 1)}")
+    images = _unique(json_path, data["images"], "image")
+    _unique(json_path, data["annotations"], "annotation")
+    bad: list[dict] = []
+
+    def reject(kind: str, item_id: Any, problem: str) -> None:
+        if not skip_bad:
+            raise InstSynthError(json_path, f"{kind} id {item_id}: {problem}")
+        log.warning("skipping %s id %s: %s", kind, item_id, problem)
+        bad.append({"kind": kind, "id": item_id, "problem": problem})
+
+    kept: dict[int, dict] = {}
+    for image_id, img in images.items():
+        name, w, h = img.get("file_name"), img.get("width"), img.get("height")
+        if not isinstance(name, str) or not all(isinstance(v, int) and v > 0 for v in (w, h)):
+            reject("image", image_id, "needs a string 'file_name' and positive integer 'width' and 'height'")
+        elif PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            reject("image", image_id, f"file_name {name!r} must be relative to the images folder")
+        elif check_images and not (images_dir / name).is_file():
+            reject("image", image_id, f"image file {images_dir / name} not found")
+        else:
+            kept[image_id] = img
+    annotations: dict[int, list[dict]] = {i: [] for i in kept}
+    for ann in data["annotations"]:
+        if ann.get("image_id") in images and ann["image_id"] not in kept:
+            continue  # its image was skipped
+        problem = _annotation_problem(ann, images, categories)
+        if problem:
+            reject("annotation", ann.get("id"), problem)
+        else:
+            annotations[ann["image_id"]].append(ann)
+    ordered = sorted(kept.values(), key=lambda i: (i["file_name"], i["id"]))
+    return CocoSource(json_path, images_dir, data, categories, ordered, annotations, bad)
+
+
+def select_categories(source: CocoSource, classes: Sequence[str] | None = None,
+                      frequency: Sequence[str] | None = None) -> tuple[int, ...]:
+    """Category ids named by ``classes`` (default: all) and of an LVIS ``frequency`` (r, c, f), sorted."""
+    by_name = {c["name"]: i for i, c in source.categories.items()}
+    if classes:
+        unknown = [c for c in classes if c not in by_name]
+        if unknown:
+            raise InstSynthError(source.json_path, f"unknown category names {unknown}; the file has "
+                                                   f"{sorted(by_name)[:50]}")
+        ids = {by_name[c] for c in classes}
+    else:
+        ids = set(source.categories)
+    if frequency:
+        wrong = sorted(set(frequency) - set(LVIS_FREQUENCIES))
+        if wrong:
+            raise InstSynthError(source.json_path, f"frequency must be among {LVIS_FREQUENCIES}, got {wrong}")
+        if not any("frequency" in c for c in source.categories.values()):
+            raise InstSynthError(source.json_path, "categories have no LVIS 'frequency' field; drop --frequency")
+        ids = {i for i in ids if source.categories[i].get("frequency") in frequency}
+    if not ids:
+        raise InstSynthError(source.json_path, "no category matches the chosen classes and frequency")
+    return tuple(sorted(ids))
+
+
+def image_location(file_name: str) -> tuple[str, str]:
+    """(city, image_id) of a file name: its folder (``images`` at the top level) and its stem."""
+    path = PurePosixPath(file_name)
+    folder = path.parent.as_posix()
+    return (TOP_LEVEL_FOLDER if folder == "." else folder), path.stem
+
+
+def _read_image(source_path: Path, img: dict) -> np.ndarray:
+    bgr = read_png(source_path, rgb=True, bgr=True)  # any format OpenCV decodes
+    if bgr.shape[:2] != (img["height"], img["width"]):
+        raise InstSynthError(source_path, f"size {bgr.shape[1]}x{bgr.shape[0]} differs from the annotation file's "
+                                          f"{img['width']}x{img['height']} (image id {img['id']})")
+    return bgr
+
+
+# --------------------------------------------------------------------------- names and exact annotations
+def merged_json_path(out: str | Path, split: str) -> Path:
+    """``OUT/annotations/instances_<split>_instsynth.json``."""
+    return Path(out) / "annotations" / f"instances_{split}_instsynth.json"
+
+
+def synthetic_file_name(split: str, file_name: str, annotation_id: int, sample: int, crop: int) -> str:
+    """File name (relative to ``OUT/images``) of a new image: unique per (annotation, sample, crop)."""
+    path = PurePosixPath(file_name)
+    name = f"{path.stem}_{annotation_id}_{sample:04d}_{crop:02d}.png"
+    return (PurePosixPath(SYNTHETIC_FOLDER) / split / path.parent / name).as_posix()
+
+
+def mask_bbox(mask: np.ndarray) -> list[float]:
+    """COCO ``[x, y, w, h]`` of a boolean mask's pixels."""
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
+    return [float(x), float(y), float(w), float(h)]
+
+
+def exact_segmentation(mask: np.ndarray, crowd: bool = False) -> Any:
+    """COCO segmentation that pycocotools rasterises to exactly ``mask``: polygons where exact, else RLE."""
+    height, width = mask.shape
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
+    local = mask[y:y + h, x:x + w]
+    seg, _ = segmentation_of(local, y, x, height, width, "rle" if crowd else "polygon")
+    if isinstance(seg, list) and not np.array_equal(annotation_mask({"segmentation": seg}, height, width), mask):
+        seg, _ = segmentation_of(local, y, x, height, width, "rle")
+    return seg
+
+
+def instance_map(anns: list[dict], masks: dict[int, np.ndarray], height: int, width: int) -> np.ndarray:
+    """uint16 label map of an image's annotations (``1000 + index``, larger painted first, smaller on top).
+
+    The context-crop rule of :func:`instsynth.integration.choose_context_crop` reads this map."""
+    labels = np.zeros((height, width), np.uint16)
+    order = sorted(range(len(anns)), key=lambda j: -int(masks[anns[j]["id"]].sum()))
+    for j in order:
+        labels[masks[anns[j]["id"]]] = 1000 + j
+    return labels
+
+
+def panorama_annotations(anns: list[dict], pasted_id: int) -> list[dict]:
+    """Copies of every source annotation (segmentation unchanged), without ids."""
+    return [{**{k: v for k, v in a.items() if k not in ("id", "image_id")},
+             "source_annotation_id": a["id"], "pasted": a["id"] == pasted_id} for a in anns]
+
+
+def crop_annotations(anns: list[dict], masks: dict[int, np.ndarray], box, size, pasted_id: int) -> list[dict]:
+    """Every annotation that survives ``box`` resized to ``size``, with exact segmentations, without ids."""
+    out = []
+    for a in anns:
+        mask = crop_resize_labels(masks[a["id"]].view(np.uint8), box, size).astype(bool)
+        if not mask.any():
+            continue
+        crowd = bool(a.get("iscrowd", 0))
+        out.append({"segmentation": exact_segmentation(mask, crowd), "area": int(mask.sum()), "bbox": mask_bbox(mask),
+                    "iscrowd": int(crowd), "category_id": a["category_id"], "source_annotation_id": a["id"],
+                    "pasted": a["id"] == pasted_id})
+    return out
+
+
+def merge_coco(source: CocoSource, entries: list[dict], info: dict) -> dict:
+    """The source file (its valid images and annotations untouched) plus the new images and annotations.
+
+    New ids count up from the source's largest image / annotation id, in entry order."""
+    data = source.data
+    kept_images = {img["id"] for img in source.images}
+    kept_anns = {a["id"] for anns in source.annotations.values() for a in anns}
+    images = [img for img in data["images"] if img.get("id") in kept_images]
+    annotations = [a for a in data["annotations"] if isinstance(a, dict) and a.get("id") in kept_anns]
+    by_id = {img["id"]: img for img in images}
+    next_image = max((i["id"] for i in data["images"]), default=0) + 1
+    next_ann = max((a["id"] for a in data["annotations"]), default=0) + 1
+    info = {**info, "first_synthetic_image_id": next_image if entries else None,
+            "first_synthetic_annotation_id": next_ann if entries else None}
+    for entry in entries:
+        src = by_id[entry["source_image_id"]]
+        images.append({"id": next_image, "file_name": entry["file_name"], "width": entry["width"],
+                       "height": entry["height"], **{k: src[k] for k in LVIS_IMAGE_FIELDS if k in src},
+                       "source_image_id": src["id"]})
+        for ann in entry["annotations"]:
+            annotations.append({"id": next_ann, "image_id": next_image, **ann})
+            next_ann += 1
+        next_image += 1
+    rest = {k: v for k, v in data.items() if k not in ("info", "images", "annotations")}
+    source_info = data.get("info") if isinstance(data.get("info"), dict) else {}
+    return {"info": {**source_info, "instsynth": info}, **rest, "images": images, "annotations": annotations}
+
+
+
+
+# --------------------------------------------------------------------------- the format
+def _instance(ann: dict, masks: "_Masks") -> Instance:
+    def mask_of(box: Box | None) -> np.ndarray:
+        full = masks.mask(ann)
+        return full if box is None else full[box[1]:box[3], box[0]:box[2]]
+
+    return Instance(int(ann["id"]), int(ann["category_id"]), bool(ann.get("iscrowd", 0)),
+                    lambda: int(mask_utils.area(masks.rle(ann))), mask_of)
+
+
+@dataclass(eq=False)
+class _Masks:
+    """Each annotation's RLE and decoded mask, made once and only when asked (areas need no decoding)."""
+
+    height: int
+    width: int
+    rles: dict = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)
+
+    def rle(self, ann: dict) -> dict:
+        if ann["id"] not in self.rles:
+            self.rles[ann["id"]] = segmentation_rle(ann["segmentation"], self.height, self.width)
+        return self.rles[ann["id"]]
+
+    def mask(self, ann: dict) -> np.ndarray:
+        if ann["id"] not in self.masks:
+            self.masks[ann["id"]] = mask_utils.decode(self.rle(ann)).astype(bool)
+        return self.masks[ann["id"]]
+
+    def all(self, anns: Sequence[dict]) -> dict[int, np.ndarray]:
+        return {a["id"]: self.mask(a) for a in anns}
+
+
+@dataclass(frozen=True)
+class CocoSourceImage(SourceImage):
+    """One image of a COCO file: its entry (``info``) and annotations (file order) travel with it to workers."""
+
+    info: dict = field(default_factory=dict, compare=False)
+    anns: tuple = field(default=(), compare=False)
+
+    @property
+    def coco_id(self) -> int:
+        return int(self.info["id"])
+
+    def annotations(self) -> Annotations:
+        height, width = self.info["height"], self.info["width"]
+        masks = _Masks(height, width)
+        anns = list(self.anns)
+        return Annotations(self, height, width, [_instance(a, masks) for a in anns],
+                           lambda: instance_map(anns, masks.all(anns), height, width), native=(anns, masks))
+
+    def read_pixels(self, bgr: bool = False, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """Pixels checked against the file's width and height (``shape`` is the same size)."""
+        pixels = _read_image(self.path, self.info)
+        return pixels if bgr else cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+
+
+class CocoDataset(Dataset):
+    """A COCO / LVIS instances file ``coco_json`` with images under ``images_dir`` (checked on opening)."""
+
+    kind = "coco"
+
+    def __init__(self, coco_json: str | Path, images_dir: str | Path, skip_bad: bool = False, check_images: bool = True):
+        self.source = load_coco_source(coco_json, images_dir, skip_bad, check_images)
+        self.root = self.source.images_dir
+
+    @property
+    def where(self) -> Path:
+        return self.source.json_path
+
+    @property
+    def bad(self) -> list[dict]:
+        """What ``skip_bad`` left out: ``{"kind", "id", "problem"}``."""
+        return self.source.bad
+
+    def images(self, split: str, include_generated: bool = True) -> list[CocoSourceImage]:
+        """Every kept image of the file, by (file_name, id), as stage 1 lists them (a merged file's new images
+        included: ``include_generated`` is accepted and ignored); ``split`` only names outputs."""
+        out = []
+        for img in self.source.images:
+            folder, stem = image_location(img["file_name"])
+            out.append(CocoSourceImage(split, folder, stem, self.root / img["file_name"], img["file_name"], img,
+                                       tuple(self.source.annotations[img["id"]])))
+        return out
+
+    def categories(self) -> list[Category]:
+        cats = self.source.categories
+        return [Category(i, cats[i]["name"], cats[i]) for i in sorted(cats)]
+
+    def category_ids(self, names: Sequence[str] | None = None, frequency: Sequence[str] | None = None) -> tuple[int, ...]:
+        """Ids named by ``names`` (default all) and of an LVIS ``frequency`` (r, c, f): :func:`select_categories`."""
+        return select_categories(self.source, names, frequency)
+
+    def writer(self, out: str | Path, split: str) -> "CocoWriter":
+        return CocoWriter(out, split, self)
+
+
+class CocoWriter(DatasetWriter):
+    """Writes new images as PNGs under ``OUT/images`` and, in ``finish``, the merged COCO file.
+
+    Pickles without its dataset (``write`` needs none); ``finish`` runs where the writer was made."""
+
+    def __init__(self, out: str | Path, split: str, dataset: CocoDataset | None = None):
+        super().__init__(out, split)
+        self.dataset = dataset
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "dataset": None}
+
+    def new_name(self, source: SourceImage, instance_id: int, sample: int, crop: int) -> str:
+        return synthetic_file_name(self.split, source.relative, instance_id, sample, crop)
+
+    def annotations(self, image: NewImage) -> list[dict]:
+        """The new image's annotations without ids (exact segmentations; ``pasted``: the regenerated one)."""
+        anns, masks = image.source.native
+        if image.is_identity:
+            return panorama_annotations(anns, image.regenerated)
+        if not image.pasted:
+            return crop_annotations(anns, masks.all(anns), image.box, image.size, image.regenerated)
+        by_id = {a["id"]: a for a in anns}
+        out = []
+        for inst, full in painted_masks(image.source, image.pasted):
+            mask = crop_resize_labels(full.view(np.uint8), image.box, image.size).astype(bool)
+            if not mask.any():
+                continue
+            ann = by_id.get(inst.id) if isinstance(inst, Instance) else None
+            out.append({"segmentation": exact_segmentation(mask, inst.crowd), "area": int(mask.sum()),
+                        "bbox": mask_bbox(mask), "iscrowd": int(inst.crowd), "category_id": inst.category_id,
+                        "source_annotation_id": None if ann is None else ann["id"],
+                        "pasted": ann is None or ann["id"] == image.regenerated})
+        return out
+
+    def write(self, image: NewImage) -> WrittenImage:
+        width, height = image.size
+        done = WrittenImage(image.name, {"file_name": image.name, "width": width, "height": height,
+                                         "annotations": self.annotations(image)})
+        if write_if_changed(self.out / "images" / image.name, encode_png(image.rgb)):
+            done.written += 1
+        else:
+            done.existing += 1
+        return done
+
+    def finish(self, entries: list[dict], info: dict) -> list[Path]:
+        """The merged file (entries need file_name, width, height, source_image_id (COCO id), annotations)."""
+        if self.dataset is None:
+            raise RuntimeError("CocoWriter.finish needs the writer made by CocoDataset.writer (not a pickled copy)")
+        path = merged_json_path(self.out, self.split)
+        write_if_changed(path, (json.dumps(merge_coco(self.dataset.source, entries, info)) + "\n").encode())
+        return [path]
