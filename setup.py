@@ -28,6 +28,7 @@ setup(
         "pycocotools>=2.0.7",
         "cityscapesscripts>=2.2",
         "scipy>=1.10",
+        "pytorch-fid>=0.3",
         "scikit-image>=0.21",
         "matplotlib>=3.7",
         "tqdm>=4.64",

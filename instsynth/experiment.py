@@ -61,7 +61,7 @@ STAGES = {
 }
 ARM_KEYS = {"baseline": {"kind"}, "duplicate": {"kind", "match", "num_images"},
             "copy_paste": {"kind", "match", "num_images", "options"},
-            "instsynth": {"kind", *STAGES}}
+            "instsynth": {"kind", "budget_from_baseline", *STAGES}}
 TOP_KEYS = {"output_dir", "dataset", "train_split", "test_split", "seeds", "train", "coco", "workers", "table", "arms",
             "assemble_mode"}
 
@@ -224,12 +224,15 @@ class ArmData:
 
 
 def cli_flags(options: dict) -> list[str]:
-    """Command-line flags of an options mapping: ``{k: 3, skip-bad: true, thresholds: [0.2, 0.3]}`` ->
-    ``--k 3 --skip-bad --thresholds 0.2 0.3`` (false / null values are left out)."""
+    """Command-line flags of an options mapping: ``{k: 3, skip-bad: true, thresholds: [0.2, 0.3],
+    pipeline_options: {max_sequence_length: 256}}`` -> ``--k 3 --skip-bad --thresholds 0.2 0.3
+    --pipeline_options max_sequence_length=256`` (false / null values are left out)."""
     flags = []
     for key, value in options.items():
         if value is True:
             flags.append(f"--{key}")
+        elif isinstance(value, dict):
+            flags += [f"--{key}", ",".join(f"{k}={v}" for k, v in value.items())]
         elif value is not False and value is not None:
             flags += [f"--{key}", *map(str, value if isinstance(value, (list, tuple)) else [value])]
     return flags
@@ -296,8 +299,10 @@ class Preparer:
         e, spec = self.exp, arm.spec
         root = self.out / "data" / arm.name
         stage_opts = {s: dict(spec.get(s) or {}) for s in STAGES}
+        baseline_ap = self.baseline_budget(arm, stage_opts)
         shared = fingerprint({"dataset": str(e.dataset.resolve()), "split": e.train_split,
-                              "selection": stage_opts["selection"], "generation": stage_opts["generation"]})
+                              "selection": stage_opts["selection"], "generation": stage_opts["generation"],
+                              **({"baseline_ap": baseline_ap} if baseline_ap else {})})
         fp = fingerprint({"shared": shared, "filter": stage_opts["filter"], "integration": stage_opts["integration"],
                           "coco": e.coco})
         if (done := self._done(arm.name, fp)) is not None:
@@ -321,6 +326,19 @@ class Preparer:
         self._coco(root, (e.train_split,))
         return self._finish(arm.name, fp, coco_json_path(root, e.train_split), root / "leftImg8bit" / e.train_split,
                             root)
+
+    def baseline_budget(self, arm: Arm, stage_opts: dict) -> dict | None:
+        """``budget_from_baseline: true``: stage 1 and generation get ``--balance ap --baseline_metrics`` of
+        the baseline arm's first seed (trained before this arm is prepared); returns that file's metrics."""
+        if not arm.spec.get("budget_from_baseline"):
+            return None
+        metrics = baseline_metrics_path(self.exp)
+        if not metrics.is_file():
+            raise InstSynthError(metrics, f"arm {arm.name!r} is budgeted from the baseline's AP: train the baseline "
+                                          "arm first (run the experiment without --prepare_only)")
+        for stage in ("selection", "generation"):
+            stage_opts[stage].update(balance="ap", baseline_metrics=str(metrics))
+        return read_json(metrics)
 
     def target_count(self, arm: Arm) -> int:
         """Extra images a duplicate / copy_paste arm adds: ``num_images`` or those of its matched arm."""
@@ -438,6 +456,11 @@ def train_run(spec: RunSpec) -> None:
             if str(getattr(handler, "baseFilename", "")).startswith(str(spec.output_dir.resolve()) + os.sep):
                 root.removeHandler(handler)
                 handler.close()
+
+
+def baseline_metrics_path(exp: Experiment) -> Path:
+    """inference/metrics.json of the baseline arm's first seed (what ``budget_from_baseline`` arms read)."""
+    return exp.output_dir.resolve() / "runs" / exp.baseline / f"seed_{exp.seeds[0]}" / "inference" / "metrics.json"
 
 
 def run_specs(exp: Experiment, arms: list[Arm], data: dict[str, ArmData]) -> list[RunSpec]:
@@ -697,7 +720,17 @@ def run_experiment(exp: Experiment, arms: list[str] | None = None, prepare_only:
                 for a in exp.arms if (out / "data" / a.name / PREPARED_FILE).is_file()}
         chosen = [a for a in chosen if a.name in data]
     else:
-        data = Preparer(exp).prepare(chosen)
+        chained = {a.name for a in exp.arms if a.spec.get("budget_from_baseline")}
+        waiting = [a for a in chosen if a.name in chained or a.spec.get("match") in chained]
+        preparer = Preparer(exp)
+        data = preparer.prepare([a for a in chosen if a not in waiting])
+        if waiting and not prepare_only:  # the baseline's first seed, then the arms budgeted from its AP
+            first = [s for s in run_specs(exp, [a for a in exp.arms if a.name == exp.baseline], data)
+                     if s.seed == exp.seeds[0]]
+            train_all(exp, first, data)
+            data = preparer.prepare(chosen)
+        elif waiting:
+            log.info("prepare only: arms %s wait for the baseline's AP", [a.name for a in waiting])
         data.update({a.name: ArmData.load(a.name, out / "data" / a.name / PREPARED_FILE) for a in exp.arms
                      if a.name not in data and (out / "data" / a.name / PREPARED_FILE).is_file()})  # for the table
     specs = run_specs(exp, [a for a in exp.arms if a.name in data], data)

@@ -136,6 +136,12 @@ PREPARED = "prepared.json"
 def test_stage_options_become_flags():
     assert cli_flags({"k": 3, "skip-bad": True, "force": False, "prompts": None, "thresholds": [0.2, 0.3],
                       "mode": "recolor"}) == ["--k", "3", "--skip-bad", "--thresholds", "0.2", "0.3", "--mode", "recolor"]
+    # a diffusers arm's pipeline options (a YAML mapping) become one KEY=VALUE,... flag
+    flags = cli_flags({"mode": "diffusers", "pipeline_options": {"max_sequence_length": 256, "prior_guidance_scale": 4}})
+    assert flags == ["--mode", "diffusers", "--pipeline_options", "max_sequence_length=256,prior_guidance_scale=4"]
+    from instsynth.generation.common import parse_pipeline_options
+
+    assert parse_pipeline_options(flags[-1]) == {"max_sequence_length": 256, "prior_guidance_scale": 4}
 
 
 def test_config_errors_name_the_problem(tmp_path, demo_root):
@@ -294,3 +300,23 @@ def test_table_says_when_its_values_carry_no_information(experiment, tmp_path, c
     coco = capsys.readouterr().out.split("## COCO mask AP")[1].split("###")[0]
     assert "recolor: no variance over 2 seeds (every value 2.00)" in coco
     assert "Every arm is degenerate: nothing can be concluded from this table" in coco
+
+
+def test_arm_budgeted_from_the_baseline_ap_is_prepared_after_the_baseline_trained(demo_root, tmp_path):
+    """``budget_from_baseline: true``: the baseline's first seed trains, then stage 1 and generation of the arm
+    run with --balance ap --baseline_metrics of that run."""
+    arms = {"baseline": {}, "ap": {**RECOLOR, "budget_from_baseline": True}}
+    config = write_config(tmp_path / "exp.yaml", demo_root, tmp_path / "out", arms, seeds=(1,))
+    main(["--config", str(config), "--prepare_only"])
+    assert not (tmp_path / "out" / "data" / "ap").exists()  # waits for the baseline's AP
+    main(["--config", str(config)])
+    out = tmp_path / "out"
+    metrics = out / "runs" / "baseline" / "seed_1" / "inference" / "metrics.json"
+    works = list((out / "work").glob("*/selection/metadata.json"))
+    assert len(works) == 1
+    budget = read_json(works[0])["class_budget"]
+    assert budget["balance"] == "ap" and budget["baseline_metrics"] == str(metrics)
+    assert set(budget["baseline_ap"]) == {k[3:] for k in read_json(metrics)["segm"] if k.startswith("AP-")}
+    generation = read_json(works[0].parent.parent / "generation" / "Recolor" / "generation.json")
+    assert generation["params"]["budget"]["balance"] == "ap"
+    assert (out / "runs" / "ap" / "seed_1" / "inference" / "metrics.json").is_file()
