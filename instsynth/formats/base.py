@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import cv2
 import numpy as np
 
-from ..io import InstSynthError
+from ..io import InstSynthError, write_if_changed
 from ..labels import INSTANCE_ID_OFFSET
 
 Box = tuple[int, int, int, int]
@@ -162,6 +162,15 @@ class WrittenImage:
     fields: dict
     written: int = 0
     existing: int = 0
+
+    def put(self, out: Path, files: Sequence[tuple[str | Path, bytes]]) -> "WrittenImage":
+        """Write each ``(path relative to out, bytes)`` unless its bytes are already right, counting both."""
+        for rel, data in files:
+            if write_if_changed(out / rel, data):
+                self.written += 1
+            else:
+                self.existing += 1
+        return self
 
 
 class DatasetWriter(ABC):

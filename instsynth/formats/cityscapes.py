@@ -16,7 +16,7 @@ import numpy as np
 
 from ..imageops import crop_resize_labels
 from ..io import (CityscapesImage, InstSynthError, encode_png, iter_cityscapes_images, read_png, split_image_id,
-                  write_if_changed, write_json)
+                  write_json)
 from ..labels import INSTANCE_ID_OFFSET, THING_CLASSES, THING_LABEL_IDS, label_id
 from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
                    fresh_instance_ids)
@@ -153,13 +153,8 @@ class CityscapesWriter(DatasetWriter):
 
     def write(self, image: NewImage) -> WrittenImage:
         paths = output_paths(self.split, image.source.image.folder, image.name)
-        done = WrittenImage(image.name, {"outputs": paths})
-        for rel, data in ((paths["leftImg8bit"], encode_png(image.rgb)), (paths["instanceIds"], self.label_bytes(image))):
-            if write_if_changed(self.out / rel, data):
-                done.written += 1
-            else:
-                done.existing += 1
-        return done
+        files = ((paths["leftImg8bit"], encode_png(image.rgb)), (paths["instanceIds"], self.label_bytes(image)))
+        return WrittenImage(image.name, {"outputs": paths}).put(self.out, files)
 
     def finish(self, entries: list[dict], info: dict) -> list[Path]:
         """Stage 4's ``cropped_region_coordinates.json`` (entries need image_id, kind, split, city,

@@ -439,13 +439,8 @@ class CocoWriter(DatasetWriter):
 
     def write(self, image: NewImage) -> WrittenImage:
         width, height = image.size
-        done = WrittenImage(image.name, {"file_name": image.name, "width": width, "height": height,
-                                         "annotations": self.annotations(image)})
-        if write_if_changed(self.out / "images" / image.name, encode_png(image.rgb)):
-            done.written += 1
-        else:
-            done.existing += 1
-        return done
+        fields = {"file_name": image.name, "width": width, "height": height, "annotations": self.annotations(image)}
+        return WrittenImage(image.name, fields).put(self.out, [(Path("images") / image.name, encode_png(image.rgb))])
 
     def finish(self, entries: list[dict], info: dict) -> list[Path]:
         """The merged file (entries need file_name, width, height, source_image_id (COCO id), annotations)."""

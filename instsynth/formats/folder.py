@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..imageops import crop_resize_labels
-from ..io import InstSynthError, encode_png, read_json, read_png, read_yaml, write_if_changed, write_json
+from ..io import InstSynthError, encode_png, read_json, read_png, read_yaml, write_json
 from ..labels import INSTANCE_ID_OFFSET
 from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
                    fresh_instance_ids)
@@ -240,13 +240,7 @@ class FolderWriter(DatasetWriter):
         if sidecar is not None:
             paths["sidecar"] = f"instances/{image.name}.json"
             files.append((paths["sidecar"], (json.dumps(sidecar, indent=1) + "\n").encode()))
-        done = WrittenImage(image.name, {"outputs": paths})
-        for rel, data in files:
-            if write_if_changed(self.out / rel, data):
-                done.written += 1
-            else:
-                done.existing += 1
-        return done
+        return WrittenImage(image.name, {"outputs": paths}).put(self.out, files)
 
     def finish(self, entries: list[dict], info: dict) -> list[Path]:
         """``OUT/categories.json`` (the source's categories), so that ``OUT`` reads as a folder dataset."""
