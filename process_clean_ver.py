@@ -59,7 +59,8 @@ def main(argv=None) -> None:
         summary = select_coco_instances(args.coco, args.images, frequency=names(args.frequency), **common)
     else:
         summary = select_instances(args.train_folder, **common, k_per_class=args.k_per_class, balance=args.balance,
-                                   balance_power=args.balance_power, max_factor=args.max_factor)
+                                   balance_power=args.balance_power, max_factor=args.max_factor,
+                                   baseline_metrics=args.baseline_metrics)
     print(f"{summary.instances} instances from {summary.images} images -> {summary.metadata}")
 
 

@@ -330,14 +330,16 @@ def select_instances(dataset_root: str | os.PathLike, split: str = "train", k: i
                      context: float = 1.0, out: str | os.PathLike | None = None,
                      workers: int | None = None, skip_bad: bool = False,
                      k_per_class: str | dict | None = None, balance: str = "none",
-                     balance_power: float | None = None, max_factor: float | None = None) -> SelectionSummary:
+                     balance_power: float | None = None, max_factor: float | None = None,
+                     baseline_metrics: str | os.PathLike | None = None) -> SelectionSummary:
     """Run stage 1 on ``dataset_root/gtFine/<split>``; write crops and the three JSON files to ``out``.
 
     ``out`` defaults to the dataset root (as the paper's pipeline expects). Bad input raises
     InstSynthError naming the file; with ``skip_bad`` the image is skipped with a warning and listed
     in ``selection_report.json``. The JSON files are written only after every image was handled.
     Per-class budgets (:mod:`instsynth.budget`): ``k_per_class`` (``"truck=6,bus=6"``) and/or
-    ``balance="inverse_freq"`` (from the split's instances per class, counted in a first pass) let an
+    ``balance="inverse_freq"`` (from the split's instances per class, counted in a first pass) or
+    ``balance="ap"`` (from the per-class AP of ``baseline_metrics``) let an
     instance of class c be selected when it is among the k_c largest of its image.
     """
     from .budget import DEFAULT_MAX_FACTOR, DEFAULT_POWER, class_budget
@@ -352,7 +354,8 @@ def select_instances(dataset_root: str | os.PathLike, split: str = "train", k: i
     counts = split_class_counts(images, params, workers, skip_bad) if balance == "inverse_freq" else None
     try:
         budget = class_budget(params.k, k_per_class, balance, counts, DEFAULT_POWER if balance_power is None
-                              else balance_power, DEFAULT_MAX_FACTOR if max_factor is None else max_factor, "k_per_class")
+                              else balance_power, DEFAULT_MAX_FACTOR if max_factor is None else max_factor, "k_per_class",
+                              baseline_metrics)
     except ValueError as exc:
         raise InstSynthError(root, str(exc)) from None
     params = apply_budget(params, budget)

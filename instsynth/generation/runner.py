@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..io import InstSynthError, get_logger, progress, read_png, write_json, write_png
-from ..labels import prompt_bank_for, render_prompt
+from ..labels import prompt_bank_with_gaps, render_prompt
 from ..selection import load_metadata
 from .common import (Backend, GenerationSettings, SampleJob, backend_class, choose_prompt, composite,
                      instance_seed, sample_seed)
@@ -79,6 +79,7 @@ class GenerationSummary:
     samples_written: int
     samples_existing: int
     skipped: int
+    rank: int = 0  # this process's rank: only rank 0's summary covers the whole run (the others: their shard)
 
 
 @dataclass
@@ -171,7 +172,8 @@ def sample_budget(settings: GenerationSettings, meta: dict, where: Path) -> dict
     """Samples per instance by class (:func:`instsynth.budget.class_budget`) or None (``num_samples`` for all).
 
     ``balance="inverse_freq"`` uses stage 1's instances per class of the split (``class_counts`` in
-    metadata.json) or, in an older metadata.json, the selected instances per class."""
+    metadata.json) or, in an older metadata.json, the selected instances per class; ``balance="ap"`` the
+    per-class AP of ``settings.baseline_metrics``."""
     from collections import Counter
 
     from ..budget import class_budget
@@ -184,7 +186,8 @@ def sample_budget(settings: GenerationSettings, meta: dict, where: Path) -> dict
             counts = dict(Counter(inst["class"] for inst in meta["instances"]))
     try:
         return class_budget(settings.num_samples, settings.samples_per_class, settings.balance, counts,
-                            settings.balance_power, settings.max_factor, "samples_per_class")
+                            settings.balance_power, settings.max_factor, "samples_per_class",
+                            settings.baseline_metrics)
     except ValueError as exc:
         raise InstSynthError(where, str(exc)) from None
 
@@ -325,6 +328,14 @@ class _Run:
                        {k: e for k, e in self.entries.items() if e["samples"]}, self.order)
 
 
+def log_generated_prompts(generated: list[str], instances: list[dict], prompts: str) -> None:
+    """One line naming the selected classes whose prompts were generated (the bank lacks them)."""
+    used = sorted(set(generated) & {inst["class"] for inst in instances})
+    if used:
+        log.info("prompt bank %s has no prompts for %d selected classes; generated 'a <colour> <class>' "
+                 "prompts for: %s", prompts, len(used), ", ".join(used))
+
+
 def prepare_run(metadata: str | os.PathLike, out: str | os.PathLike | None, settings: GenerationSettings,
                 skip_bad: bool, strict_prompts: bool = False) -> _Run:
     """Validate inputs and settings, read what earlier runs recorded, plan this shard's samples."""
@@ -332,7 +343,8 @@ def prepare_run(metadata: str | os.PathLike, out: str | os.PathLike | None, sett
     meta = load_metadata(meta_path, check_files=False)
     mode_dir = (Path(out).resolve() if out is not None else meta_path.parent) / settings.mode_name
     validate_settings(settings, meta_path)
-    template, bank = prompt_bank_for(meta, settings.prompts, strict_prompts)  # COCO: + generated prompts
+    template, bank, generated = prompt_bank_with_gaps(meta, settings.prompts, strict_prompts)
+    log_generated_prompts(generated, meta["instances"], settings.prompts)
     shard = current_shard(settings.device)
     header = manifest_header(settings, meta, meta_path, template)
     budget = sample_budget(settings, meta, meta_path)
@@ -398,7 +410,7 @@ def generate_instances(metadata: str | os.PathLike, out: str | os.PathLike | Non
     run.shard.barrier()
     if summary is None:
         summary = GenerationSummary(run.mode_dir / MANIFEST_NAME, run.mode_dir / REPORT_NAME, len(run.plans),
-                                    run.state.written, run.state.existing, len(run.state.skipped))
+                                    run.state.written, run.state.existing, len(run.state.skipped), run.shard.rank)
     return summary
 
 
