@@ -69,33 +69,46 @@ def run_summary(work_dir: str | Path, output: str | Path, mode_name: str = "Reco
             write_json(Path(write_before) / COCO_NAME.format(split), before, indent=None)
     return {"work_dir": str(work_dir), "output": str(output), "stages": stages, "coco": coco,
             "classes": class_table(work_dir / "selection" / "metadata.json",
-                                   work_dir / "generation" / mode_name / "generation.json")}
+                                   work_dir / "generation" / mode_name / "generation.json", coco)}
 
 
-def class_table(metadata: Path, manifest: Path) -> dict:
-    """Per class: instances in the split, selected by stage 1 (and its k_c), samples generated (and
-    samples per instance): the effect of the per-class budgets. Empty when the files are missing."""
+def class_table(metadata: Path, manifest: Path, coco: dict | None = None) -> dict:
+    """Per category: non-crowd instances in stage 1's split before and after synthesis, selected by
+    stage 1 (and its k_c), samples generated (and samples per instance): the effect of the per-class
+    budgets. Every category of the split's COCO file is listed (``coco``: the summary's ``coco`` entries
+    by split); without that file, "before" is stage 1's ``class_counts`` and "after" is None. Empty
+    when metadata.json is missing."""
     if not metadata.is_file():
         return {}
     meta = read_json(metadata)
     k_budget = (meta.get("class_budget") or {}).get("per_class", {})
     selected = Counter(i["class"] for i in meta.get("instances", []))
-    counts = meta.get("class_counts") or dict(selected)
     gen = read_json(manifest) if manifest.is_file() else {}
     s_budget = (gen.get("params", {}).get("budget") or {}).get("per_class", {})
     base = gen.get("params", {}).get("num_samples")
     samples = Counter()
     for entry in gen.get("instances", {}).values():
         samples[entry["class"]] += len(entry["samples"])
-    return {name: {"instances": counts.get(name, 0), "selected": selected.get(name, 0),
+    split = (coco or {}).get(meta.get("split", "train"))
+    if split:
+        before, after = split["before"]["per_class"], split["after"]["per_class"]
+    else:
+        before, after = meta.get("class_counts") or {}, {}
+    names = list(before) + sorted(set(selected) - set(before))
+    return {name: {"instances": before.get(name) if before else None, "selected": selected.get(name, 0),
                    "k": k_budget.get(name, meta.get("k")), "samples": samples.get(name, 0),
-                   "samples_per_instance": s_budget.get(name, base)} for name in counts}
+                   "samples_per_instance": s_budget.get(name, base), "after": after.get(name) if after else None}
+            for name in names}
 
 
 def _scalars(d: dict) -> str:
     """The counts of a stage report (numbers only; paths and settings stay in the report file)."""
     return ", ".join(f"{k}={v}" for k, v in d.items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "version")
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
 
 
 def format_summary(summary: dict) -> str:
@@ -111,10 +124,11 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{'quality gate':<12} {format_gate_counts(gate)}; {criteria}, fallback {gate['fallback']}")
     classes = summary.get("classes") or {}
     if classes:
-        lines += ["", "classes (stage 1 and generation; k and samples per instance are the per-class budgets)",
-                  f"  {'class':<12}{'in split':>9}{'k':>4}{'selected':>10}{'per inst':>10}{'samples':>9}"]
-        lines += [f"  {n:<12}{c['instances']:>9}{c['k'] if c['k'] is not None else '-':>4}{c['selected']:>10}"
-                  f"{c['samples_per_instance'] if c['samples_per_instance'] is not None else '-':>10}{c['samples']:>9}"
+        width = max([12, *(len(n) + 2 for n in classes)])
+        lines += ["", "classes of stage 1's split (before / after: instances in the split; k and per inst: the budgets)",
+                  f"  {'class':<{width}}{'before':>8}{'k':>4}{'selected':>10}{'per inst':>10}{'samples':>9}{'after':>8}"]
+        lines += [f"  {n:<{width}}{_dash(c['instances']):>8}{_dash(c['k']):>4}{c['selected']:>10}"
+                  f"{_dash(c['samples_per_instance']):>10}{c['samples']:>9}{_dash(c.get('after')):>8}"
                   for n, c in classes.items()]
     for split, s in summary["coco"].items():
         b, a = s["before"], s["after"]

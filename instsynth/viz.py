@@ -217,8 +217,10 @@ def draw_label(image: np.ndarray, text: str, x: int, y: int, color: tuple[int, i
     cv2.putText(image, text, (x + 2, y - 3), FONT, scale, (0, 0, 0) if light else (255, 255, 255), 1, cv2.LINE_AA)
 
 
-def draw_annotations(image: np.ndarray, annotations: Sequence[dict], alpha: float = 0.45) -> np.ndarray:
-    """RGB image with the annotations drawn: masks, outlines, boxes, class names; crowd hatched."""
+def draw_annotations(image: np.ndarray, annotations: Sequence[dict], alpha: float = 0.45,
+                     names: dict[int, str] | None = None) -> np.ndarray:
+    """RGB image with the annotations drawn: masks, outlines, boxes, class names (``names``: the dataset's
+    category names by id; default the Cityscapes label names); crowd hatched."""
     height, width = image.shape[:2]
     canvas = image.astype(np.float32)
     scale = float(np.clip(width / 1800, 0.4, 1.0))
@@ -241,22 +243,27 @@ def draw_annotations(image: np.ndarray, annotations: Sequence[dict], alpha: floa
         else:
             cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), color, thickness)
     for ann, color in zip(annotations, colors):  # labels last, so no outline crosses them
-        name = class_name(ann["category_id"]) + (" (crowd)" if ann.get("iscrowd") else "")
+        name = (names[ann["category_id"]] if names else class_name(ann["category_id"])) + (
+            " (crowd)" if ann.get("iscrowd") else "")
         draw_label(out, name, int(round(ann["bbox"][0])), int(round(ann["bbox"][1])), color, scale)
     return out
 
 
 def resolve_image_root(coco_json: str | os.PathLike, image_root: str | os.PathLike | None) -> Path:
-    """The folder COCO file names are relative to: ``image_root``, or ``<image_root>/leftImg8bit/<split>``
-    when given a dataset root, or (when None) ``DIR/leftImg8bit/<split>`` of
-    ``DIR/annotations/instancesonly_filtered_gtFine_<split>.json``."""
+    """The folder COCO file names are relative to: ``image_root``, or its ``leftImg8bit/<split>`` (a Cityscapes
+    root) or ``images/`` (a COCO output root) when it has one; when None, that folder of the dataset
+    ``DIR`` of ``DIR/annotations/<file>.json`` (``instancesonly_filtered_gtFine_<split>.json`` or
+    ``instances_<split>_instsynth.json``)."""
     coco_json = Path(coco_json).resolve()
-    split = coco_json.stem.rsplit("_", 1)[-1]
+    stem = coco_json.stem.removesuffix("_instsynth")
+    split = stem.rsplit("_", 1)[-1]
     root = Path(image_root) if image_root is not None else coco_json.parent.parent
-    if image_root is None or (root / "leftImg8bit" / split).is_dir():
-        root = root / "leftImg8bit" / split
+    if image_root is None or (root / "leftImg8bit" / split).is_dir() or (root / "images").is_dir():
+        root = root / "leftImg8bit" / split if (root / "leftImg8bit" / split).is_dir() or not (root / "images").is_dir() \
+            else root / "images"
     if not root.is_dir():
-        raise InstSynthError(root, f"image folder of {coco_json.name} not found (pass --image-root DIR/leftImg8bit/<split>)")
+        raise InstSynthError(root, f"image folder of {coco_json.name} not found (pass --image-root: the folder its "
+                                   f"file names are relative to)")
     return root
 
 
@@ -271,6 +278,7 @@ def coco_overlays(coco_json: str | os.PathLike, image_root: str | os.PathLike | 
 
     root = resolve_image_root(coco_json, image_root)
     records = sorted(load_coco_json(coco_json, root), key=lambda r: r["file_name"])
+    names = {c["id"]: c["name"] for c in read_json(coco_json)["categories"]}
     if match:
         records = [r for r in records if match in str(r["file_name"])]
     records = records[:max_images] if max_images else records
@@ -282,7 +290,7 @@ def coco_overlays(coco_json: str | os.PathLike, image_root: str | os.PathLike | 
         if image.shape[:2] != (record["height"], record["width"]):
             raise InstSynthError(record["file_name"], f"size {image.shape[1]}x{image.shape[0]} differs from the COCO "
                                                       f"record ({record['width']}x{record['height']}) in {coco_json}")
-        drawn = draw_annotations(image, record["annotations"])
+        drawn = draw_annotations(image, record["annotations"], names=names)
         name = Path(record["file_name"]).stem + "_overlay.png"
         written.append(write_png(Path(out) / name, drawn))
     return written

@@ -69,7 +69,8 @@ def test_generation_budget_gives_rare_classes_more_samples_and_summary_shows_it(
     text = format_summary({"stages": {}, "coco": {}, "output": "-", "work_dir": str(work), "classes": table})
     truck = next(line.split() for line in text.splitlines() if line.strip().startswith("truck"))
     assert truck == ["truck", str(table["truck"]["instances"]), str(table["truck"]["k"]),
-                     str(table["truck"]["selected"]), str(budget["truck"]), str(table["truck"]["samples"])]
+                     str(table["truck"]["selected"]), str(budget["truck"]), str(table["truck"]["samples"]), "-"]
+    assert table["truck"]["instances"] == balanced["class_counts"]["truck"]  # no output dataset: stage 1's totals
 
 
 def test_bad_budgets_name_the_input(demo_root, tmp_path):

@@ -318,7 +318,14 @@ def test_wrapper_runs_the_coco_dataset_to_coco_ap(both, demo_coco, tmp_path):
     mine, theirs = merged_json_path(tmp_path / "out", "train"), merged_json_path(work / "coco_out", "train")
     instances = [sum(not a["iscrowd"] for a in read_json(f)["annotations"]) for f in (ann / "instances_train.json", mine)]
     assert f"COCO train: images 6 -> 36, instances {instances[0]} -> {instances[1]}" in proc.stdout  # the summary
-    assert read_json(tmp_path / "work" / "summary.json")["coco"]["train"]["after"]["per_class"]["car"] > 23
+    summary = read_json(tmp_path / "work" / "summary.json")
+    assert summary["coco"]["train"]["after"]["per_class"]["car"] > 23
+    classes = summary["classes"]  # every category of the file (the demo's selects 4 of them), before and after
+    names = {c["name"] for c in read_json(ann / "instances_train.json")["categories"]}
+    assert set(classes) == names and classes["rider"]["selected"] == 0
+    assert classes["car"]["instances"] == 23 and classes["car"]["after"] == summary["coco"]["train"]["after"]["per_class"]["car"]
+    rider = next(line.split() for line in proc.stdout.splitlines() if line.strip().startswith("rider"))
+    assert rider[:2] == ["rider", str(classes["rider"]["instances"])] and rider[-1] == str(classes["rider"]["after"])
     strip = lambda d: {k: v for k, v in d.items() if k != "info"}  # noqa: E731 (info names this run's paths)
     assert strip(read_json(mine)) == strip(read_json(theirs))
     assert digest(tmp_path / "out" / "images" / "instsynth_syn") == digest(work / "coco_out" / "images" / "instsynth_syn")

@@ -51,6 +51,15 @@ def test_wrapper_runs_every_stage_and_summarises(full_run):
     assert "InstSynth run summary" in first.stdout and "COCO train: images 3 -> 19" in first.stdout
     before = read_json(tmp / "work" / "coco_original" / "instancesonly_filtered_gtFine_train.json")
     assert coco_stats(before) == train["before"]
+    classes = summary["classes"]  # every category, with its totals in the split before and after
+    assert set(classes) == set(train["before"]["per_class"]), (list(classes), list(train["before"]["per_class"]))
+    for name, row in classes.items():
+        assert (row["instances"], row["after"]) == (train["before"]["per_class"][name], train["after"]["per_class"][name])
+    assert sum(r["selected"] for r in classes.values()) == selected
+    unselected = next(n for n, r in classes.items() if not r["selected"])  # listed although stage 1 took none
+    row = next(line.split() for line in first.stdout.splitlines() if line.strip().startswith(unselected + " "))
+    assert row == [unselected, str(classes[unselected]["instances"]), "2", "0", "2", "0",
+                   str(classes[unselected]["after"])]
 
 
 def test_rerun_does_no_work(full_run):

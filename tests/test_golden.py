@@ -5,8 +5,11 @@ import pytest
 
 from golden_runs import HASHES, golden_hashes
 
-DELIBERATE: dict[str, dict[str, str]] = {"cityscapes": {}, "coco": {}}
-"""Files whose bytes changed on purpose since the recording, by run: path -> why (none so far)."""
+DELIBERATE: dict[str, dict[str, str]] = {
+    "cityscapes": {"demo_output/work/summary.json": "issue 17: the run summary's class table lists every category with its totals in the split before and after"},
+    "coco": {"work/summary.json": "issue 17: the run summary's class table lists every category with its totals in the split before and after"},
+}
+"""Files whose bytes changed on purpose since the recording, by run: path -> why."""
 
 
 @pytest.fixture(scope="module")

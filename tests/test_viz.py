@@ -132,6 +132,29 @@ def test_visualize_cli(recolor_run, coco_root, tmp_path, capsys):
         cli.main(["overlay", "--coco", str(coco_json(coco_root)), "--out", str(tmp_path / "x"), "--match", "nowhere"])
 
 
+def test_overlays_use_the_files_category_names_and_find_out_images(tmp_path):
+    """A COCO output (OUT/images, OUT/annotations/instances_<split>_instsynth.json) with its own category
+    ids and names: found without --image-root, labelled with its names (not Cityscapes label 1, "ego vehicle")."""
+    from instsynth.io import write_png
+
+    out = tmp_path / "OUT"
+    write_png(out / "images" / "instsynth_syn" / "a.png", np.full((64, 96, 3), 90, np.uint8))
+    coco = {"images": [{"id": 1, "file_name": "instsynth_syn/a.png", "width": 96, "height": 64}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 400,
+                             "bbox": [10, 10, 20, 20], "segmentation": [[10, 10, 30, 10, 30, 30, 10, 30]]}],
+            "categories": [{"id": 1, "name": "zebra"}]}
+    path = out / "annotations" / "instances_train_instsynth.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(coco))
+    assert viz.resolve_image_root(path, None) == out / "images"
+    assert viz.resolve_image_root(path, out) == out / "images"
+    [written] = viz.coco_overlays(path, None, tmp_path / "ov")
+    image = np.zeros((64, 96, 3), np.uint8) + 90
+    named = viz.draw_annotations(image, coco["annotations"], names={1: "zebra"})
+    assert np.array_equal(read_png(written, rgb=True), named)
+    assert not np.array_equal(named, viz.draw_annotations(image, coco["annotations"]))  # "ego vehicle" differs
+
+
 def test_overlay_of_a_jpeg_is_named_after_its_stem(tmp_path):
     import cv2
 
