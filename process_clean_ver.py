@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     common = dict(split=args.split, k=args.k, classes=names(args.classes), min_area=args.min_area,
                   context=args.context, out=args.out, workers=args.workers, skip_bad=args.skip_bad,
                   k_per_class=args.k_per_class, balance=args.balance, balance_power=args.balance_power,
-                  max_factor=args.max_factor)
+                  max_factor=args.max_factor, baseline_metrics=args.baseline_metrics)
     if args.coco is not None:
         summary = select_coco_instances(args.coco, args.images, frequency=names(args.frequency), **common)
     elif args.folder is not None:

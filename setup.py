@@ -28,11 +28,13 @@ setup(
         "pycocotools>=2.0.7",
         "cityscapesscripts>=2.2",
         "scipy>=1.10",
+        "pytorch-fid>=0.3",
         "scikit-image>=0.21",
         "matplotlib>=3.7",
         "tqdm>=4.64",
         "pyyaml>=6.0",
-        "yacs>=0.1.8",
+        "fvcore>=0.1.5",  # CfgNode and the _BASE_ loader, as Detectron2
     ],
-    extras_require={"test": ["pytest>=7.4", "pytest-timeout>=2.2"]},
+    # shapely: Detectron2's gtFine_polygons.json loader, used by tests/test_detectron2.py
+    extras_require={"test": ["pytest>=7.4", "pytest-timeout>=2.2", "shapely>=2.0"]},
 )

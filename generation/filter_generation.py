@@ -9,7 +9,8 @@ minus the best other class's prompt), mask_leak (share of the pixel change outsi
 changed_fraction (share of mask pixels changed). With --mask_model (a train_net.py output folder, a
 checkpoint beside its config.yaml, or a config YAML), the sample is pasted into its image and the
 model run on it: mask_iou (best-matching predicted mask vs the instance mask), mask_class,
-mask_class_ok and mask_score. The scores go into generation.json ("scores" per instance);
+mask_class_ok and mask_score (--mask_model sam:ID_OR_FOLDER: a SAM prompted with the instance's box,
+no training; shape only, mask_class_ok true). The scores go into generation.json ("scores" per instance);
 filter_report.json and the printed table say how many samples each threshold keeps.
 inpainted_integration.py --min_clip_score / --top_fraction / --min_clip_margin / --min_mask_iou
 then uses only passing samples (--fallback original: failing ones are replaced by the original
@@ -30,11 +31,14 @@ def parse_args(argv=None):
                                                      "(e.g. openai/clip-vit-base-patch32)")
     parser.add_argument("--mask_model", default=None,
                         help="instance-segmentation model of this project (FastInst/OneFormer): a train_net.py "
-                             "OUTPUT_DIR, a checkpoint .pth beside its config.yaml, or a config YAML")
+                             "OUTPUT_DIR, a checkpoint .pth beside its config.yaml, or a config YAML; or "
+                             "sam:ID_OR_FOLDER, a SAM / SAM 2 prompted with the instance's box (no training; "
+                             "e.g. sam:facebook/sam-vit-base)")
     parser.add_argument("--mask_weights", default=None, help="checkpoint for a --mask_model config YAML "
                                                              "(default: its MODEL.WEIGHTS)")
     parser.add_argument("--mask_min_score", type=float, default=DEFAULT_MIN_SCORE,
-                        help=f"predictions scoring below this are not matched (default {DEFAULT_MIN_SCORE})")
+                        help=f"predictions scoring below this are not matched (SAM: its predicted IoU; default "
+                             f"{DEFAULT_MIN_SCORE})")
     parser.add_argument("--prompts", default=None, help="prompt bank YAML for clip_margin (default: the run's)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS),
                         help="min_clip_score values to tabulate")

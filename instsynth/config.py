@@ -1,33 +1,57 @@
-"""Training configuration: Detectron2-style defaults (a yacs ``CfgNode``) and YAML files with ``_BASE_``.
+"""Training configuration: Detectron2-style defaults (fvcore's ``CfgNode``, as Detectron2's) and YAML files
+with ``_BASE_``.
 
-``load_config(path, opts)`` reads a YAML file, follows its ``_BASE_`` chain (paths relative to the
-file that names them), merges everything onto :func:`get_cfg` and then the ``KEY VALUE`` pairs of
-``opts``. Every key must exist in the defaults: an unknown key raises :class:`ConfigError` that lists
-the valid keys at that level and suggests the closest one.
+``load_config(path, opts)`` reads a YAML file and its ``_BASE_`` chain with fvcore's
+``CfgNode.load_yaml_with_base`` (paths relative to the file that names them; a list of bases is merged in
+order), merges the result onto :func:`get_cfg` and then the ``KEY VALUE`` pairs of ``opts``. Every key must
+exist in the defaults: an unknown key raises :class:`ConfigError` that lists the valid keys at that level and
+suggests the closest one. Values are converted to the default's type (list <-> tuple, int -> float).
+An empty ``OUTPUT_DIR`` (the default) becomes ``output/<config name>/<training datasets>``
+(:func:`default_output_dir`), so two runs of one config on different data never share a folder.
 """
 from __future__ import annotations
 
 import difflib
+import io
 import os
+import re
 from ast import literal_eval
 from pathlib import Path
 from typing import Any, Iterable
 
-from yacs.config import CfgNode as CN
+from fvcore.common.config import BASE_KEY
+from fvcore.common.config import CfgNode as _FvcoreCfgNode
 
 from instsynth.io import InstSynthError, read_yaml
 
-BASE_KEY = "_BASE_"
+OUTPUT_ROOT = "output"
+"""Parent of the automatic OUTPUT_DIR (relative to the working directory)."""
 
 
 class ConfigError(InstSynthError):
     """A config file or ``opts`` entry that does not fit the defaults."""
 
 
+class CN(_FvcoreCfgNode):
+    """fvcore's CfgNode whose files are local only and checked one by one: a missing file, bad YAML or a
+    file that is not a mapping raises :class:`ConfigError` naming that file of the ``_BASE_`` chain."""
+
+    @classmethod
+    def _open_cfg(cls, filename):
+        if "://" in str(filename):
+            raise ConfigError(filename, "a config file or _BASE_ must be a local path (URLs are not fetched)")
+        data = read_yaml(filename, "config file not found", ConfigError)
+        if not isinstance(data, dict):
+            raise ConfigError(filename, "a config file must be a mapping of keys")
+        if not isinstance(data.get(BASE_KEY, ""), (list, str)):
+            raise ConfigError(filename, f"{BASE_KEY} must be a file name or a list of them, got {data[BASE_KEY]!r}")
+        return io.StringIO(Path(filename).read_text() if data else "{}")
+
+
 def _defaults() -> CN:
     _C = CN()
     _C.SEED = 42
-    _C.OUTPUT_DIR = "output"
+    _C.OUTPUT_DIR = ""  # "": output/<config name>/<DATASETS.TRAIN> (see default_output_dir)
     _C.VIS_PERIOD = 0  # > 0: every N iterations write OUTPUT_DIR/vis/iter_*.png (ground truth | predictions)
     _C.LOG_PERIOD = 20
     _C.CUDNN_BENCHMARK = False
@@ -168,6 +192,7 @@ def _defaults() -> CN:
     _C.SOLVER.IMS_PER_BATCH = 16  # total over all processes
     _C.SOLVER.MAX_ITER = 90000
     _C.SOLVER.CHECKPOINT_PERIOD = 5000
+    _C.SOLVER.CHECKPOINT_KEEP = 0  # keep the newest N periodic checkpoints of a run (0: all); model_final stays
     _C.SOLVER.CLIP_GRADIENTS = CN()
     _C.SOLVER.CLIP_GRADIENTS.ENABLED = True
     _C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.01
@@ -192,28 +217,14 @@ def get_cfg() -> CN:
     return _DEFAULTS.clone()
 
 
-def _load_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """The mapping of ``path`` with its ``_BASE_`` files merged underneath (recursively)."""
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(path, "circular _BASE_ chain: " + " -> ".join(map(str, seen + (path,))))
-    data = read_yaml(path, "config file not found", ConfigError)
-    if not isinstance(data, dict):
-        raise ConfigError(path, "a config file must be a mapping of keys")
-    base = data.pop(BASE_KEY, None)
-    if base is None:
-        return data
-    merged = _load_yaml_tree(path.parent / base, seen + (path,))
-    _deep_update(merged, data)
-    return merged
-
-
-def _deep_update(dst: dict, src: dict) -> None:
-    for key, value in src.items():
-        if isinstance(value, dict) and isinstance(dst.get(key), dict):
-            _deep_update(dst[key], value)
-        else:
-            dst[key] = value
+def _load_yaml_tree(path: Path) -> dict:
+    """The mapping of ``path`` with its ``_BASE_`` files merged underneath (fvcore's loader)."""
+    try:
+        return CN.load_yaml_with_base(str(path), allow_unsafe=False)
+    except RecursionError:
+        raise ConfigError(path, f"circular {BASE_KEY} chain (a file is its own base)") from None
+    except AssertionError as exc:  # fvcore: "Cannot inherit key 'X' from base!"
+        raise ConfigError(path, f"{exc}: a group of keys in this file is a single value in a {BASE_KEY}") from None
 
 
 def _unknown_key(source: str, prefix: str, key: str, node: CN) -> ConfigError:
@@ -282,12 +293,26 @@ def merge_opts(cfg: CN, opts: Iterable[str]) -> None:
         merge_dict(node, {leaf: text}, "opts", prefix)
 
 
+def default_output_dir(config_path: str | os.PathLike | None, train_datasets: Iterable[str]) -> str:
+    """``output/<config file stem>/<training dataset names joined by +>`` (``defaults`` without a file)."""
+    config = Path(config_path).stem if config_path else "defaults"
+    data = "+".join(train_datasets) or "no_train_data"
+    return str(Path(OUTPUT_ROOT) / _folder_name(config) / _folder_name(data))
+
+
+def _folder_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "_", text).strip(".") or "_"
+
+
 def load_config(path: str | os.PathLike | None = None, opts: Iterable[str] = ()) -> CN:
-    """Defaults <- YAML file (with its ``_BASE_`` chain) <- ``opts``; returns a frozen CfgNode."""
+    """Defaults <- YAML file (with its ``_BASE_`` chain) <- ``opts``; an empty OUTPUT_DIR gets
+    :func:`default_output_dir`. Returns a frozen CfgNode."""
     cfg = get_cfg()
     if path:
         merge_dict(cfg, _load_yaml_tree(Path(path)), str(path))
     merge_opts(cfg, opts)
+    if not cfg.OUTPUT_DIR:
+        cfg.OUTPUT_DIR = default_output_dir(path, cfg.DATASETS.TRAIN)
     cfg.freeze()
     return cfg
 

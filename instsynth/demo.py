@@ -39,6 +39,30 @@ _PAINT = {
     "motorcycle": [(25, 25, 30), (160, 30, 30)],
 }
 
+# Domain shift (``--domain-shift``): train objects wear colours that no prompt of configs/prompts.yaml asks
+# for (blue, yellow, purple, brown, orange, teal), val objects wear the prompts' colours (red, white, black,
+# green). Regenerating train instances from the prompts covers val's colours; repeating train images cannot.
+SHIFT_PAINT = {
+    "train": {
+        "car": [(30, 60, 140), (210, 180, 30), (90, 40, 120)],
+        "truck": [(30, 60, 140), (210, 180, 30)],
+        "bus": [(30, 60, 140), (90, 40, 120)],
+        "person": [(30, 60, 140), (210, 180, 30), (110, 70, 40)],
+        "rider": [(30, 60, 140), (200, 110, 20)],
+        "bicycle": [(30, 60, 140), (200, 110, 20)],
+        "motorcycle": [(30, 60, 140), (20, 120, 120)],
+    },
+    "val": {
+        "car": [(160, 20, 25), (215, 215, 220)],
+        "truck": [(160, 20, 25), (40, 130, 50)],
+        "bus": [(160, 20, 25), (40, 130, 50)],
+        "person": [(160, 20, 25), (40, 130, 50), (215, 215, 220)],
+        "rider": [(160, 20, 25), (20, 20, 20)],
+        "bicycle": [(215, 215, 220), (20, 20, 20)],
+        "motorcycle": [(215, 215, 220), (20, 20, 20)],
+    },
+}
+
 
 @dataclass
 class Scene:
@@ -188,7 +212,7 @@ def _texture(rng, h, w, base, amount=12.0):
     return np.asarray(base, np.float32)[None, None] + noise
 
 
-def _paint_object(img, rng, label, mask, box):
+def _paint_object(img, rng, label, mask, box, paint):
     x0, y0, x1, y1 = box
     h, w = y1 - y0, x1 - x0
     ys = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
@@ -212,7 +236,7 @@ def _paint_object(img, rng, label, mask, box):
     elif label in ("pole", "traffic sign"):
         tex = _texture(rng, h, w, (110, 110, 110), 4)
     else:
-        base = _PAINT.get(label.replace("group", ""), [(120, 120, 120)])
+        base = paint.get(label.replace("group", ""), [(120, 120, 120)])
         tex = _texture(rng, h, w, base[int(rng.integers(len(base)))], 10)
         tex *= (1.15 - .35 * ys)  # top-lit shading
         if label in ("car", "truck", "bus"):
@@ -225,7 +249,7 @@ def _paint_object(img, rng, label, mask, box):
     region[mask] = tex[mask].clip(0, 255)
 
 
-def _render_rgb(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+def _render_rgb(scene: Scene, rng: np.random.Generator, paint: dict) -> np.ndarray:
     img = np.zeros((scene.height, scene.width, 3), np.float32)
     for obj in scene.objects:
         pts = np.asarray(obj["polygon"])
@@ -233,7 +257,7 @@ def _render_rgb(scene: Scene, rng: np.random.Generator) -> np.ndarray:
         x1, y1 = pts.max(0) + 1
         canvas = Image.new("L", (int(x1 - x0), int(y1 - y0)), 0)
         ImageDraw.Draw(canvas).polygon([tuple(p) for p in (pts - (x0, y0)).tolist()], fill=1)
-        _paint_object(img, rng, obj["label"], np.asarray(canvas, bool), (int(x0), int(y0), int(x1), int(y1)))
+        _paint_object(img, rng, obj["label"], np.asarray(canvas, bool), (int(x0), int(y0), int(x1), int(y1)), paint)
     return img.round().astype(np.uint8)
 
 
@@ -245,12 +269,13 @@ def make_scene(width: int, height: int, seed: int, index_in_city: int = 0, empty
     return scene
 
 
-def render_scene(scene: Scene, seed: int) -> dict[str, np.ndarray]:
-    """Rasterise a scene: ``leftImg8bit`` (RGB), ``instanceIds`` (uint16), ``labelIds``, ``color``."""
+def render_scene(scene: Scene, seed: int, paint: dict | None = None) -> dict[str, np.ndarray]:
+    """Rasterise a scene: ``leftImg8bit`` (RGB), ``instanceIds`` (uint16), ``labelIds``, ``color``;
+    ``paint`` maps thing classes to the RGB colours objects are painted in (default: the demo's)."""
     ann = Annotation()
     ann.fromJsonText(json.dumps(scene.to_json()))
     return {
-        "leftImg8bit": _render_rgb(scene, np.random.default_rng([seed, 1])),
+        "leftImg8bit": _render_rgb(scene, np.random.default_rng([seed, 1]), paint or _PAINT),
         "instanceIds": np.asarray(createInstanceImage(ann, "ids"), np.int32).astype(np.uint16),
         "labelIds": np.asarray(createLabelImage(ann, "ids"), np.uint8),
         "color": np.asarray(createLabelImage(ann, "color"))[..., :3].copy(),
@@ -272,11 +297,13 @@ def demo_images(root: Path, cities: int, images_per_city: int) -> list[tuple[Cit
 
 
 def write_demo_dataset(out: str | Path, cities: int = 2, images_per_city: int = 3,
-                       size: tuple[int, int] = (2048, 1024), seed: int = 0) -> list[CityscapesImage]:
+                       size: tuple[int, int] = (2048, 1024), seed: int = 0,
+                       domain_shift: bool = False) -> list[CityscapesImage]:
     """Write a complete demo Cityscapes tree under ``out`` (train and val); return its images.
 
     Idempotent: an image whose four files already exist is not rewritten. The first city of each
-    split has one image without instances (its last image, when it has two or more).
+    split has one image without instances (its last image, when it has two or more). ``domain_shift``
+    paints each split's objects with its own colours (:data:`SHIFT_PAINT`); the layouts are unchanged.
     """
     out, (width, height) = Path(out), size
     images = demo_images(out, cities, images_per_city)
@@ -290,7 +317,8 @@ def write_demo_dataset(out: str | Path, cities: int = 2, images_per_city: int = 
         empty = images_per_city >= 2 and i == images_per_city - 1 and img.city in (CITY_NAMES[0], CITY_NAMES[cities])
         image_seed = seed * 1_000_003 + n
         scene = make_scene(width, height, image_seed, i, empty)
-        for kind, array in render_scene(scene, image_seed).items():
+        paint = SHIFT_PAINT[img.split] if domain_shift else None
+        for kind, array in render_scene(scene, image_seed, paint).items():
             write_png(files[kind], array)
         write_json(files["polygons"], scene.to_json(), indent=None)
     return written
@@ -328,9 +356,10 @@ def export_coco(cityscapes_root: str | Path, out: str | Path, workers: int | Non
 
 
 def write_demo_coco_dataset(out: str | Path, cities: int = 2, images_per_city: int = 3,
-                            size: tuple[int, int] = (2048, 1024), seed: int = 0) -> dict[str, Path]:
+                            size: tuple[int, int] = (2048, 1024), seed: int = 0,
+                            domain_shift: bool = False) -> dict[str, Path]:
     """The demo dataset in COCO format: the Cityscapes tree in ``out/cityscapes`` and its :func:`export_coco`."""
-    write_demo_dataset(Path(out) / "cityscapes", cities, images_per_city, size, seed)
+    write_demo_dataset(Path(out) / "cityscapes", cities, images_per_city, size, seed, domain_shift)
     return export_coco(Path(out) / "cityscapes", out)
 
 
@@ -352,15 +381,18 @@ def main(argv=None) -> None:
     parser.add_argument("--images-per-city", type=int, default=3, help="images per city (default 3)")
     parser.add_argument("--size", type=_parse_size, default=(2048, 1024), help="WIDTHxHEIGHT (default 2048x1024)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--domain-shift", action="store_true",
+                        help="train and val objects in disjoint colours: val wears the prompts' colours, train does not")
     parser.add_argument("--format", choices=COCO_FORMATS, default="cityscapes",
                         help="cityscapes (default) or coco: OUT/images/<split>/, OUT/annotations/instances_<split>.json "
                              "(and the Cityscapes tree in OUT/cityscapes)")
     args = parser.parse_args(argv)
     if args.format == "coco":
-        jsons = write_demo_coco_dataset(args.out, args.cities, args.images_per_city, args.size, args.seed)
+        jsons = write_demo_coco_dataset(args.out, args.cities, args.images_per_city, args.size, args.seed,
+                                        args.domain_shift)
         print(f"demo COCO dataset: {', '.join(str(p) for p in jsons.values())} (images under {Path(args.out) / 'images'})")
         return
-    images = write_demo_dataset(args.out, args.cities, args.images_per_city, args.size, args.seed)
+    images = write_demo_dataset(args.out, args.cities, args.images_per_city, args.size, args.seed, args.domain_shift)
     print(f"demo dataset: {len(images)} images under {args.out}")
 
 

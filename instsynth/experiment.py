@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import subprocess
@@ -62,7 +61,7 @@ STAGES = {
 }
 ARM_KEYS = {"baseline": {"kind"}, "duplicate": {"kind", "match", "num_images"},
             "copy_paste": {"kind", "match", "num_images", "options"},
-            "instsynth": {"kind", *STAGES}}
+            "instsynth": {"kind", "budget_from_baseline", *STAGES}}
 TOP_KEYS = {"output_dir", "dataset", "train_split", "test_split", "seeds", "train", "coco", "workers", "table", "arms",
             "assemble_mode"}
 
@@ -225,12 +224,15 @@ class ArmData:
 
 
 def cli_flags(options: dict) -> list[str]:
-    """Command-line flags of an options mapping: ``{k: 3, skip-bad: true, thresholds: [0.2, 0.3]}`` ->
-    ``--k 3 --skip-bad --thresholds 0.2 0.3`` (false / null values are left out)."""
+    """Command-line flags of an options mapping: ``{k: 3, skip-bad: true, thresholds: [0.2, 0.3],
+    pipeline_options: {max_sequence_length: 256}}`` -> ``--k 3 --skip-bad --thresholds 0.2 0.3
+    --pipeline_options max_sequence_length=256`` (false / null values are left out)."""
     flags = []
     for key, value in options.items():
         if value is True:
             flags.append(f"--{key}")
+        elif isinstance(value, dict):
+            flags += [f"--{key}", ",".join(f"{k}={v}" for k, v in value.items())]
         elif value is not False and value is not None:
             flags += [f"--{key}", *map(str, value if isinstance(value, (list, tuple)) else [value])]
     return flags
@@ -297,8 +299,10 @@ class Preparer:
         e, spec = self.exp, arm.spec
         root = self.out / "data" / arm.name
         stage_opts = {s: dict(spec.get(s) or {}) for s in STAGES}
+        baseline_ap = self.baseline_budget(arm, stage_opts)
         shared = fingerprint({"dataset": str(e.dataset.resolve()), "split": e.train_split,
-                              "selection": stage_opts["selection"], "generation": stage_opts["generation"]})
+                              "selection": stage_opts["selection"], "generation": stage_opts["generation"],
+                              **({"baseline_ap": baseline_ap} if baseline_ap else {})})
         fp = fingerprint({"shared": shared, "filter": stage_opts["filter"], "integration": stage_opts["integration"],
                           "coco": e.coco})
         if (done := self._done(arm.name, fp)) is not None:
@@ -322,6 +326,19 @@ class Preparer:
         self._coco(root, (e.train_split,))
         return self._finish(arm.name, fp, coco_json_path(root, e.train_split), root / "leftImg8bit" / e.train_split,
                             root)
+
+    def baseline_budget(self, arm: Arm, stage_opts: dict) -> dict | None:
+        """``budget_from_baseline: true``: stage 1 and generation get ``--balance ap --baseline_metrics`` of
+        the baseline arm's first seed (trained before this arm is prepared); returns that file's metrics."""
+        if not arm.spec.get("budget_from_baseline"):
+            return None
+        metrics = baseline_metrics_path(self.exp)
+        if not metrics.is_file():
+            raise InstSynthError(metrics, f"arm {arm.name!r} is budgeted from the baseline's AP: train the baseline "
+                                          "arm first (run the experiment without --prepare_only)")
+        for stage in ("selection", "generation"):
+            stage_opts[stage].update(balance="ap", baseline_metrics=str(metrics))
+        return read_json(metrics)
 
     def target_count(self, arm: Arm) -> int:
         """Extra images a duplicate / copy_paste arm adds: ``num_images`` or those of its matched arm."""
@@ -441,6 +458,11 @@ def train_run(spec: RunSpec) -> None:
                 handler.close()
 
 
+def baseline_metrics_path(exp: Experiment) -> Path:
+    """inference/metrics.json of the baseline arm's first seed (what ``budget_from_baseline`` arms read)."""
+    return exp.output_dir.resolve() / "runs" / exp.baseline / f"seed_{exp.seeds[0]}" / "inference" / "metrics.json"
+
+
 def run_specs(exp: Experiment, arms: list[Arm], data: dict[str, ArmData]) -> list[RunSpec]:
     """A RunSpec per (arm, seed): baseline train set + the arm's extra images, tested on the original test split."""
     from .config import load_config
@@ -517,32 +539,44 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 def gain_interval(arm: list[float], base: list[float], method: str = "t", confidence: float = 0.95,
                   samples: int = 10000, seed: int = 0) -> tuple[float, float | None, float | None]:
-    """Gain mean(arm) - mean(base) and its ``confidence`` interval: Welch's t-interval (unequal variances)
-    or a percentile bootstrap over seeds; (gain, None, None) when a side has fewer than two runs."""
-    a, b = np.asarray(arm, float), np.asarray(base, float)
-    gain = float(a.mean() - b.mean())
-    if len(a) < 2 or len(b) < 2:
-        return gain, None, None
-    if method == "bootstrap":
-        rng = np.random.default_rng(seed)
-        diffs = (a[rng.integers(len(a), size=(samples, len(a)))].mean(1)
-                 - b[rng.integers(len(b), size=(samples, len(b)))].mean(1))
-        lo, hi = np.quantile(diffs, [(1 - confidence) / 2, (1 + confidence) / 2])
-        return gain, float(lo), float(hi)
+    """Gain mean(arm) - mean(base) and its ``confidence`` interval: Welch's t-interval (unequal variances,
+    ``scipy.stats.ttest_ind``) or a percentile bootstrap over seeds (``scipy.stats.bootstrap``);
+    (gain, None, None) when a side has fewer than two runs or neither side varies (no interval exists)."""
     from scipy import stats
 
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return gain, gain, gain
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = float(stats.t.ppf((1 + confidence) / 2, df)) * se
-    return gain, gain - half, gain + half
+    a, b = np.asarray(arm, float), np.asarray(base, float)
+    gain = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
+        return gain, None, None
+    if method == "bootstrap":
+        ci = stats.bootstrap((a, b), _mean_difference, n_resamples=samples, confidence_level=confidence,
+                             method="percentile", vectorized=True, rng=np.random.default_rng(seed)).confidence_interval
+    else:
+        ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
+    return gain, float(ci.low), float(ci.high)
+
+
+def _mean_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    return a.mean(axis=axis) - b.mean(axis=axis)
 
 
 def _values(runs: list[dict], family: str, key: str) -> list[float] | None:
     values = [(r.get(family) or {}).get(key) for r in runs]
     return None if not values or any(v is None for v in values) else [float(v) for v in values]
+
+
+def used_images(coco: dict) -> int:
+    """Images training uses: those with at least one non-crowd instance (the loader drops the others)."""
+    return len({a["image_id"] for a in coco["annotations"] if not a.get("iscrowd")} & {im["id"] for im in coco["images"]})
+
+
+def no_information(values: list[float]) -> str | None:
+    """Why a metric's values over seeds carry no information (every value 0, or all equal), or None."""
+    if all(v == 0 for v in values):
+        return f"every value is 0 ({len(values)} seed{'s' if len(values) != 1 else ''})"
+    if len(values) > 1 and len(set(values)) == 1:
+        return f"no variance over {len(values)} seeds (every value {values[0]:.2f})"
+    return None
 
 
 def stage_counts(folder: Path) -> dict[str, dict]:
@@ -555,7 +589,8 @@ def collect_results(exp: Experiment, specs: list[RunSpec], data: dict[str, ArmDa
     """Per arm and metric: values over seeds, mean, std, gain over the baseline and its interval."""
     base_arm = exp.baseline
     root = data[base_arm].dataset_root
-    train_stats = coco_stats(read_json(coco_json_path(root, exp.train_split)))
+    train_coco = read_json(coco_json_path(root, exp.train_split))
+    train_stats, base_used = coco_stats(train_coco), used_images(train_coco)
     classes = sorted(train_stats["per_class"], key=lambda c: (train_stats["per_class"][c], c))
     runs: dict[str, list[dict]] = {}
     for spec in specs:
@@ -570,7 +605,8 @@ def collect_results(exp: Experiment, specs: list[RunSpec], data: dict[str, ArmDa
         d = data[arm.name]
         per_class = {c: train_stats["per_class"][c] + d.stats.get("per_class", {}).get(c, 0) for c in classes}
         entry = {"kind": arm.kind, "seeds": len(runs[arm.name]), "reports": stage_counts(exp.output_dir / "data" / arm.name),
-                 "train_images": train_stats["images"] + d.stats.get("images", 0),
+                 "train_images": base_used + (used_images(read_json(d.json_file)) if d.json_file else 0),
+                 "listed_images": train_stats["images"] + d.stats.get("images", 0),
                  "extra_images": d.stats.get("images", 0), "train_instances_per_class": per_class, "metrics": {}}
         for family in families:
             for key in keys:
@@ -578,11 +614,13 @@ def collect_results(exp: Experiment, specs: list[RunSpec], data: dict[str, ArmDa
                 if values is None:
                     continue
                 m, s = mean_std(values)
-                cell = {"values": values, "mean": m, "std": s}
+                cell = {"values": values, "mean": m, "std": s, "no_information": no_information(values)}
                 base_values = _values(runs.get(base_arm, []), family, key)
                 if arm.name != base_arm and base_values is not None:
                     cell["gain"], cell["low"], cell["high"] = gain_interval(
                         values, base_values, exp.interval, exp.confidence, exp.bootstrap_samples)
+                    if cell["no_information"] or no_information(base_values):
+                        cell["low"] = cell["high"] = None  # an interval from values without information
                 entry["metrics"].setdefault(family, {})[key] = cell
         arms[arm.name] = entry
     return {"experiment": str(exp.path), "output_dir": str(exp.output_dir), "baseline": base_arm, "seeds": exp.seeds,
@@ -610,7 +648,24 @@ def _gain(c: dict | None, interval: bool = True) -> str:
     text = f"{c['gain']:+.2f}"
     if interval and c["low"] is not None:
         text += f" [{c['low']:+.2f}, {c['high']:+.2f}]"
+    elif interval:
+        text += " (no interval)"
     return text
+
+
+def _no_information_lines(arms: dict, family: str) -> list[str]:
+    """One line per arm whose AP values carry no information, and what that means for the table."""
+    empty = [(n, c["no_information"]) for n, a in arms.items()
+             if (c := a["metrics"].get(family, {}).get("AP")) is not None and c.get("no_information")]
+    if not empty:
+        return []
+    lines = ["", f"**No information in this table's AP:** " + "; ".join(f"{n}: {why}" for n, why in empty) + "."]
+    if len(empty) == len(arms):
+        lines.append("Every arm is degenerate: nothing can be concluded from this table (the models did not learn, "
+                     "or the runs do not differ); no interval is printed.")
+    else:
+        lines.append("No interval is printed for a gain that involves these arms.")
+    return lines
 
 
 FAMILY_NAMES = {"segm": "COCO mask AP", "cityscapes": "Cityscapes AP"}
@@ -622,7 +677,8 @@ def format_results(results: dict) -> str:
     ci = f"{results['confidence']:.0%} {'Welch t' if results['interval'] == 't' else 'bootstrap'} interval"
     lines = [f"# Experiment {Path(results['experiment']).stem}", "",
              f"Seeds {results['seeds']}; mean ± std over seeds; gain = arm - {base} with its {ci}.",
-             f"Rare classes (fewest {base} train instances, at least one) are marked *: {', '.join(results['rare_classes'])}."]
+             f"Rare classes (fewest {base} train instances, at least one) are marked *: {', '.join(results['rare_classes'])}.",
+             "Train images: the images training used (images without instances are left out by the loader)."]
     names = [n for n in arms]
     classes = sorted(results["baseline_train_instances"], key=lambda c: (results["baseline_train_instances"][c], c))
     for family in results["families"]:
@@ -633,6 +689,7 @@ def format_results(results: dict) -> str:
                          _cell(m.get("AP")), _cell(m.get("AP50")), _gain(m.get("AP")), _gain(m.get("AP50"))])
         lines += ["", f"## {FAMILY_NAMES[family]}", ""]
         lines += _md_table(["arm", "kind", "seeds", "train images", "AP", "AP50", "gain AP", "gain AP50"], rows)
+        lines += _no_information_lines(arms, family)
         rows = []
         for c in classes:
             row = [c + (" *" if c in rare else ""), str(results["baseline_train_instances"][c])]
@@ -663,12 +720,24 @@ def run_experiment(exp: Experiment, arms: list[str] | None = None, prepare_only:
                 for a in exp.arms if (out / "data" / a.name / PREPARED_FILE).is_file()}
         chosen = [a for a in chosen if a.name in data]
     else:
-        data = Preparer(exp).prepare(chosen)
+        chained = {a.name for a in exp.arms if a.spec.get("budget_from_baseline")}
+        waiting = [a for a in chosen if a.name in chained or a.spec.get("match") in chained]
+        preparer = Preparer(exp)
+        data = preparer.prepare([a for a in chosen if a not in waiting])
+        if waiting and not prepare_only:  # the baseline's first seed, then the arms budgeted from its AP
+            first = [s for s in run_specs(exp, [a for a in exp.arms if a.name == exp.baseline], data)
+                     if s.seed == exp.seeds[0]]
+            train_all(exp, first, data)
+            data = preparer.prepare(chosen)
+        elif waiting:
+            log.info("prepare only: arms %s wait for the baseline's AP", [a.name for a in waiting])
         data.update({a.name: ArmData.load(a.name, out / "data" / a.name / PREPARED_FILE) for a in exp.arms
                      if a.name not in data and (out / "data" / a.name / PREPARED_FILE).is_file()})  # for the table
     specs = run_specs(exp, [a for a in exp.arms if a.name in data], data)
     counts = {"trained": 0, "skipped": 0}
-    if not (prepare_only or table_only):
+    if table_only:
+        counts["skipped"] = sum(bool(run_state(s).get("done")) for s in specs)  # the runs the table holds
+    elif not prepare_only:
         counts = train_all(exp, [s for s in specs if s.arm in {a.name for a in chosen}], data)
     results = {**collect_results(exp, specs, data), "runs": counts}
     write_json(out / "results.json", results)
@@ -688,7 +757,8 @@ def main(argv=None) -> None:
     exp = load_experiment(args.config, args.output)
     results = run_experiment(exp, args.arms.split(",") if args.arms else None, args.prepare_only, args.table_only)
     print(format_results(results))
-    print(f"runs trained: {results['runs']['trained']}, already finished: {results['runs']['skipped']}")
+    print(f"runs trained: {results['runs']['trained']}, already finished: {results['runs']['skipped']}"
+          + (" (tabulated)" if args.table_only else ""))
     print(f"table: {exp.output_dir / 'results.md'}  numbers: {exp.output_dir / 'results.json'}")
 
 

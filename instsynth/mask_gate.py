@@ -12,6 +12,9 @@ data with ``train_net.py``) is run on that image at its test resolution. Per sam
 The untouched source image is scored the same way once per instance (``mask_iou_source``, ...), so a
 failure can be told apart from an instance the model never found. The gate of the integration stage
 (``min_mask_iou``) passes a sample when ``mask_iou >= min_mask_iou`` and ``mask_class_ok``.
+
+``sam:ID_OR_FOLDER`` specs load a promptable SAM instead (:mod:`instsynth.sam_gate`: no training,
+prompted with the instance's box; it judges the shape, CLIP's class margin the class).
 """
 from __future__ import annotations
 
@@ -64,6 +67,11 @@ class MaskModel:
                            "scores": inst["scores"].float().cpu().numpy()})
         return result
 
+    def predict_instance(self, images: Sequence[np.ndarray], mask: np.ndarray,
+                         crop_box: Sequence[int] | None = None) -> list[dict]:
+        """:meth:`predict` (an instance-segmentation model needs no prompt; the SAM gate's interface)."""
+        return self.predict(images)
+
 
 def _config_and_weights(spec: Path, weights: str | None) -> tuple[Path, str]:
     """(config.yaml, checkpoint) of a train_net.py OUTPUT_DIR, a checkpoint beside its config.yaml, or a config."""
@@ -100,13 +108,19 @@ def model_classes(cfg, model, where: str) -> tuple[str, ...]:
                                 f"({', '.join(EVAL_THING_CLASSES)}) or {len(THING_CLASSES)} (with caravan, trailer)")
 
 
-def load_mask_model(spec: str | os.PathLike, weights: str | None = None, device: str = "cpu") -> MaskModel:
-    """A trained FastInst / OneFormer for the mask gate.
+def load_mask_model(spec: str | os.PathLike, weights: str | None = None, device: str = "cpu"):
+    """A trained FastInst / OneFormer for the mask gate, or a SAM gate for ``sam:ID_OR_FOLDER``.
 
     ``spec``: a ``train_net.py`` OUTPUT_DIR (its ``config.yaml`` and last checkpoint), a checkpoint
     ``.pth`` with the run's ``config.yaml`` beside it, or a config YAML (weights from ``weights`` or
     its ``MODEL.WEIGHTS``). Bad input raises InstSynthError naming the file.
     """
+    from .sam_gate import is_sam_spec, load_sam_gate
+
+    if is_sam_spec(spec):
+        if weights:
+            raise InstSynthError(spec, "--mask_weights is for FastInst / OneFormer configs, not for sam: models")
+        return load_sam_gate(spec, device)
     from .config import load_config
     from .data.mapper import DatasetMapper
     from .engine.checkpoint import maybe_load_weights
@@ -128,7 +142,8 @@ def load_mask_model(spec: str | os.PathLike, weights: str | None = None, device:
 def best_match(prediction: dict, mask: np.ndarray, class_name: str, min_score: float = DEFAULT_MIN_SCORE) -> dict:
     """The mask-gate scores of one instance mask (full image, bool) against one image's predictions.
 
-    IoUs are computed where the predicted masks are (a torch tensor, e.g. on the GPU)."""
+    IoUs are computed where the predicted masks are (a torch tensor, e.g. on the GPU). A prediction
+    of class None (SAM: no classes) has ``mask_class`` null and ``mask_class_ok`` true."""
     import torch
 
     keep = prediction["scores"] >= min_score
@@ -146,7 +161,7 @@ def best_match(prediction: dict, mask: np.ndarray, class_name: str, min_score: f
     if iou[best] == 0:
         return none
     name = [c for c, k in zip(prediction["classes"], keep) if k][best]
-    return {"mask_iou": float(iou[best]), "mask_class": name, "mask_class_ok": name == class_name,
+    return {"mask_iou": float(iou[best]), "mask_class": name, "mask_class_ok": name is None or name == class_name,
             "mask_score": float(scores[best])}
 
 
@@ -161,12 +176,13 @@ def pasted_image(source: np.ndarray, sample: np.ndarray, mask: np.ndarray, crop_
     return paste(source, sample, mask[y0:y1, x0:x1], crop_box, "hard")
 
 
-def score_instances(groups: dict[str, list], instances: dict[str, dict], model: MaskModel,
+def score_instances(groups: dict[str, list], instances: dict[str, dict], model,
                     min_score: float = DEFAULT_MIN_SCORE, batch_size: int = 4) -> tuple[dict, dict]:
     """Mask-gate scores ``({(key, index): scores}, {key: source scores})`` of sample refs grouped by instance.
 
     ``instances`` maps keys to stage-1 metadata entries (with absolute paths); each source image is
-    read once per instance and scored untouched, then with each of its samples pasted in.
+    read once per instance and scored untouched, then with each of its samples pasted in. ``model``:
+    a :class:`MaskModel` or a :class:`~instsynth.sam_gate.SamGate` (prompted with the instance).
     """
     from .quality import read_sample
 
@@ -183,7 +199,7 @@ def score_instances(groups: dict[str, list], instances: dict[str, dict], model: 
         images = [source] + [pasted_image(source, read_sample(ref), mask, inst["crop_box"]) for ref in refs]
         predictions = []
         for start in range(0, len(images), max(1, batch_size)):
-            predictions += model.predict(images[start:start + max(1, batch_size)])
+            predictions += model.predict_instance(images[start:start + max(1, batch_size)], mask, inst["crop_box"])
         scores = [best_match(p, mask, inst["class"], min_score) for p in predictions]
         by_instance[key] = {f"{name}_source": value for name, value in scores[0].items()}
         by_sample.update({(key, ref.index): s for ref, s in zip(refs, scores[1:])})

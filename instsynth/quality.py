@@ -14,8 +14,8 @@ Every generated sample is an RGB crop that must equal its source crop outside th
 - ``clip_source``: CLIP image-image cosine similarity of the sample and its source crop;
 
 and per run the FID between the generated samples and the source crops: 2048-d pool features of
-Inception-v3 (torchvision's blocks; with pytorch-fid's ``pt_inception`` weights the TF-FID pooling
-variant, so features match pytorch-fid's to float rounding), or a network described by ``config.json``.
+Inception-v3 (torchvision's network; with pytorch-fid's ``pt_inception`` weights pytorch-fid's own FID
+Inception blocks, so features match pytorch-fid's to float rounding), or a network described by ``config.json``.
 
 Models load from a local path or a Hugging Face hub id; nothing is downloaded unless a hub id is
 given, and with no network and no local copy the error says what to download and where.
@@ -212,62 +212,13 @@ FEATURE_CONFIG = "config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
-def _fid_inception_blocks() -> dict:
-    """torchvision Inception blocks as in the TensorFlow FID Inception (pytorch-fid's weights).
-
-    Parameters are identical to torchvision's; only the pooling branch differs: average pooling
-    ignores the padding, and the last block (``max``) max-pools.
-    """
-    import torch
-    import torch.nn.functional as F
-    from torchvision.models.inception import InceptionA, InceptionC, InceptionE
-
-    def avg_pool(x):
-        return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-    def max_pool(x):
-        return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-
-    def chain(x, *layers):
-        for layer in layers:
-            x = layer(x)
-        return x
-
-    class FidInceptionA(InceptionA):
-        def _forward(self, x):
-            return [self.branch1x1(x), chain(x, self.branch5x5_1, self.branch5x5_2),
-                    chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                    self.branch_pool(avg_pool(x))]
-
-    class FidInceptionC(InceptionC):
-        def _forward(self, x):
-            return [self.branch1x1(x), chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
-                    chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                          self.branch7x7dbl_5),
-                    self.branch_pool(avg_pool(x))]
-
-    class FidInceptionE(InceptionE):
-        pool = staticmethod(avg_pool)
-
-        def _forward(self, x):
-            b3 = self.branch3x3_1(x)
-            d3 = chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2)
-            return [self.branch1x1(x), torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1),
-                    torch.cat([self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3)], 1),
-                    self.branch_pool(self.pool(x))]
-
-    class FidInceptionEMax(FidInceptionE):
-        pool = staticmethod(max_pool)
-
-    return {"a": FidInceptionA, "c": FidInceptionC, "e": FidInceptionE, "e_max": FidInceptionEMax}
-
-
 def build_feature_network(config: dict):
     """A torch module mapping (N, 3, S, S) images in [-1, 1] to (N, D) features, from its config.
 
     ``{"architecture": "inception_v3", "num_classes": 1008, "aux_logits": false, "fid_variant": true}``:
     torchvision's Inception-v3 with ``fc`` removed (2048-d pool features, input 299); with
-    ``fid_variant`` its pooling follows the TensorFlow FID Inception, as pytorch-fid. ``{"architecture":
+    ``fid_variant`` pytorch-fid's FID Inception blocks (``FIDInceptionA/C/E_1/E_2``: the TensorFlow FID
+    Inception's pooling). ``{"architecture":
     "tiny_inception", "stem_channels": C, "pool_features": P, "input_size": S}``: one stem conv and
     one torchvision InceptionA block, global average pooled (``224 + P``-d), for tests.
     """
@@ -279,13 +230,14 @@ def build_feature_network(config: dict):
         from torchvision.models.inception import InceptionAux, InceptionB, InceptionD
 
         blocks = None
-        if config.get("fid_variant"):
-            fid = _fid_inception_blocks()
-            blocks = [BasicConv2d, fid["a"], InceptionB, fid["c"], InceptionD, fid["e"], InceptionAux]
+        if config.get("fid_variant"):  # pytorch-fid's blocks: the TensorFlow FID Inception's pooling
+            from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+
+            blocks = [BasicConv2d, FIDInceptionA, InceptionB, FIDInceptionC, InceptionD, FIDInceptionE_1, InceptionAux]
         net = Inception3(num_classes=int(config.get("num_classes", 1008)), aux_logits=bool(config.get("aux_logits", False)),
                          transform_input=False, inception_blocks=blocks, init_weights=False)
         if config.get("fid_variant"):
-            net.Mixed_7c = fid["e_max"](2048)
+            net.Mixed_7c = FIDInceptionE_2(2048)  # the last block max-pools
         net.fc = torch.nn.Identity()
         return net
     if arch == "tiny_inception":

@@ -30,8 +30,10 @@ if [ -n "$COCO_JSON" ]; then OUTPUT_DATASET_PATH=${OUTPUT_DATASET_PATH:-datasets
 DATASET_PATH=${DATASET_PATH:-datasets/cityscapes}                       # source Cityscapes tree
 OUTPUT_DATASET_PATH=${OUTPUT_DATASET_PATH:-datasets/cityscapes_instsynth} # original + synthetic
 WORK_DIR=${WORK_DIR:-${OUTPUT_DATASET_PATH}_work}   # stage-1 crops and generated samples
-MODE=${MODE:-recolor}              # recolor | diffinpainting | bld | gligen
+MODE=${MODE:-recolor}              # recolor | diffinpainting | bld | gligen | diffusers (any diffusers inpainting model)
 MODEL_PATH=${MODEL_PATH:-}         # local folder or hub id; empty: the backend's default model
+GUIDANCE_SCALE=${GUIDANCE_SCALE:-} # empty: 7.5 (FLUX.1 Fill: 30)
+PIPELINE_OPTIONS=${PIPELINE_OPTIONS:-}  # MODE=diffusers: more pipeline call arguments, KEY=VALUE,...
 K=${K:-3}                          # instances selected per image
 NUM_SAMPLES=${NUM_SAMPLES:-1}      # generated samples per instance
 BATCH_SIZE=${BATCH_SIZE:-4}        # images per diffusion call
@@ -42,10 +44,11 @@ CROPS_PER_SAMPLE=${CROPS_PER_SAMPLE:-1}
 CLIP_MODEL=${CLIP_MODEL:-}         # quality gate: CLIP folder or hub id; empty: gate off
 MIN_CLIP_SCORE=${MIN_CLIP_SCORE:-0.2}  # used only with CLIP_MODEL
 MIN_CLIP_MARGIN=${MIN_CLIP_MARGIN:-}   # CLIP class check (needs CLIP_MODEL); empty: off
-MASK_MODEL=${MASK_MODEL:-}         # mask gate: train_net.py output folder / checkpoint / config; empty: off
+MASK_MODEL=${MASK_MODEL:-}         # mask gate: train_net.py output folder / checkpoint / config, or sam:ID_OR_FOLDER; empty: off
 MIN_MASK_IOU=${MIN_MASK_IOU:-0.5}  # used only with MASK_MODEL
 FALLBACK=${FALLBACK:-drop}         # a sample failing the gate: drop | original (pair written with the original instance)
-BALANCE=${BALANCE:-}               # per-class budgets: inverse_freq (stage 1 and generation); empty: off
+BALANCE=${BALANCE:-}               # per-class budgets: inverse_freq | ap (stage 1 and generation); empty: off
+BASELINE_METRICS=${BASELINE_METRICS:-}  # BALANCE=ap: a baseline run's inference/metrics.json
 K_PER_CLASS=${K_PER_CLASS:-}       # e.g. truck=6,bus=6 (instances per image); empty: --k for every class
 SAMPLES_PER_CLASS=${SAMPLES_PER_CLASS:-}  # e.g. truck=4,bus=4 (samples per instance); empty: NUM_SAMPLES
 TRAIN_CONFIG=${TRAIN_CONFIG:-}     # e.g. configs/cityscapes/instance-segmentation/fastinst_R50_ppm-fpn_x1_576_D1_instsynth.yaml; empty: no training
@@ -55,8 +58,8 @@ PYTHON=${PYTHON:-python}
 
 case "$MODE" in
   recolor) MODE_NAME=Recolor ;; diffinpainting) MODE_NAME=DiffPainting ;;
-  bld) MODE_NAME=BlendedDiff ;; gligen) MODE_NAME=gligen ;;
-  *) echo "MODE must be recolor, diffinpainting, bld or gligen (got '$MODE')" >&2; exit 2 ;;
+  bld) MODE_NAME=BlendedDiff ;; gligen) MODE_NAME=gligen ;; diffusers) MODE_NAME=Diffusers ;;
+  *) echo "MODE must be recolor, diffinpainting, bld, gligen or diffusers (got '$MODE')" >&2; exit 2 ;;
 esac
 SEL_DIR="$WORK_DIR/selection"
 GEN_DIR="$WORK_DIR/generation/$MODE_NAME"
@@ -69,14 +72,17 @@ if [ -n "$COCO_JSON" ]; then
   "$PYTHON" process_clean_ver.py --coco "$COCO_JSON" --images "$COCO_IMAGES" --k "$K" --out "$SEL_DIR"
 else
   "$PYTHON" process_clean_ver.py --train_folder "$DATASET_PATH" --k "$K" --out "$SEL_DIR" \
-    ${BALANCE:+--balance "$BALANCE"} ${K_PER_CLASS:+--k_per_class "$K_PER_CLASS"}
+    ${BALANCE:+--balance "$BALANCE"} ${BASELINE_METRICS:+--baseline_metrics "$BASELINE_METRICS"} \
+    ${K_PER_CLASS:+--k_per_class "$K_PER_CLASS"}
 fi
 
 stage "2/7 instance generation ($MODE)"
 "$PYTHON" generation/instance_generation.py --mode "$MODE" --metadata "$SEL_DIR/metadata.json" \
   --folder "$WORK_DIR/generation" ${MODEL_PATH:+--model_path "$MODEL_PATH"} --num_samples "$NUM_SAMPLES" \
   --batch_size "$BATCH_SIZE" --steps "$STEPS" --seed "$SEED" \
-  ${BALANCE:+--balance "$BALANCE"} ${SAMPLES_PER_CLASS:+--samples_per_class "$SAMPLES_PER_CLASS"}
+  ${GUIDANCE_SCALE:+--guidance_scale "$GUIDANCE_SCALE"} ${PIPELINE_OPTIONS:+--pipeline_options "$PIPELINE_OPTIONS"} \
+  ${BALANCE:+--balance "$BALANCE"} ${BASELINE_METRICS:+--baseline_metrics "$BASELINE_METRICS"} \
+  ${SAMPLES_PER_CLASS:+--samples_per_class "$SAMPLES_PER_CLASS"}
 
 GATE=()
 SCORERS=()

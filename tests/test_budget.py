@@ -127,3 +127,73 @@ def test_rank_instances_keeps_an_instance_among_the_k_c_largest_of_its_image():
     budget = SelectionParams(k=2, min_area=1, k_per_class=((car, 1), (truck, 5)))
     chosen, skipped = rank_instances(ids, budget)
     assert [v for v, _ in chosen] == [26000, 27000, 27001] and skipped["beyond_k"] == 2
+
+
+# --------------------------------------------------------------------------- budgets from a baseline's AP
+def _metrics(path, segm=None, cityscapes=None):
+    import json
+
+    data = {k: v for k, v in (("segm", segm), ("cityscapes", cityscapes)) if v is not None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_ap_factors_favour_the_classes_a_baseline_gets_wrong(tmp_path):
+    from instsynth.budget import ap_factors, read_class_ap
+
+    assert ap_factors({"car": 40.0, "truck": 10.0, "train": 2.5}, power=0.5) == {"car": 1.0, "truck": 2.0, "train": 4.0}
+    assert ap_factors({"car": 40.0, "bus": 0.0, "train": None}) == {"car": 1.0, "bus": 8.0}  # no AP: left out
+    assert ap_factors({"car": 0.0, "bus": 0.0}) == {"car": 1.0, "bus": 1.0}  # nothing learnt: no ranking
+    assert ap_factors({"car": 40.0, "truck": 10.0}, power=1.0, max_factor=3) == {"car": 1.0, "truck": 3.0}
+    run = tmp_path / "run"
+    path = _metrics(run / "inference" / "metrics.json", segm={"AP": 20.0, "AP-car": 40.0, "AP-truck": 10.0},
+                    cityscapes={"AP": 5.0, "AP-car": 1.0})
+    assert read_class_ap(run) == read_class_ap(path) == {"car": 40.0, "truck": 10.0}  # segm first, folder accepted
+    assert read_class_ap(_metrics(tmp_path / "cs.json", cityscapes={"AP-car": 9.0, "AP-bus": None})) == \
+        {"car": 9.0, "bus": None}
+    budget = class_budget(2, "truck=3", "ap", baseline_metrics=path)
+    assert budget["per_class"] == {"car": 2, "truck": 3} and budget["baseline_ap"]["truck"] == 10.0
+    assert class_budget(2, None, "ap", baseline_metrics=path)["per_class"] == {"car": 2, "truck": 4}
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"segm": {"AP": 3}}', "no per-class AP"), ('{"segm": {"AP-car": 130}}', r"AP-car must be a number in \[0, 100\]"),
+    ('[1, 2]', "JSON object"), ('{"segm": {"AP-car": "x"}}', "AP-car must be")])
+def test_bad_baseline_metrics_name_the_file(tmp_path, content, problem):
+    path = tmp_path / "metrics.json"
+    path.write_text(content)
+    with pytest.raises(InstSynthError, match=f"metrics.json.*{problem}"):
+        class_budget(1, None, "ap", baseline_metrics=path)
+    with pytest.raises(InstSynthError, match="baseline metrics not found"):
+        class_budget(1, None, "ap", baseline_metrics=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="needs --baseline_metrics"):
+        class_budget(1, None, "ap")
+    with pytest.raises(ValueError, match="--balance ap only"):
+        class_budget(1, None, "inverse_freq", {"car": 1}, baseline_metrics=path)
+
+
+def test_ap_budget_in_stage1_and_generation_clis(demo_root, tmp_path):
+    """Stage 1 and generation read the same baseline AP: the class with the lowest AP gets the largest budget."""
+    from instsynth.summary import run_summary
+
+    metrics = _metrics(tmp_path / "baseline" / "inference" / "metrics.json",
+                       segm={"AP": 20.0, "AP-car": 36.0, "AP-person": 36.0, "AP-truck": 4.0, "AP-bus": 9.0})
+    work = tmp_path / "work"
+    _script("process_clean_ver.py").main(["--train_folder", str(demo_root), "--k", "1", "--balance", "ap",
+                                          "--baseline_metrics", str(metrics), "--out", str(work / "selection"),
+                                          "--workers", "1"])
+    meta = read_json(work / "selection" / "metadata.json")
+    assert meta["class_budget"]["balance"] == "ap"
+    assert meta["class_budget"]["per_class"] == {"car": 1, "person": 1, "truck": 3, "bus": 2}  # sqrt(36/4), sqrt(36/9)
+    _script("generation/instance_generation.py").main([
+        "--metadata", str(work / "selection" / "metadata.json"), "--folder", str(work / "generation"),
+        "--balance", "ap", "--baseline_metrics", str(tmp_path / "baseline")])
+    manifest = read_json(work / "generation" / "Recolor" / "generation.json")
+    assert manifest["params"]["budget"]["per_class"] == meta["class_budget"]["per_class"]
+    assert manifest["params"]["baseline_metrics"] == str(tmp_path / "baseline")
+    for entry in manifest["instances"].values():
+        assert len(entry["samples"]) == meta["class_budget"]["per_class"].get(entry["class"], 1)
+    table = run_summary(work, tmp_path / "no-output")["classes"]
+    assert table["truck"]["k"] == 3 and table["truck"]["samples_per_instance"] == 3
+    assert table["car"]["k"] == 1 and table["car"]["samples_per_instance"] == 1

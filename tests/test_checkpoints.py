@@ -196,3 +196,62 @@ def test_convert_tool_writes_this_projects_checkpoint(source, images, tmp_path, 
 
     with pytest.raises(SystemExit, match="not found"):
         main([str(tmp_path / "missing.pth"), str(tmp_path / "x.pth")])
+
+
+@pytest.fixture
+def project_log(caplog):
+    """caplog that sees each record of the project logger once, whether or not it propagates."""
+    logger = logging.getLogger("instsynth")
+    caplog.set_level(logging.INFO, logger="instsynth")
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.propagate = propagate
+
+
+def test_d1_checkpoint_into_d3_model_warns_naming_the_random_layers(tmp_path, project_log):
+    """Decoder layers 1-2 (and their heads) of a D3 model are not in a D1 checkpoint: a WARNING names them."""
+    from instsynth.engine.checkpoint import load_model_weights, save_checkpoint
+
+    d1 = tiny_fastinst(0, "MODEL.FASTINST.DEC_LAYERS", "1")
+    save_checkpoint(tmp_path, "d1.pth", d1)
+    d3 = tiny_fastinst(1, "MODEL.FASTINST.DEC_LAYERS", "3")
+    report = load_model_weights(d3, tmp_path / "d1.pth")
+    [warning] = [r.getMessage() for r in project_log.records if r.levelno == logging.WARNING]
+    missing = set(d3.state_dict()) - set(d1.state_dict())
+    assert set(report["missing"]) == missing and len(missing) == 92
+    assert f"{len(missing)} tensors of this model are not in the checkpoint" in warning
+    assert "decoder.layers.1 (30 tensors), decoder.layers.2 (30 tensors)" in warning
+    assert "decoder.class_embed.2 (6 tensors)" in warning and "backbone" not in warning
+    assert len(report["loaded"]) == len(d1.state_dict()) and not report["unused"]
+    info = [r.getMessage() for r in project_log.records if r.getMessage().startswith("loaded ")]
+    assert info == [f"loaded 197 of 289 model tensors from {tmp_path / 'd1.pth'} (ours names); 92 model tensors not "
+                    "in the file, 0 re-initialised for another shape, 0 checkpoint tensors unused"]
+    for k, v in d1.state_dict().items():
+        assert torch.equal(d3.state_dict()[k], v), k
+
+
+def test_r50_pkl_counts_no_batchnorm_counters_and_expects_a_fresh_head(tmp_path, project_log):
+    """An R-50.pkl as convert-torchvision-to-d2.py writes it (num_batches_tracked included) into a BN model:
+    the counters are not "loaded weights", and the non-backbone part starting fresh is INFO, not a WARNING."""
+    from instsynth.engine.checkpoint import load_model_weights
+
+    bn = tiny_fastinst(0, "MODEL.RESNETS.NORM", "BN")
+    arrays = d2_resnet_pickle(bn, tmp_path / "R-50.pkl")
+    counters = [k for k in arrays if k.endswith("num_batches_tracked")]
+    assert counters
+    target = tiny_fastinst(1, "MODEL.RESNETS.NORM", "BN")
+    report = load_model_weights(target, tmp_path / "R-50.pkl")
+    backbone = [k for k in bn.state_dict() if k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
+    assert sorted(report["loaded"]) == sorted(backbone)
+    assert not [r for r in project_log.records if r.levelno >= logging.WARNING]
+    assert any("holds a backbone only (d2_resnet)" in r.getMessage() for r in project_log.records)
+
+    partial = {k: v for k, v in arrays.items() if not k.startswith("res5.")}  # a backbone file without res5
+    with open(tmp_path / "partial.pkl", "wb") as f:
+        pickle.dump({"model": partial}, f)
+    project_log.clear()
+    load_model_weights(target, tmp_path / "partial.pkl")
+    [warning] = [r.getMessage() for r in project_log.records if r.levelno == logging.WARNING]
+    assert "backbone.body.layer4.0 (15 tensors), backbone.body.layer4.1 (10 tensors)" in warning  # ResNet-18

@@ -117,3 +117,30 @@ def test_demo_cli(tmp_path):
     assert len(list(out.glob("leftImg8bit/*/*/*_leftImg8bit.png"))) == 2
     bad = subprocess.run([sys.executable, "-m", "instsynth.demo", str(out), "--size", "big"], capture_output=True)
     assert bad.returncode == 2 and b"2048x1024" in bad.stderr
+
+
+def test_domain_shift_paints_each_split_in_its_own_colours(tmp_path):
+    """--domain-shift: the same scenes and labels, objects in the split's colours (val: the prompts' colours)."""
+    from instsynth.demo import SHIFT_PAINT
+    from instsynth.io import read_png
+    from instsynth.labels import INSTANCE_ID_OFFSET
+
+    kw = dict(cities=1, images_per_city=2, size=(512, 256), seed=0)
+    plain = write_demo_dataset(tmp_path / "plain", **kw)
+    shifted = write_demo_dataset(tmp_path / "shift", **kw, domain_shift=True)
+    names = {24: "person", 25: "rider", 26: "car", 27: "truck", 28: "bus", 32: "motorcycle", 33: "bicycle"}
+    votes = {"right": 0, "wrong": 0}
+    for a, b in zip(plain, shifted):
+        ids = read_png(b.gt("instanceIds"))
+        assert (read_png(a.gt("instanceIds")) == ids).all()  # the layout does not change
+        rgb = read_png(b.left, rgb=True).astype(float)
+        for value in np.unique(ids[ids >= INSTANCE_ID_OFFSET]):
+            name = names.get(int(value) // INSTANCE_ID_OFFSET)
+            if name is None or (ids == value).sum() < 40:
+                continue
+            colour = np.median(rgb[ids == value], axis=0)
+            candidates = [(np.abs(colour - c).sum(), split) for split in SHIFT_PAINT for c in SHIFT_PAINT[split][name]]
+            votes["right" if min(candidates)[1] == b.split else "wrong"] += 1
+    assert votes["right"] >= 15 and votes["wrong"] <= 1, votes
+    for name in SHIFT_PAINT["train"]:
+        assert not set(SHIFT_PAINT["train"][name]) & set(SHIFT_PAINT["val"][name])

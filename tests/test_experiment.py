@@ -55,14 +55,21 @@ def test_harness_trains_every_arm_and_seed_and_writes_the_table(experiment):
     integration = read_json(out / "data" / "recolor" / "integration_report.json")
     assert syn["extra_images"] == integration["new_images"] > 0  # 2 samples x (panorama + crop) per instance
     assert syn["reports"]["integration_report"]["samples_integrated"] == integration["samples_integrated"]
-    assert syn["train_images"] == base["train_images"] + syn["extra_images"]
+    assert syn["train_images"] == base["train_images"] + syn["extra_images"]  # every synthetic image has instances
+    # train images = those training used: the loader drops the baseline's image without instances
+    base_log = (out / "runs" / "baseline" / "seed_1" / "log.txt").read_text()
+    assert base["train_images"] == base["listed_images"] - 1 and f"training on {base['train_images']} images" in base_log
     for arm in (base, syn):
         ap = arm["metrics"]["segm"]["AP"]
         assert arm["seeds"] == 2 and len(ap["values"]) == 2 and ap["std"] is not None
         assert "AP-car" in arm["metrics"]["segm"] and "AP50" in arm["metrics"]["cityscapes"]
     gain = syn["metrics"]["segm"]["AP"]
     assert gain["gain"] == pytest.approx(gain["mean"] - base["metrics"]["segm"]["AP"]["mean"])
-    assert gain["low"] <= gain["gain"] <= gain["high"] and "gain" not in base["metrics"]["segm"]["AP"]
+    assert "gain" not in base["metrics"]["segm"]["AP"]
+    if gain["no_information"] or base["metrics"]["segm"]["AP"]["no_information"]:  # 2 iterations: AP is 0.0
+        assert gain["low"] is None and "No information in this table's AP" in (out / "results.md").read_text()
+    else:
+        assert gain["low"] <= gain["gain"] <= gain["high"]
     # rare classes: the fewest baseline train instances (classes without any are not rare, they have no AP)
     counts = results["baseline_train_instances"]
     rare = results["rare_classes"]
@@ -129,6 +136,12 @@ PREPARED = "prepared.json"
 def test_stage_options_become_flags():
     assert cli_flags({"k": 3, "skip-bad": True, "force": False, "prompts": None, "thresholds": [0.2, 0.3],
                       "mode": "recolor"}) == ["--k", "3", "--skip-bad", "--thresholds", "0.2", "0.3", "--mode", "recolor"]
+    # a diffusers arm's pipeline options (a YAML mapping) become one KEY=VALUE,... flag
+    flags = cli_flags({"mode": "diffusers", "pipeline_options": {"max_sequence_length": 256, "prior_guidance_scale": 4}})
+    assert flags == ["--mode", "diffusers", "--pipeline_options", "max_sequence_length=256,prior_guidance_scale=4"]
+    from instsynth.generation.common import parse_pipeline_options
+
+    assert parse_pipeline_options(flags[-1]) == {"max_sequence_length": 256, "prior_guidance_scale": 4}
 
 
 def test_config_errors_name_the_problem(tmp_path, demo_root):
@@ -160,6 +173,41 @@ def test_gain_interval_is_welch_t_or_bootstrap():
     assert min(arm) - max(base) <= lo and hi <= max(arm) - min(base)
     assert gain_interval([1.0], base) == (1.0 - np.mean(base), None, None)
     assert mean_std([2.0, 4.0]) == (3.0, pytest.approx(np.sqrt(2))) and mean_std([2.0]) == (2.0, None)
+
+
+def test_gain_interval_keeps_the_hand_written_implementation_values():
+    """scipy.stats replaced the hand-written Welch and bootstrap code: the values it gave, recorded before."""
+    a1, b1 = [31.0, 32.0, 33.5, 32.5], [30.0, 30.5, 29.0]
+    a2, b2 = [10.2, 11.7, 9.9], [8.1, 8.4, 9.6]
+    a3, b3 = [0.5, 0.7], [0.1, 0.9, 0.4, 0.3, 0.2]
+    recorded = [
+        (a1, b1, "t", 0.95, (2.416666666666668, 0.6625349250972656, 4.17079840823607)),
+        (a1, b1, "t", 0.9, (2.416666666666668, 1.0417705914737394, 3.7915627418595963)),
+        (a1, b1, "bootstrap", 0.95, (2.416666666666668, 1.2916666666666679, 3.541666666666668)),
+        (a1, b1, "bootstrap", 0.8, (2.416666666666668, 1.6666666666666679, 3.166666666666668)),
+        (a2, b2, "t", 0.95, (1.8999999999999986, -0.13166494134896123, 3.9316649413489584)),
+        (a2, b2, "t", 0.9, (1.8999999999999986, 0.34622209130978554, 3.4537779086902116)),
+        (a2, b2, "bootstrap", 0.95, (1.8999999999999986, 0.7999999999999989, 2.9999999999999964)),
+        (a2, b2, "bootstrap", 0.8, (1.8999999999999986, 1.1999999999999993, 2.599999999999998)),
+        (a3, b3, "t", 0.95, (0.21999999999999997, -0.23754244041870365, 0.6775424404187036)),
+        (a3, b3, "t", 0.9, (0.21999999999999997, -0.13510063921562265, 0.5751006392156226)),
+        (a3, b3, "bootstrap", 0.95, (0.21999999999999997, -0.06000000000000005, 0.4799999999999999)),
+        (a3, b3, "bootstrap", 0.8, (0.21999999999999997, 0.040000000000000036, 0.39999999999999997))]
+    for arm, base, method, confidence, values in recorded:
+        assert gain_interval(arm, base, method, confidence, samples=2000) == pytest.approx(values, rel=1e-12)
+    assert gain_interval([2.0, 2.0], [1.0, 1.0]) == (1.0, None, None)  # no variance: no interval
+    assert gain_interval([2.0, 2.0], [1.0, 1.0], "bootstrap") == (1.0, None, None)
+
+
+def test_no_information_names_the_reason():
+    from instsynth.experiment import no_information, used_images
+
+    assert no_information([0.0, 0.0, 0.0]) == "every value is 0 (3 seeds)"
+    assert no_information([1.5, 1.5]) == "no variance over 2 seeds (every value 1.50)"
+    assert no_information([1.0, 2.0]) is None and no_information([1.0]) is None
+    coco = {"images": [{"id": 1}, {"id": 2}, {"id": 3}],
+            "annotations": [{"image_id": 1}, {"image_id": 1}, {"image_id": 2, "iscrowd": 1}]}
+    assert used_images(coco) == 1  # image 2 holds only a crowd region, image 3 nothing
 
 
 def test_copy_paste_pastes_whole_source_instances_over_the_target(demo_root, tmp_path):
@@ -215,4 +263,60 @@ def test_table_only_reports_mean_std_and_gain_of_the_finished_runs(experiment, t
     row = next(line for line in printed.splitlines() if line.startswith("| recolor "))
     assert "| 33.00 ± 1.41 | 66.00 ± 2.83 |" in row and f"+2.50 [{ref.low:+.2f}, {ref.high:+.2f}]" in row
     assert next(line for line in printed.splitlines() if line.startswith("| car ")).count("(+2.50)") == 1
-    assert "runs trained: 0, already finished: 0" in printed and (out / "results.md").read_text() in printed + "\n"
+    assert "runs trained: 0, already finished: 4 (tabulated)" in printed
+    assert (out / "results.md").read_text() in printed + "\n"
+    assert "No information" not in printed.split("## Cityscapes AP")[0]  # the COCO AP above varies and is not 0
+
+
+def test_table_says_when_its_values_carry_no_information(experiment, tmp_path, capsys):
+    """Every AP 0 (an arm that learned nothing) or no variance: the table says so and prints no interval."""
+    import shutil
+
+    src, config = experiment
+    out = tmp_path / "out"
+    shutil.copytree(src / "out" / "runs", out / "runs")
+    shutil.copytree(src / "out" / "data", out / "data", symlinks=True)
+    ap = {("baseline", 1): 0.0, ("baseline", 2): 0.0, ("recolor", 1): 3.0, ("recolor", 2): 4.0}
+    for (arm, seed), value in ap.items():
+        path = out / "runs" / arm / f"seed_{seed}" / "inference" / "metrics.json"
+        metrics = read_json(path)
+        metrics["segm"].update({"AP": value, "AP50": 0.0 if arm == "baseline" else 5.0})
+        path.write_text(json.dumps(metrics))
+    main(["--config", str(config), "--output", str(out), "--table_only"])
+    printed = capsys.readouterr().out
+    coco = printed.split("## COCO mask AP")[1].split("###")[0]
+    row = next(line for line in coco.splitlines() if line.startswith("| recolor "))
+    assert "+3.50 (no interval)" in row and "[" not in row
+    assert "**No information in this table's AP:** baseline: every value is 0 (2 seeds)." in coco
+    assert "No interval is printed for a gain that involves these arms." in coco
+    cell = read_json(out / "results.json")["arms"]["recolor"]["metrics"]["segm"]["AP"]
+    assert cell["low"] is None and cell["high"] is None and cell["no_information"] is None
+    for arm, seed in ap:  # now both arms equal over seeds: the whole table is empty of information
+        path = out / "runs" / arm / f"seed_{seed}" / "inference" / "metrics.json"
+        metrics = read_json(path)
+        metrics["segm"]["AP"] = 0.0 if arm == "baseline" else 2.0
+        path.write_text(json.dumps(metrics))
+    main(["--config", str(config), "--output", str(out), "--table_only"])
+    coco = capsys.readouterr().out.split("## COCO mask AP")[1].split("###")[0]
+    assert "recolor: no variance over 2 seeds (every value 2.00)" in coco
+    assert "Every arm is degenerate: nothing can be concluded from this table" in coco
+
+
+def test_arm_budgeted_from_the_baseline_ap_is_prepared_after_the_baseline_trained(demo_root, tmp_path):
+    """``budget_from_baseline: true``: the baseline's first seed trains, then stage 1 and generation of the arm
+    run with --balance ap --baseline_metrics of that run."""
+    arms = {"baseline": {}, "ap": {**RECOLOR, "budget_from_baseline": True}}
+    config = write_config(tmp_path / "exp.yaml", demo_root, tmp_path / "out", arms, seeds=(1,))
+    main(["--config", str(config), "--prepare_only"])
+    assert not (tmp_path / "out" / "data" / "ap").exists()  # waits for the baseline's AP
+    main(["--config", str(config)])
+    out = tmp_path / "out"
+    metrics = out / "runs" / "baseline" / "seed_1" / "inference" / "metrics.json"
+    works = list((out / "work").glob("*/selection/metadata.json"))
+    assert len(works) == 1
+    budget = read_json(works[0])["class_budget"]
+    assert budget["balance"] == "ap" and budget["baseline_metrics"] == str(metrics)
+    assert set(budget["baseline_ap"]) == {k[3:] for k in read_json(metrics)["segm"] if k.startswith("AP-")}
+    generation = read_json(works[0].parent.parent / "generation" / "Recolor" / "generation.json")
+    assert generation["params"]["budget"]["balance"] == "ap"
+    assert (out / "runs" / "ap" / "seed_1" / "inference" / "metrics.json").is_file()

@@ -97,3 +97,30 @@ def test_ap_table_shows_gains_over_the_baseline(tmp_path):
     assert lines[2].startswith("baseline") and "(+" not in lines[2]
     with pytest.raises(InstSynthError, match="no metrics.json"):
         ap_table([tmp_path / "missing"])
+
+
+def test_wrapper_with_diffusers_backend_sam_gate_and_ap_budget(tmp_path):
+    """MODE=diffusers (a tiny FLUX-Fill folder, PIPELINE_OPTIONS), MASK_MODEL=sam:FOLDER and BALANCE=ap."""
+    import json
+
+    from instsynth.testing.tiny_models import build_tiny_model
+    from instsynth.testing.tiny_sam import build_tiny_sam
+
+    write_demo_dataset(tmp_path / "cityscapes", cities=1, images_per_city=3, size=(512, 256))
+    metrics = tmp_path / "baseline" / "inference" / "metrics.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(json.dumps({"segm": {"AP": 10.0, "AP-car": 40.0, "AP-person": 10.0}}))
+    env = dict(os.environ, PYTHON=sys.executable, DATASET_PATH=str(tmp_path / "cityscapes"),
+               OUTPUT_DATASET_PATH=str(tmp_path / "out"), WORK_DIR=str(tmp_path / "work"), MODE="diffusers",
+               MODEL_PATH=str(build_tiny_model("flux-fill", tmp_path / "models")), STEPS="2", K="1",
+               PIPELINE_OPTIONS="max_sequence_length=16", GUIDANCE_SCALE="30", BALANCE="ap",
+               BASELINE_METRICS=str(metrics), MASK_MODEL=f"sam:{build_tiny_sam(tmp_path / 'sam')}",
+               FALLBACK="original")
+    res = subprocess.run(["bash", str(REPO / "scripts/run_instsynth.sh")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    manifest = read_json(tmp_path / "work" / "generation" / "Diffusers" / "generation.json")
+    assert manifest["backend"] == "diffusers" and manifest["params"]["guidance_scale"] == 30.0
+    assert manifest["params"]["budget"]["per_class"] == {"car": 1, "person": 2}  # sqrt(40 / 10)
+    assert manifest["quality_filter"]["mask_model"].startswith("sam:")
+    assert all("mask_iou" in s for e in manifest["instances"].values() for s in e["scores"])

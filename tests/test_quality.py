@@ -138,8 +138,34 @@ def test_inception_v3_state_dict_file_loads(tmp_path):
     torch.save(Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict(), path)
     features = quality.load_feature_extractor(path)
     assert features.input_size == 299
-    assert type(features.net.Mixed_7c).__name__ == "FidInceptionEMax"  # pytorch-fid's pooling variant
+    assert type(features.net.Mixed_7c).__name__ == "FIDInceptionE_2"  # pytorch-fid's own blocks
     assert features([np.zeros((40, 30, 3), np.uint8)]).shape == (1, 2048)
+
+
+def test_inception_features_match_pytorch_fid(tmp_path, monkeypatch):
+    """Features of a pt_inception-layout file equal pytorch-fid's InceptionV3 pool3 output on the same weights."""
+    import torch
+    from pytorch_fid import inception as fid_inception
+    from torchvision.models.inception import Inception3
+
+    torch.manual_seed(0)
+    net = Inception3(num_classes=1008, aux_logits=False, init_weights=True)
+    with torch.no_grad():  # random BN statistics, so the test sees every block's output
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    state = net.state_dict()
+    torch.save(state, tmp_path / "pt_inception.pth")
+    monkeypatch.setattr(fid_inception, "load_state_dict_from_url", lambda *a, **k: state)  # no download
+    reference = fid_inception.InceptionV3([3], resize_input=True, normalize_input=True, use_fid_inception=True).eval()
+    images = [np.random.default_rng(i).integers(0, 256, (64, 80, 3), dtype=np.uint8) for i in range(2)]
+    with torch.no_grad():
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+        expected = reference(batch)[0].flatten(1).double().numpy()
+    ours = quality.load_feature_extractor(tmp_path / "pt_inception.pth")(images)
+    # random weights grow activations to ~1e10: compare at the features' own scale
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_missing_models_give_clear_errors(tmp_path):

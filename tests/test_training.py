@@ -12,6 +12,9 @@ import torch
 from conftest import REPO
 
 QUICK = REPO / "configs" / "quick_schedules" / "fastinst_R50_quick.yaml"
+# the quick schedule as the tests run it: 20 iterations, a checkpoint after 10, every step logged
+SHORT = ("SOLVER.MAX_ITER", "20", "SOLVER.CHECKPOINT_PERIOD", "10", "SOLVER.BASE_LR", "0.0005", "TEST.EVAL_PERIOD", "0",
+         "LOG_PERIOD", "1")
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +42,9 @@ def metrics_lines(out_dir):
 
 @pytest.fixture(scope="module")
 def quick_run(demo_cache, tmp_path_factory):
-    """The quick config as is (20 iterations, checkpoint every 10), from the command line."""
+    """The quick config shortened (20 iterations, checkpoint every 10), from the command line."""
     out = tmp_path_factory.mktemp("quick")
-    train_net("--config-file", QUICK, "OUTPUT_DIR", out, env_dir=demo_cache)
+    train_net("--config-file", QUICK, *SHORT, "OUTPUT_DIR", out, env_dir=demo_cache)
     return out
 
 
@@ -55,12 +58,14 @@ def test_quick_config_trains_writes_outputs_and_loss_falls(quick_run):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
     from instsynth.config import load_config
     saved = load_config(quick_run / "config.yaml")  # the merged config reproduces the run
-    assert saved == load_config(QUICK, ["OUTPUT_DIR", str(quick_run)])
+    assert saved == load_config(QUICK, [*SHORT, "OUTPUT_DIR", str(quick_run)])
+    log = (quick_run / "log.txt").read_text()
+    assert "estimated training time on CPU:" in log and "for the remaining 16 of 20 iterations" in log
 
 
 def test_two_processes_train_and_evaluate(demo_cache, tmp_path):
     """--num-gpus 2 (here two CPU processes over gloo) splits the batch and gathers the predictions."""
-    train_net("--config-file", QUICK, "--num-gpus", "2", "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100",
+    train_net("--config-file", QUICK, "--num-gpus", "2", *SHORT, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100",
               "TEST.EVAL_PERIOD", "2", "OUTPUT_DIR", tmp_path, env_dir=demo_cache)
     log = (tmp_path / "log.txt").read_text()
     assert "2 process(es)" in log and log.count("iter 4/4") == 1  # only the main process logs
@@ -80,7 +85,7 @@ def test_resume_continues_from_saved_iteration_with_same_state(quick_run, demo_c
     """Resuming from the iteration-10 checkpoint reproduces the uninterrupted run's last 10 iterations."""
     shutil.copy(quick_run / "model_0000009.pth", tmp_path)
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
-    train_net("--config-file", QUICK, "--resume", "OUTPUT_DIR", tmp_path, env_dir=demo_cache)
+    train_net("--config-file", QUICK, "--resume", *SHORT, "OUTPUT_DIR", tmp_path, env_dir=demo_cache)
     assert "continuing at iteration 10" in (tmp_path / "log.txt").read_text()
     resumed = [r for r in metrics_lines(tmp_path) if "total_loss" in r]
     full = {r["iteration"]: r for r in metrics_lines(quick_run) if "total_loss" in r}
@@ -128,9 +133,20 @@ def test_tiny_fastinst_overfits_two_images(demo_cache, tmp_path):
         "DATASETS.TRAIN", "('test_two_demo_images',)", "DATASETS.TEST", "('test_two_demo_images',)",
         "INPUT.CROP.ENABLED", "False", "INPUT.RANDOM_FLIP", "none", "INPUT.MIN_SIZE_TRAIN", "(128,)",
         "MODEL.FASTINST.DEC_LAYERS", "1", "SOLVER.BASE_LR", "0.001", "SOLVER.MAX_ITER", "150",
-        "SOLVER.CHECKPOINT_PERIOD", "1000", "LOG_PERIOD", "50", "OUTPUT_DIR", str(tmp_path / "out")])
+        "SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.EVAL_PERIOD", "0", "LOG_PERIOD", "50", "OUTPUT_DIR", str(tmp_path / "out")])
     metrics = run(cfg)["test_two_demo_images"]["segm"]
     assert metrics["AP50"] >= 50, metrics
+
+
+def test_checkpoint_keep_deletes_older_periodic_checkpoints_of_the_run(demo_cache, tmp_path):
+    """SOLVER.CHECKPOINT_KEEP 2: of the checkpoints after iterations 2, 4, 6 only the newest two stay, with
+    model_final; a checkpoint of an earlier run in the folder is left alone (Detectron2's max_to_keep)."""
+    (tmp_path / "model_0000000.pth").write_bytes(b"earlier run")
+    train_net("--config-file", QUICK, *SHORT, "SOLVER.MAX_ITER", "7", "SOLVER.CHECKPOINT_PERIOD", "2",
+              "SOLVER.CHECKPOINT_KEEP", "2", "OUTPUT_DIR", tmp_path, env_dir=demo_cache)
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["model_0000000.pth", "model_0000003.pth",
+                                                               "model_0000005.pth", "model_final.pth"]
+    assert "deleted model_0000001.pth (SOLVER.CHECKPOINT_KEEP 2)" in (tmp_path / "log.txt").read_text()
 
 
 def test_bad_config_key_lists_valid_keys(tmp_path):

@@ -1,8 +1,10 @@
 """Training and evaluation loop (Detectron2 conventions on accelerate).
 
 ``OUTPUT_DIR`` gets ``config.yaml`` (merged config), ``log.txt``, ``metrics.json`` (one JSON line per
-logging step and per evaluation), ``model_XXXXXXX.pth`` every ``SOLVER.CHECKPOINT_PERIOD`` iterations,
-``model_final.pth``, ``last_checkpoint`` and ``inference/`` (predictions and AP). accelerate handles
+logging step and per evaluation), ``model_XXXXXXX.pth`` every ``SOLVER.CHECKPOINT_PERIOD`` iterations
+(the newest ``SOLVER.CHECKPOINT_KEEP`` of them when > 0), ``model_final.pth``, ``last_checkpoint`` and
+``inference/`` (predictions and AP). After the first timed iterations one line says how long the whole
+run will take (a WARNING on CPU when it is over an hour). accelerate handles
 the device, DDP (one process per GPU under ``accelerate launch`` / ``torchrun``) and fp16 autocast.
 """
 from __future__ import annotations
@@ -20,14 +22,16 @@ from torch import nn
 from instsynth.config import dump_config
 from instsynth.data.build import build_test_loader, build_train_loader
 from instsynth.data.catalog import get_metadata
-from instsynth.engine.checkpoint import (checkpoint_name, last_checkpoint, load_model_weights, maybe_load_weights,
-                                         read_checkpoint, save_checkpoint, set_rng_state)
+from instsynth.engine.checkpoint import (CheckpointKeeper, checkpoint_name, last_checkpoint, load_model_weights,
+                                         maybe_load_weights, read_checkpoint, save_checkpoint, set_rng_state)
 from instsynth.engine.coco_eval import evaluate_coco, format_table, instances_to_coco
 from instsynth.engine.visualize import save_training_visual
 from instsynth.io import InstSynthError, get_logger, write_json
 from instsynth.modeling import build_model
 
 log = get_logger("instsynth.engine")
+ESTIMATE_AFTER = 3  # iterations timed (after the first, which warms up) before the run's duration is estimated
+LONG_CPU_RUN_S = 3600  # a CPU estimate above this is logged as a WARNING
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
@@ -173,7 +177,9 @@ def do_train(cfg, model: nn.Module, accelerator, resume: bool = False) -> nn.Mod
              start_iter, max_iter - 1, cfg.SOLVER.IMS_PER_BATCH, accelerator.num_processes)
     model.train()
     data_iter = iter(loader)
+    keeper = CheckpointKeeper(out, cfg.SOLVER.CHECKPOINT_KEEP)
     timer = run_start = time.perf_counter()
+    timed_from = None
     for it in range(start_iter, max_iter):
         t0 = time.perf_counter()
         batch = next(data_iter)
@@ -193,6 +199,10 @@ def do_train(cfg, model: nn.Module, accelerator, resume: bool = False) -> nn.Mod
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         done = it + 1
+        if it == start_iter:
+            timed_from = time.perf_counter()
+        elif done - start_iter == ESTIMATE_AFTER + 1 and accelerator.is_main_process:
+            log_estimate(cfg, accelerator, (time.perf_counter() - timed_from) / ESTIMATE_AFTER, done, max_iter)
         if done % cfg.LOG_PERIOD == 0 or it == start_iter or done == max_iter:
             now = time.perf_counter()
             eta = (now - run_start) / (done - start_iter) * (max_iter - done)
@@ -202,11 +212,36 @@ def do_train(cfg, model: nn.Module, accelerator, resume: bool = False) -> nn.Mod
             save_training_visual(raw_model, batch[0], out / "vis" / f"iter_{it:07d}.png")
         if done % cfg.SOLVER.CHECKPOINT_PERIOD == 0 and done != max_iter:
             _save(accelerator, out, checkpoint_name(it), raw_model, optimizer, scheduler, it)
+            if accelerator.is_main_process:
+                keeper.saved(checkpoint_name(it))
         if cfg.TEST.EVAL_PERIOD > 0 and done % cfg.TEST.EVAL_PERIOD == 0 and done != max_iter:
             do_test(cfg, model, accelerator, iteration=it, writer=writer)
             model.train()
     _save(accelerator, out, "model_final.pth", raw_model, optimizer, scheduler, max_iter - 1)
     return model
+
+
+def log_estimate(cfg, accelerator, seconds_per_iter: float, done: int, max_iter: int) -> float:
+    """One line: how long the remaining iterations take at ``seconds_per_iter`` (evaluations not counted);
+    a WARNING on CPU when that is over :data:`LONG_CPU_RUN_S`. Returns the estimate in seconds."""
+    total = seconds_per_iter * (max_iter - done)
+    cpu = accelerator.device.type == "cpu"
+    line = (f"estimated training time{' on CPU' if cpu else ''}: {format_duration(total)} for the remaining "
+            f"{max_iter - done} of {max_iter} iterations at {seconds_per_iter:.2f} s each (timed over "
+            f"{ESTIMATE_AFTER} iterations; evaluation every {cfg.TEST.EVAL_PERIOD or max_iter} iterations not counted)")
+    if cpu and total > LONG_CPU_RUN_S:
+        log.warning("%s. A full-size config is meant for GPUs (MODEL.DEVICE cuda); on CPU try "
+                    "configs/quick_schedules/fastinst_R50_quick.yaml", line)
+    else:
+        log.info("%s", line)
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """``1 day, 2:03:04`` style (days only when there are any)."""
+    days, rest = divmod(int(round(seconds)), 86400)
+    clock = _duration(rest)
+    return f"{days} day{'s' if days != 1 else ''}, {clock}" if days else clock
 
 
 def _head_lr(optimizer) -> float:

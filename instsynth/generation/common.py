@@ -8,6 +8,7 @@ drives every random draw of that sample (its own CPU ``torch.Generator`` for dif
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -17,8 +18,9 @@ import numpy as np
 
 from ..labels import DEFAULT_PROMPTS
 
-MODE_NAMES = {"recolor": "Recolor", "diffinpainting": "DiffPainting", "bld": "BlendedDiff", "gligen": "gligen"}
-"""Output folder name of each backend (the paper's folder names)."""
+MODE_NAMES = {"recolor": "Recolor", "diffinpainting": "DiffPainting", "bld": "BlendedDiff", "gligen": "gligen",
+              "diffusers": "Diffusers"}
+"""Output folder name of each backend (the paper's folder names; ``Diffusers`` for any diffusers inpainting model)."""
 
 MODE_ALIASES = {"diffpainting": "diffinpainting"}
 """Other accepted spellings of ``--mode`` (``diffpainting``: the paper's own run script)."""
@@ -28,6 +30,7 @@ DEFAULT_MODELS = {
     "diffinpainting": "stabilityai/stable-diffusion-2-inpainting",
     "bld": "stabilityai/stable-diffusion-xl-base-1.0",
     "gligen": "masterful/gligen-1-4-inpainting-text-box",
+    "diffusers": "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
 }
 """Model loaded by each backend when ``--model_path`` is not given (hub ids)."""
 
@@ -61,8 +64,14 @@ class GenerationSettings:
     balance: str = "none"  # "inverse_freq": samples per instance from stage 1's instances per class
     balance_power: float = 0.5
     max_factor: float = 8.0
+    baseline_metrics: str | None = None  # balance "ap": a training run's inference/metrics.json
+    true_cfg_scale: float | None = None  # diffusers: real classifier-free guidance of pipelines that take it
+    pipeline_options: dict = field(default_factory=dict)  # diffusers: more keyword arguments of the pipeline call
 
-    BUDGET_FIELDS: ClassVar[tuple[str, ...]] = ("samples_per_class", "balance", "balance_power", "max_factor")
+    BUDGET_FIELDS: ClassVar[tuple[str, ...]] = ("samples_per_class", "balance", "balance_power", "max_factor",
+                                                "baseline_metrics")
+    OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("baseline_metrics", "true_cfg_scale", "pipeline_options")
+    """Recorded only when set (manifests of runs without them stay as they were)."""
 
     @property
     def mode_name(self) -> str:
@@ -79,7 +88,42 @@ class GenerationSettings:
         if not self.samples_per_class and self.balance == "none":
             for name in self.BUDGET_FIELDS:
                 data.pop(name)
+        for name in self.OPTIONAL_FIELDS:
+            if name in data and data[name] in (None, {}):
+                data.pop(name)
         return data
+
+
+def parse_pipeline_options(text: str | dict | None) -> dict:
+    """``"max_sequence_length=256,prior_guidance_scale=4"`` (or a JSON object / mapping) -> keyword arguments.
+
+    Values are read as YAML scalars (numbers, true/false, strings); ValueError on a malformed pair."""
+    import yaml
+
+    if not text:
+        return {}
+    if isinstance(text, dict):
+        options = dict(text)
+    elif text.lstrip().startswith("{"):
+        options = json.loads(text)
+        if not isinstance(options, dict):
+            raise ValueError(f"pipeline_options: expected a JSON object, got {text!r}")
+    else:
+        options = {}
+        for part in (p for p in text.split(",") if p.strip()):
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip().isidentifier():
+                raise ValueError(f"pipeline_options: expected KEY=VALUE pairs separated by commas, got {part!r}")
+            options[key.strip()] = yaml.safe_load(value)
+    reserved = sorted(set(options) & RESERVED_CALL_ARGUMENTS)
+    if reserved:
+        raise ValueError(f"pipeline_options: {', '.join(reserved)} are set by the stage itself "
+                         "(use --steps / --guidance_scale / --strength / --true_cfg_scale / --negative_prompt)")
+    return dict(sorted(options.items()))
+
+
+RESERVED_CALL_ARGUMENTS = {"prompt", "image", "mask_image", "height", "width", "generator", "output_type",
+                           "num_inference_steps", "guidance_scale", "strength", "true_cfg_scale", "negative_prompt"}
 
 
 # --------------------------------------------------------------------------- seeds and prompts
@@ -195,6 +239,8 @@ def backend_class(mode: str) -> type[Backend]:
         from .bld import BlendedLatentDiffusionBackend as cls
     elif mode == "gligen":
         from .gligen import GligenBackend as cls
+    elif mode == "diffusers":
+        from .auto_inpaint import DiffusersInpaintBackend as cls
     else:
         raise ValueError(f"unknown mode {mode!r}; choose from {sorted(MODE_NAMES)}")
     return cls

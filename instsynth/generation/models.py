@@ -118,16 +118,24 @@ def _concat(parts: list) -> Any:
     return first
 
 
+BATCH_KWARGS = ("sample", "hidden_states", "input_ids")
+"""Keyword names of a network's batched input when it is called without positional arguments (FLUX's transformer)."""
+WHOLE_KWARGS = ("txt_ids", "img_ids")
+"""Keyword inputs shared by every row (FLUX's position ids: (sequence, 3), never split)."""
+
+
 def run_rows_separately(module) -> None:
     """Make ``module`` compute each batch row on its own (same result for any batch size on CPU)."""
     forward = module.forward
 
     @functools.wraps(forward)
-    def rowwise(sample, *args, **kwargs):
-        batch = sample.shape[0]
+    def rowwise(*args, **kwargs):
+        first = args[0] if args else next((kwargs[k] for k in BATCH_KWARGS if k in kwargs), None)
+        batch = first.shape[0] if hasattr(first, "shape") and first.ndim else 1
         if batch == 1:
-            return forward(sample, *args, **kwargs)
-        return _concat([forward(sample[i:i + 1], *_split(args, i, batch), **_split(kwargs, i, batch))
+            return forward(*args, **kwargs)
+        whole = {k: kwargs.pop(k) for k in WHOLE_KWARGS if k in kwargs}
+        return _concat([forward(*_split(args, i, batch), **_split(kwargs, i, batch), **whole)
                         for i in range(batch)])
 
     module.forward = rowwise
@@ -161,9 +169,9 @@ class DiffusionBackend(Backend):
             import torch
 
             torch.backends.cudnn.benchmark = True
-            self.pipe.unet.to(memory_format=torch.channels_last)
-            self.pipe.vae.to(memory_format=torch.channels_last)
-        self.size = settings.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+            for module in self.channels_last_modules():
+                module.to(memory_format=torch.channels_last)
+        self.size = settings.resolution or self.native_size()
         log.info("%s: %s on %s (%s), %dx%d", self.name, settings.model_id, self.device, str(self.dtype).split(".")[-1],
                  self.size, self.size)
 
@@ -181,6 +189,14 @@ class DiffusionBackend(Backend):
                     if m is not None]
         modules += [m for m in (getattr(vae, "quant_conv", None), getattr(vae, "post_quant_conv", None)) if m is not None]
         return modules
+
+    def channels_last_modules(self) -> list:
+        """The convolution networks moved to NHWC on CUDA."""
+        return [self.pipe.unet, self.pipe.vae]
+
+    def native_size(self) -> int:
+        """The model's working resolution in pixels (used without ``--resolution``)."""
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
     @property
     def negative_prompt(self) -> str | None:

@@ -79,6 +79,7 @@ class GenerationSummary:
     samples_written: int
     samples_existing: int
     skipped: int
+    rank: int = 0  # this process's rank: only rank 0's summary covers the whole run (the others: their shard)
 
 
 @dataclass
@@ -171,7 +172,8 @@ def sample_budget(settings: GenerationSettings, meta: dict, where: Path) -> dict
     """Samples per instance by class (:func:`instsynth.budget.class_budget`) or None (``num_samples`` for all).
 
     ``balance="inverse_freq"`` uses stage 1's instances per class of the split (``class_counts`` in
-    metadata.json) or, in an older metadata.json, the selected instances per class."""
+    metadata.json) or, in an older metadata.json, the selected instances per class; ``balance="ap"`` the
+    per-class AP of ``settings.baseline_metrics``."""
     from collections import Counter
 
     from ..budget import class_budget
@@ -184,7 +186,8 @@ def sample_budget(settings: GenerationSettings, meta: dict, where: Path) -> dict
             counts = dict(Counter(inst["class"] for inst in meta["instances"]))
     try:
         return class_budget(settings.num_samples, settings.samples_per_class, settings.balance, counts,
-                            settings.balance_power, settings.max_factor, "samples_per_class")
+                            settings.balance_power, settings.max_factor, "samples_per_class",
+                            settings.baseline_metrics)
     except ValueError as exc:
         raise InstSynthError(where, str(exc)) from None
 
@@ -398,7 +401,7 @@ def generate_instances(metadata: str | os.PathLike, out: str | os.PathLike | Non
     run.shard.barrier()
     if summary is None:
         summary = GenerationSummary(run.mode_dir / MANIFEST_NAME, run.mode_dir / REPORT_NAME, len(run.plans),
-                                    run.state.written, run.state.existing, len(run.state.skipped))
+                                    run.state.written, run.state.existing, len(run.state.skipped), run.shard.rank)
     return summary
 
 

@@ -14,9 +14,10 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-TINY_NAMES = ("sd-inpaint", "sd", "sdxl", "gligen")
+TINY_NAMES = ("sd-inpaint", "sd", "sdxl", "gligen", "sdxl-inpaint", "flux-fill")
 """sd-inpaint: StableDiffusionInpaintPipeline (diffinpainting); sd / sdxl: StableDiffusionPipeline /
-StableDiffusionXLPipeline (bld); gligen: StableDiffusionGLIGENPipeline (gligen)."""
+StableDiffusionXLPipeline (bld); gligen: StableDiffusionGLIGENPipeline (gligen); sdxl-inpaint /
+flux-fill: StableDiffusionXLInpaintPipeline / FluxFillPipeline (diffusers)."""
 
 IMAGE_SIZE = 32
 TEXT_DIM = 32
@@ -44,12 +45,31 @@ def tiny_text_encoder(with_projection: bool = False):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def tiny_vae():
+def tiny_t5_tokenizer():
+    """A T5TokenizerFast over single characters (unigram, equal scores), built without any download."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -2.0) for c in chars]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def tiny_t5_encoder():
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=200, d_model=TEXT_DIM, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                   relative_attention_num_buckets=8, decoder_start_token_id=0))
+
+
+def tiny_vae(**kwargs):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         layers_per_block=1, norm_num_groups=8, sample_size=IMAGE_SIZE)
+                         layers_per_block=1, norm_num_groups=8, sample_size=IMAGE_SIZE, **kwargs)
 
 
 def tiny_unet(in_channels: int = 4, cross_attention_dim: int = TEXT_DIM, **kwargs):
@@ -92,6 +112,36 @@ def build_sdxl():
         scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **_SCHEDULER_KW))
 
 
+def build_sdxl_inpaint():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline
+
+    time_dim = 8
+    unet = tiny_unet(in_channels=9, cross_attention_dim=2 * TEXT_DIM, addition_embed_type="text_time",
+                     addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=TEXT_DIM + 6 * time_dim)
+    return StableDiffusionXLInpaintPipeline(
+        vae=tiny_vae(), text_encoder=tiny_text_encoder(), text_encoder_2=tiny_text_encoder(with_projection=True),
+        tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer(), unet=unet,
+        scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **_SCHEDULER_KW),
+        requires_aesthetics_score=False)
+
+
+def build_flux_fill():
+    """FLUX.1 Fill's layout at toy size: packed latents (4 x 4 channels), masked-image latents and the
+    2x2-patched pixel mask (4 x 2 x 2) make the transformer's 48 input channels (FLUX.1 Fill: 384)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
+
+    latent = 4
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=8 * latent + 4 * 2 * 2, out_channels=4 * latent,
+                                         num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                         num_attention_heads=2, joint_attention_dim=TEXT_DIM,
+                                         pooled_projection_dim=TEXT_DIM, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    return FluxFillPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(use_quant_conv=False, use_post_quant_conv=False,
+                                                                  shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(), text_encoder_2=tiny_t5_encoder(),
+        tokenizer_2=tiny_t5_tokenizer(), transformer=transformer)
+
+
 def build_gligen():
     from diffusers import PNDMScheduler, StableDiffusionGLIGENPipeline
 
@@ -103,7 +153,8 @@ def build_gligen():
 
 
 BUILDERS: dict[str, Callable] = {"sd-inpaint": build_sd_inpaint, "sd": build_sd, "sdxl": build_sdxl,
-                                 "gligen": build_gligen}
+                                 "gligen": build_gligen, "sdxl-inpaint": build_sdxl_inpaint,
+                                 "flux-fill": build_flux_fill}
 
 
 def build_tiny_model(name: str, out: str | Path, seed: int = 0) -> Path:
