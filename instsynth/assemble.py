@@ -15,7 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .io import InstSynthError, OutputError, atomic_path, get_logger, is_generated_folder, progress
+from .io import (InstSynthError, OutputError, atomic_path, get_logger, is_generated_folder, progress,
+                 report_generated_images)
 
 SPLITS = ("train", "val", "test")
 TOP_FOLDERS = ("leftImg8bit", "gtFine")
@@ -100,7 +101,9 @@ def assemble_dataset(src: str | Path, dst: str | Path, mode: str = "link", split
                      include_generated: bool = False) -> dict:
     """Place the original splits of ``src`` under ``dst`` (see module doc); return counts per outcome.
 
-    Returns ``{"mode", "splits": [found splits], "files": n, "linked", "copied", "symlinked", "skipped"}``.
+    Returns ``{"mode", "splits": [found splits], "files": n, "linked", "copied", "symlinked", "skipped",
+    "synthetic_images": {split: n}}``: the last counts the images stage 2 wrote into ``dst`` (``*_syn``
+    cities), logged in one line, with a warning when there are none.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -118,4 +121,5 @@ def assemble_dataset(src: str | Path, dst: str | Path, mode: str = "link", split
     found = [s for s in splits if any((src / top / s).is_dir() for top in TOP_FOLDERS)]
     report = {"mode": mode, "splits": found, "files": len(files), **counts}
     log.info("%s -> %s: %s", src, dst, report)
+    report["synthetic_images"] = report_generated_images(log, dst, found, "stage 3")
     return report

@@ -28,7 +28,7 @@ from scipy import ndimage
 from .imageops import corner_polygons, rle_encode, segmentation_of  # noqa: F401 (names of this module too)
 from .parallel import ordered_map
 from .io import (CityscapesImage, InstSynthError, default_workers, get_logger, iter_cityscapes_images,
-                 progress, read_json, read_png, write_json)
+                 progress, read_json, read_png, report_generated_images, write_json)
 from .labels import (EVAL_THING_CLASSES, THING_CLASSES, THING_LABEL_IDS, class_name,
                      decode_instance_id, label_id)
 
@@ -263,4 +263,5 @@ def convert_cityscapes_to_coco(datadir: str | Path, splits=("train", "val"), fmt
     options = ConversionOptions(fmt=fmt, category_ids=frozenset(c["id"] for c in categories), min_area=min_area,
                                 write_polygons=write_polygons, skip_bad=skip_bad)
     workers = default_workers() if workers is None else max(1, int(workers))
+    report_generated_images(log, datadir, splits, "stage 5")
     return {split: convert_split(datadir, split, options, categories, workers) for split in splits}

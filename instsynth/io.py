@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -314,6 +314,28 @@ def split_image_id(image_id: str) -> tuple[str, str, str]:
 def is_generated_folder(city_folder: str) -> bool:
     """True for city folders written by InstSynth stages (``*_syn``, ``*_inpainted``)."""
     return city_folder.endswith(GENERATED_FOLDER_SUFFIXES)
+
+
+def count_generated_images(root: str | os.PathLike, splits: Sequence[str]) -> dict[str, int]:
+    """``{split: n}``: images (``_gtFine_instanceIds.png``) in InstSynth's ``gtFine/<split>/*_syn`` city folders."""
+    counts = {}
+    for split in splits:
+        split_dir = Path(root) / "gtFine" / split
+        cities = [p for p in split_dir.iterdir() if p.is_dir() and is_generated_folder(p.name)] if split_dir.is_dir() else []
+        counts[split] = sum(1 for city in cities for _ in city.glob("*" + GT_SUFFIXES["instanceIds"]))
+    return counts
+
+
+def report_generated_images(log: logging.Logger, root: str | os.PathLike, splits: Sequence[str], stage: str) -> dict[str, int]:
+    """Log in one line how many synthetic images ``root`` holds per split; warn when there are none."""
+    counts = count_generated_images(root, splits)
+    found = ", ".join(f"{split} {n}" for split, n in counts.items())
+    if sum(counts.values()):
+        log.info("%s: synthetic images (gtFine/<split>/*_syn) in %s: %s", stage, root, found)
+    else:
+        log.warning("%s: no synthetic images in %s (no gtFine/<split>/*_syn/*_gtFine_instanceIds.png; %s): "
+                    "inpainted_integration.py --output_folder_name must be this same folder", stage, root, found)
+    return counts
 
 
 def iter_cityscapes_images(root: str | os.PathLike, split: str, *, include_generated: bool = False

@@ -145,11 +145,20 @@ def complete_prompt_bank(bank: dict[str, list[str]], categories: list[dict], str
     return {**bank, **{c["name"]: generated_prompts(c["name"], c.get("synonyms")) for c in missing}}
 
 
+def prompt_bank_with_gaps(meta: dict, path: str | Path | None = None, strict: bool = False
+                          ) -> tuple[str, dict[str, list[str]], list[str]]:
+    """``(template, bank, generated)``: the bank file, completed for a COCO dataset's categories, and
+    the sorted names of the classes whose prompts were generated because the file lacks them."""
+    categories = meta.get("categories") if meta.get("format") == "coco" else None
+    template, bank = load_prompt_bank(path, [c["name"] for c in categories or []])
+    if categories is None:
+        return template, bank, []
+    generated = sorted(c["name"] for c in categories if c["name"] not in bank)
+    return template, complete_prompt_bank(bank, categories, strict, path or DEFAULT_PROMPTS), generated
+
+
 def prompt_bank_for(meta: dict, path: str | Path | None = None, strict: bool = False
                     ) -> tuple[str, dict[str, list[str]]]:
     """``(template, bank)`` for a stage-1 metadata: the bank file, completed for a COCO dataset's categories."""
-    categories = meta.get("categories") if meta.get("format") == "coco" else None
-    template, bank = load_prompt_bank(path, [c["name"] for c in categories or []])
-    if categories is not None:
-        bank = complete_prompt_bank(bank, categories, strict, path or DEFAULT_PROMPTS)
+    template, bank, _ = prompt_bank_with_gaps(meta, path, strict)
     return template, bank

@@ -262,7 +262,7 @@ def resolve_image_root(coco_json: str | os.PathLike, image_root: str | os.PathLi
 
 def coco_overlays(coco_json: str | os.PathLike, image_root: str | os.PathLike | None, out: str | os.PathLike,
                   max_images: int | None = 8, match: str | None = None) -> list[Path]:
-    """Write ``<image name>_overlay.png`` for up to ``max_images`` images of a COCO file (sorted by name).
+    """Write ``<image stem>_overlay.png`` (``0.jpg`` -> ``0_overlay.png``) for up to ``max_images`` images of a COCO file (sorted by name).
 
     ``image_root`` as in :func:`resolve_image_root`; ``match`` keeps only images whose file name
     contains it (e.g. ``_syn`` for synthetic ones).
@@ -283,7 +283,7 @@ def coco_overlays(coco_json: str | os.PathLike, image_root: str | os.PathLike | 
             raise InstSynthError(record["file_name"], f"size {image.shape[1]}x{image.shape[0]} differs from the COCO "
                                                       f"record ({record['width']}x{record['height']}) in {coco_json}")
         drawn = draw_annotations(image, record["annotations"])
-        name = Path(record["file_name"]).name.removesuffix(".png") + "_overlay.png"
+        name = Path(record["file_name"]).stem + "_overlay.png"
         written.append(write_png(Path(out) / name, drawn))
     return written
 

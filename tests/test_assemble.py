@@ -124,3 +124,23 @@ def test_cli_keeps_paper_flags(src, tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "move_folder_clean_ver.py"), "--src_path", str(tmp_path / "nope"),
                           "--des_path", str(dst)], capture_output=True, text=True)
     assert bad.returncode != 0 and "nope: source dataset folder not found" in bad.stderr
+
+
+def test_counts_synthetic_images_of_the_destination_and_warns_when_none(src, tmp_path, caplog):
+    dst = tmp_path / "out"
+    with caplog.at_level("INFO", logger="instsynth"):
+        report = assemble_dataset(src, dst)
+    assert report["synthetic_images"] == {"train": 0, "val": 0, "test": 0}
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "no synthetic images in" in warned[0] and "--output_folder_name" in warned[0]
+    caplog.clear()
+    syn = dst / "gtFine" / "train" / "ashford_syn"  # what stage 2 writes into the same folder
+    syn.mkdir(parents=True)
+    for n in range(2):
+        (syn / f"ashford_000000_00000{n}_gtFine_instanceIds.png").write_bytes(b"x")
+    with caplog.at_level("INFO", logger="instsynth"):
+        report = assemble_dataset(src, dst)
+    assert report["synthetic_images"] == {"train": 2, "val": 0, "test": 0}
+    said = [r.getMessage() for r in caplog.records if "synthetic images" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("train 2, val 0, test 0")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -334,3 +334,16 @@ def test_cli_runs_from_its_folder_and_from_the_repo_root(demo_copy, cwd):
     assert not coco_json_path(demo_copy, "train").exists()
     anns = json.loads(coco_json_path(demo_copy, "val").read_text())["annotations"]
     assert anns and all(isinstance(a["segmentation"], dict) for a in anns)
+
+
+def test_counts_synthetic_images_and_warns_when_none(demo_copy, caplog):
+    with caplog.at_level("INFO", logger="instsynth"):
+        convert_cityscapes_to_coco(demo_copy, workers=1)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "stage 5: no synthetic images" in warned[0]
+    _add_syn_city(demo_copy)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="instsynth"):
+        convert_cityscapes_to_coco(demo_copy, workers=1)
+    said = [r.getMessage() for r in caplog.records if "synthetic images" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith(": train 3, val 0") and not caplog.records[0].levelname == "WARNING"

@@ -255,7 +255,7 @@ def lvis(demo_coco, tmp_path_factory) -> Path:
     return path
 
 
-def test_lvis_rare_categories_and_generated_prompts(lvis, demo_coco, tmp_path):
+def test_lvis_rare_categories_and_generated_prompts(lvis, demo_coco, tmp_path, caplog):
     images = demo_coco / "images/train"
     summary = select_coco_instances(lvis, images, frequency=["r"], out=tmp_path / "sel", workers=1)
     meta = read_json(summary.metadata)
@@ -268,7 +268,11 @@ def test_lvis_rare_categories_and_generated_prompts(lvis, demo_coco, tmp_path):
         assert np.array_equal(read_png(tmp_path / "plain" / a["crop_mask"]), read_png(tmp_path / "sel" / b["crop_mask"]))
     with pytest.raises(InstSynthError, match=r"no prompts for classes \['school_bus'\]"):
         generate_instances(summary.metadata, settings=GenerationSettings(mode="recolor"), strict_prompts=True)
-    gen = generate_instances(summary.metadata, settings=GenerationSettings(mode="recolor"))
+    with caplog.at_level("INFO", logger="instsynth"):
+        gen = generate_instances(summary.metadata, settings=GenerationSettings(mode="recolor"))
+    said = [r.getMessage() for r in caplog.records if "generated 'a <colour> <class>' prompts" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("has no prompts for 1 selected classes; generated 'a <colour> <class>' "
+                                               "prompts for: school_bus"), said
     manifest = load_manifest(gen.manifest)
     texts = {e["class"]: e["text"] for e in manifest["instances"].values()}
     assert texts["school_bus"] in [f"a photo of {p}" for p in generated_prompts("school_bus", ["school_bus"])]

@@ -130,3 +130,18 @@ def test_visualize_cli(recolor_run, coco_root, tmp_path, capsys):
     assert (tmp_path / "stats.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="error: .*no images"):
         cli.main(["overlay", "--coco", str(coco_json(coco_root)), "--out", str(tmp_path / "x"), "--match", "nowhere"])
+
+
+def test_overlay_of_a_jpeg_is_named_after_its_stem(tmp_path):
+    import cv2
+
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "0.jpg"), np.full((40, 60, 3), 120, np.uint8))
+    coco = {"images": [{"id": 1, "file_name": "0.jpg", "height": 40, "width": 60}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 26, "iscrowd": 0, "area": 200.0,
+                             "bbox": [10, 10, 20, 10], "segmentation": [[10, 10, 30, 10, 30, 20, 10, 20]]}],
+            "categories": [{"id": 26, "name": "car"}]}
+    (tmp_path / "instances_train.json").write_text(json.dumps(coco))
+    paths = viz.coco_overlays(tmp_path / "instances_train.json", images, tmp_path / "out")
+    assert [p.name for p in paths] == ["0_overlay.png"]

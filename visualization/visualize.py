@@ -31,7 +31,7 @@ def parse_args(argv=None):
     overlay.add_argument("--image-root", "--image_root", dest="image_root", default=None,
                          help="folder the COCO file names are relative to, or the dataset root "
                               "(default: DIR/leftImg8bit/<split> of DIR/annotations/...json)")
-    overlay.add_argument("--out", required=True, help="folder for <image>_overlay.png")
+    overlay.add_argument("--out", required=True, help="folder for <image stem>_overlay.png")
     overlay.add_argument("--max-images", "--max_images", dest="max_images", type=int, default=8,
                          help="images to draw, in file-name order (0: all)")
     overlay.add_argument("--match", default=None, help="only images whose file name contains this (e.g. _syn)")

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..io import InstSynthError, get_logger, progress, read_png, write_json, write_png
-from ..labels import prompt_bank_for, render_prompt
+from ..labels import prompt_bank_with_gaps, render_prompt
 from ..stages.metadata import load_metadata
 from .common import (Backend, GenerationSettings, SampleJob, backend_class, choose_prompt, composite,
                      instance_seed, sample_seed)
@@ -328,6 +328,14 @@ class _Run:
                        {k: e for k, e in self.entries.items() if e["samples"]}, self.order)
 
 
+def log_generated_prompts(generated: list[str], instances: list[dict], prompts: str) -> None:
+    """One line naming the selected classes whose prompts were generated (the bank lacks them)."""
+    used = sorted(set(generated) & {inst["class"] for inst in instances})
+    if used:
+        log.info("prompt bank %s has no prompts for %d selected classes; generated 'a <colour> <class>' "
+                 "prompts for: %s", prompts, len(used), ", ".join(used))
+
+
 def prepare_run(metadata: str | os.PathLike, out: str | os.PathLike | None, settings: GenerationSettings,
                 skip_bad: bool, strict_prompts: bool = False) -> _Run:
     """Validate inputs and settings, read what earlier runs recorded, plan this shard's samples."""
@@ -335,7 +343,8 @@ def prepare_run(metadata: str | os.PathLike, out: str | os.PathLike | None, sett
     meta = load_metadata(meta_path, check_files=False)
     mode_dir = (Path(out).resolve() if out is not None else meta_path.parent) / settings.mode_name
     validate_settings(settings, meta_path)
-    template, bank = prompt_bank_for(meta, settings.prompts, strict_prompts)  # COCO: + generated prompts
+    template, bank, generated = prompt_bank_with_gaps(meta, settings.prompts, strict_prompts)
+    log_generated_prompts(generated, meta["instances"], settings.prompts)
     shard = current_shard(settings.device)
     header = manifest_header(settings, meta, meta_path, template)
     budget = sample_budget(settings, meta, meta_path)
