@@ -263,7 +263,7 @@ def resolve_budget(dataset: Dataset, images: list[SourceImage], params: Selectio
     try:
         return class_budget(params.k, budget_args.get("k_per_class"), balance, counts,
                             DEFAULT_POWER if power is None else power, DEFAULT_MAX_FACTOR if factor is None else factor,
-                            "k_per_class", classes=list(names.values()))
+                            "k_per_class", budget_args.get("baseline_metrics"), classes=list(names.values()))
     except ValueError as exc:
         raise InstSynthError(dataset.where, str(exc)) from None
 
@@ -318,8 +318,8 @@ def select_from_dataset(dataset: Dataset, split: str = "train", k: int = 3, clas
     ``classes``: category names (default all); ``frequency``: LVIS frequencies (COCO files only). Bad
     input raises InstSynthError naming the file; with ``skip_bad`` the image is skipped with a warning and
     listed in ``selection_report.json``. ``budget_args``: ``k_per_class`` (``"truck=6,bus=6"``),
-    ``balance`` (``"inverse_freq"``: from the split's instances per class, counted in a first pass),
-    ``balance_power``, ``max_factor`` (:mod:`instsynth.budget`).
+    ``balance`` (``"inverse_freq"``: from the split's instances per class, counted in a first pass; ``"ap"``:
+    from the per-class AP of ``baseline_metrics``), ``balance_power``, ``max_factor`` (:mod:`instsynth.budget`).
     """
     check_params(dataset.where, k, min_area, context)
     ids = dataset.category_ids(classes, frequency) if frequency is not None else dataset.category_ids(classes)
