@@ -25,7 +25,7 @@ def reference_loop(gen_dir: Path, out: Path, crops: int, seed: int = 1) -> int:
 
     from instsynth.generation import load_manifest
     from instsynth.io import CityscapesImage, read_png, write_png
-    from instsynth.selection import load_metadata
+    from instsynth.stages.selection import load_metadata
 
     manifest = load_manifest(gen_dir)
     meta = load_metadata(manifest["metadata"])
@@ -90,7 +90,7 @@ def main(argv=None):
     from instsynth.integration import IntegrationParams, integrate_samples
     from instsynth.io import default_workers, get_logger
     from instsynth.label_crops import drop_color_and_label_ids
-    from instsynth.selection import select_instances
+    from instsynth.stages.selection import select_instances
 
     get_logger().setLevel("WARNING")
     workers = args.workers or default_workers()

@@ -3,7 +3,7 @@
 On the same 2048x1024 demo images, in one run, it times:
   reference  the paper's procedure: one process, PIL, np.unique over the full image, a full-size
              single-instance PNG written per selected instance, then the crops cut from those files;
-  stage 1    instsynth.selection.select_instances with --workers (default: all cores), fresh output;
+  stage 1    instsynth.stages.selection.select_instances with --workers (default: all cores), fresh output;
   floor      decoding each image's two input PNGs with the same worker processes, nothing else;
 and prints reference/stage-1 (target >= 5) and stage-1/floor (target <= 1.3): the best of --repeats
 rounds, each round running every pass once. Stage 1 runs with --min-area 0, as the paper selects.
@@ -105,7 +105,7 @@ def main() -> None:
     os.environ.setdefault("INSTSYNTH_LOG_LEVEL", "WARNING")
     from instsynth.demo import write_demo_dataset
     from instsynth.io import default_workers
-    from instsynth.selection import select_instances
+    from instsynth.stages.selection import select_instances
 
     workers = args.workers or default_workers()
     tmp = Path(tempfile.mkdtemp(prefix="bench_selection_"))

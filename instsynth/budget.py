@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from .io import InstSynthError, read_json
 from .labels import THING_CLASSES
@@ -54,8 +54,11 @@ def add_budget_arguments(parser, flag: str, what: str, base_flag: str, example: 
                         help=f"largest balance factor (default {DEFAULT_MAX_FACTOR:g})")
 
 
-def parse_class_values(text: str | Mapping[str, int] | None, what: str = "budget") -> dict[str, int]:
-    """``"truck=6,bus=6"`` (or a mapping) -> ``{"truck": 6, "bus": 6}``; ValueError on unknown classes or bad numbers."""
+def parse_class_values(text: str | Mapping[str, int] | None, what: str = "budget",
+                       classes: Sequence[str] | None = None) -> dict[str, int]:
+    """``"truck=6,bus=6"`` (or a mapping) -> ``{"truck": 6, "bus": 6}``; ValueError on unknown classes or bad numbers.
+
+    ``classes``: the known class names (default the Cityscapes thing classes)."""
     if not text:
         return {}
     pairs = text.items() if isinstance(text, Mapping) else (part.split("=", 1) for part in text.split(",") if part.strip())
@@ -64,8 +67,9 @@ def parse_class_values(text: str | Mapping[str, int] | None, what: str = "budget
         if len(pair) != 2:
             raise ValueError(f"{what}: expected CLASS=N pairs separated by commas, got {text!r}")
         name, value = str(pair[0]).strip(), str(pair[1]).strip()
-        if name not in THING_CLASSES:
-            raise ValueError(f"{what}: unknown thing class {name!r}; choose from {', '.join(THING_CLASSES)}")
+        if name not in (classes or THING_CLASSES):
+            kind = "thing class" if set(classes or THING_CLASSES) <= set(THING_CLASSES) else "class"
+            raise ValueError(f"{what}: unknown {kind} {name!r}; choose from {', '.join(classes or THING_CLASSES)}")
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"{what}: {name}={value} must be an integer >= 1")
         values[name] = int(value)
@@ -130,17 +134,19 @@ def ap_factors(class_ap: Mapping[str, float | None], power: float = DEFAULT_POWE
 def class_budget(base: int, explicit: str | Mapping[str, int] | None = None, balance: str = "none",
                  counts: Mapping[str, int] | None = None, power: float = DEFAULT_POWER,
                  max_factor: float = DEFAULT_MAX_FACTOR, what: str = "budget",
-                 baseline_metrics: str | os.PathLike | None = None) -> dict | None:
+                 baseline_metrics: str | os.PathLike | None = None,
+                 classes: Sequence[str] | None = None) -> dict | None:
     """The resolved budget ``{"base", "balance", "per_class", ...}``, or None for none (every class ``base``).
 
     ``explicit`` values win over balanced ones; ``balance="inverse_freq"`` needs ``counts``,
-    ``balance="ap"`` a ``baseline_metrics`` file (:func:`read_class_ap`; its errors name the file).
+    ``balance="ap"`` a ``baseline_metrics`` file (:func:`read_class_ap`; its errors name the file);
+    ``classes``: the dataset's class names (default the Cityscapes thing classes).
     """
     if balance not in BALANCES:
         raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
     if baseline_metrics is not None and balance != "ap":
         raise ValueError(f"{what}: --baseline_metrics is used by --balance ap only (got --balance {balance})")
-    explicit = parse_class_values(explicit, what)
+    explicit = parse_class_values(explicit, what, classes)
     if balance == "none" and not explicit:
         return None
     budget: dict = {"base": base, "balance": balance}

@@ -53,7 +53,8 @@ from .parallel import ordered_map
 from .io import (CityscapesImage, InstSynthError, default_workers, encode_png, get_logger, progress,
                  read_json, read_png, split_image_id, write_if_changed)
 from .label_crops import COORDINATES_VERSION, crop_resize_labels, crop_resize_rgb
-from .selection import COORDINATES_NAME, load_metadata
+from .formats.cityscapes import COORDINATES_NAME
+from .stages.metadata import load_metadata
 
 INTEGRATION_VERSION = 1
 INTEGRATION_NAME = "integration.json"

@@ -463,7 +463,7 @@ def load_run(manifest_path: str | os.PathLike) -> tuple[dict, list[SampleRef]]:
     raises InstSynthError naming the manifest.
     """
     from .generation.manifest import load_manifest
-    from .selection import load_metadata
+    from .stages.metadata import load_metadata
 
     manifest = load_manifest(manifest_path)
     path = manifest_file(manifest_path)
@@ -874,7 +874,7 @@ def mask_scores(refs: Sequence[SampleRef], run: dict, mask_model: str, mask_weig
                 batch_size: int, min_score: float) -> tuple[dict[tuple[str, int], dict], dict[str, dict]]:
     """The mask-gate scores of ``refs`` and the untouched-source scores of their instances."""
     from .mask_gate import load_mask_model, score_instances
-    from .selection import load_metadata
+    from .stages.metadata import load_metadata
 
     model = load_mask_model(mask_model, mask_weights, device)
     instances = {i["key"]: i for i in load_metadata(run["metadata"], check_files=False)["instances"]}

@@ -141,7 +141,7 @@ def instance_sheets(manifest: str | os.PathLike, out: str | os.PathLike, per_pag
                     cell: int = CELL_SIZE, max_pages: int | None = None) -> list[Path]:
     """Write ``sheet_<page:03d>.png`` pages (``per_page`` instances each) of a generation run to ``out``."""
     from .generation.manifest import load_manifest
-    from .selection import load_metadata
+    from .stages.metadata import load_metadata
 
     if per_page < 1 or cell < 32:
         raise ValueError(f"per_page must be >= 1 and cell >= 32, got {per_page}, {cell}")

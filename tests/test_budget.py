@@ -21,7 +21,7 @@ def test_inverse_frequency_factors_and_budgets():
 @pytest.fixture(scope="module")
 def selections(demo_root, tmp_path_factory):
     """Stage 1 with k=1, without and with the inverse-frequency budget, laid out as a run's work folder."""
-    from instsynth.selection import load_metadata, select_instances
+    from instsynth.stages.selection import load_metadata, select_instances
 
     out = tmp_path_factory.mktemp("budget")
     plain = select_instances(demo_root, "train", k=1, out=out / "plain" / "selection", workers=1)
@@ -76,7 +76,7 @@ def test_generation_budget_gives_rare_classes_more_samples_and_summary_shows_it(
 def test_bad_budgets_name_the_input(demo_root, tmp_path):
     from instsynth.generation.common import GenerationSettings
     from instsynth.generation.runner import generate_instances
-    from instsynth.selection import select_instances
+    from instsynth.stages.selection import select_instances
 
     with pytest.raises(InstSynthError, match="unknown thing class 'lorry'"):
         select_instances(demo_root, "train", k=1, out=tmp_path, workers=1, k_per_class="lorry=3")
@@ -113,7 +113,7 @@ def test_rank_instances_keeps_an_instance_among_the_k_c_largest_of_its_image():
     import numpy as np
 
     from instsynth.labels import label_id
-    from instsynth.selection import SelectionParams, rank_instances
+    from instsynth.stages.selection import SelectionParams, rank_instances
 
     car, truck = label_id("car"), label_id("truck")
     ids = np.zeros((20, 20), np.uint16)

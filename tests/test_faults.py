@@ -16,7 +16,7 @@ from instsynth.generation import GenerationSettings, generate_instances
 from instsynth.integration import integrate_samples
 from instsynth.io import InstSynthError, OutputError, atomic_path, output_error, read_json, write_bytes, write_json
 from instsynth.label_crops import drop_color_and_label_ids
-from instsynth.selection import select_instances
+from instsynth.stages.selection import select_instances
 
 from conftest import REPO
 

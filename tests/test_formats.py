@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from instsynth.coco_input import select_coco_instances
+from instsynth.stages.selection import select_coco_instances
 from instsynth.demo import export_coco
 from instsynth.formats import (CityscapesDataset, CocoDataset, FolderDataset, NewImage, NewInstance, dataset_from_args,
                                open_dataset)
@@ -17,7 +17,7 @@ from instsynth.integration import new_image_id
 from instsynth.io import InstSynthError, iter_cityscapes_images, read_json, read_png, write_json, write_png
 from instsynth.coco_output import synthetic_file_name
 from instsynth.labels import THING_CLASSES, THING_LABEL_IDS
-from instsynth.selection import read_image_pair, select_instances, square_crop_box
+from instsynth.stages.selection import select_instances, square_crop_box
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,8 @@ def test_cityscapes_lists_images_and_instances_as_stage_1(demo_root, tmp_path):
     assert [(i.folder, i.stem) for i in images] == [(i.city, i.image_id) for i in iter_cityscapes_images(demo_root, "train")]
     assert [(c.id, c.name) for c in data.categories()] == list(zip(THING_LABEL_IDS, THING_CLASSES))
     ann = images[0].annotations()
-    ids, bgr = read_image_pair(images[0].cityscapes)
+    ids = read_png(images[0].cityscapes.gt("instanceIds"), dtype=np.uint16)
+    bgr = read_png(images[0].cityscapes.left, rgb=True, bgr=True)
     assert np.array_equal(ann.label_map, ids) and np.array_equal(images[0].read_pixels(bgr=True, shape=ids.shape), bgr)
     crowd = [i for i in ann.instances if i.crowd]
     assert crowd and all(i.id == i.category_id < 1000 for i in crowd)

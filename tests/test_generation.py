@@ -11,7 +11,7 @@ from conftest import REPO
 from instsynth.generation import GenerationSettings, generate_instances, load_manifest, sample_seed
 from instsynth.generation.recolor import color_word, recolor, to_lab
 from instsynth.io import InstSynthError, read_png, write_png
-from instsynth.selection import load_metadata, select_instances
+from instsynth.stages.selection import load_metadata, select_instances
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 from instsynth.generation import GenerationSettings, generate_instances, load_manifest
 from instsynth.io import InstSynthError, read_png
-from instsynth.selection import load_metadata, select_instances
+from instsynth.stages.selection import load_metadata, select_instances
 
 torch = pytest.importorskip("torch")
 

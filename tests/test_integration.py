@@ -17,7 +17,7 @@ from instsynth.io import (CityscapesImage, InstSynthError, iter_cityscapes_image
                           split_image_id, write_json, write_png)
 from instsynth.label_crops import crop_resize_labels, drop_color_and_label_ids
 from instsynth.labels import colorize, instance_ids_to_label_ids
-from instsynth.selection import COORDINATES_NAME, METADATA_NAME, select_instances
+from instsynth.stages.selection import COORDINATES_NAME, METADATA_NAME, select_instances
 
 CROPS = 2
 

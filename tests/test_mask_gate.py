@@ -24,7 +24,7 @@ def gate_run(demo_root, tmp_path_factory):
     per instance two samples: 0 = the untouched crop, 1 = the instance replaced by background."""
     from instsynth.generation.common import GenerationSettings
     from instsynth.generation.runner import generate_instances
-    from instsynth.selection import load_metadata, select_instances
+    from instsynth.stages.selection import load_metadata, select_instances
     from instsynth.testing.tiny_mask_model import train_tiny_mask_model
 
     tmp = tmp_path_factory.mktemp("mask_gate")

@@ -16,7 +16,7 @@ def sam_run(demo_root, tmp_path_factory):
     a random tiny SAM saved to a folder."""
     from instsynth.generation.common import GenerationSettings
     from instsynth.generation.runner import generate_instances
-    from instsynth.selection import load_metadata, select_instances
+    from instsynth.stages.selection import load_metadata, select_instances
     from instsynth.testing.tiny_sam import build_tiny_sam
 
     tmp = tmp_path_factory.mktemp("sam_gate")

@@ -15,7 +15,7 @@ def recolor_run(demo_root, tmp_path_factory):
     """Stage 1 (k=2) and the recolor backend (3 samples per instance) on the demo train split."""
     from instsynth.generation.common import GenerationSettings
     from instsynth.generation.runner import generate_instances
-    from instsynth.selection import select_instances
+    from instsynth.stages.selection import select_instances
 
     out = tmp_path_factory.mktemp("viz_run")
     selection = select_instances(demo_root, "train", k=2, out=out / "stage1", workers=1)

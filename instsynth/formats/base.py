@@ -108,6 +108,9 @@ class SourceImage(ABC):
     stem: str
     path: Path  # the image file
     relative: str  # ``path`` relative to the dataset root (metadata's ``image`` field)
+    pixels_checked: ClassVar[bool] = True
+    """Stage 1 reads (and so checks) every image's pixels against its labels, not only images with a
+    selected instance (False where the annotation file gives the size, as COCO's does)."""
 
     @abstractmethod
     def annotations(self) -> Annotations:
@@ -116,6 +119,20 @@ class SourceImage(ABC):
     @abstractmethod
     def read_pixels(self, bgr: bool = False, shape: tuple[int, int] | None = None) -> np.ndarray:
         """(H, W, 3) uint8 pixels, RGB or OpenCV's BGR; ``shape`` (from its annotations) is checked."""
+
+    def metadata_fields(self) -> dict:
+        """Stage 1's per-format fields of this image's instances in metadata.json (after ``image``)."""
+        return {}
+
+    @property
+    def report_id(self) -> Any:
+        """How stage 1's report names this image in ``bad_images``."""
+        return self.relative
+
+    @property
+    def report_name(self) -> str:
+        """How stage 1's report names this image in ``images_without_instances``."""
+        return self.relative
 
 
 @dataclass(frozen=True, eq=False)
@@ -228,6 +245,33 @@ class Dataset(ABC):
     def writer(self, out: str | Path, split: str) -> DatasetWriter:
         """A writer of new images of ``split`` under ``out``."""
 
+    # ---- what stage 1 records of the dataset (metadata.json, selection_report.json); each format keeps its own fields
+    metadata_paths: ClassVar[dict[str, str]] = {}
+    """Per-instance metadata fields naming a label file under ``dataset_root`` -> the path field load_metadata adds."""
+
+    def selection_header(self, split: str) -> dict:
+        """Fields of stage 1's metadata and report after ``version``."""
+        return {"format": self.kind, "dataset_root": str(self.root), "split": split}
+
+    def selection_fields(self, class_counts: dict[str, int]) -> dict:
+        """Metadata fields between ``k`` and ``instances`` (``class_counts``: instances per selected class)."""
+        return {"categories": [c.as_dict() for c in self.categories()], "class_counts": class_counts}
+
+    def selection_counts(self, class_counts: dict[str, int], selected: dict[str, int]) -> dict:
+        """Report fields after ``images_with_fewer_than_k``: instances per class in the split and selected."""
+        return {"instances_per_class": class_counts, "selected_per_class": selected}
+
+    def selection_extras(self) -> dict:
+        """Report fields after ``bad_images`` (e.g. what opening the dataset left out)."""
+        return {}
+
+    @classmethod
+    def metadata_checker(cls, path: Path, meta: dict) -> Callable[[int, dict], None]:
+        """Check the format's header fields of a stage-1 ``meta`` read from ``path``; returns the check of one
+        instance (``n``, entry): its own fields and that key, class and files agree with its ids."""
+        categories = category_table(path, meta)
+        return lambda n, inst: check_named_instance(path, n, inst, categories, {"instances": str})
+
 
 def painted_masks(source: Annotations, pasted: Sequence[NewInstance]
                   ) -> list[tuple[Instance | NewInstance, np.ndarray]]:
@@ -254,3 +298,31 @@ def fresh_instance_ids(ids: np.ndarray, categories: list[int]) -> list[int | Non
         values.append(label * INSTANCE_ID_OFFSET + index if index < INSTANCE_ID_OFFSET else None)
         next_index[label] = index + 1
     return values
+
+
+# --------------------------------------------------------------------------- stage-1 metadata checks shared by formats
+def category_table(path: Path, meta: dict) -> dict[int, str]:
+    """``{id: name}`` of a metadata's ``categories`` list (checked)."""
+    if not (isinstance(meta.get("categories"), list) and all(isinstance(c, dict) for c in meta["categories"])):
+        raise InstSynthError(path, "field 'categories' missing or not a list of objects")
+    return {c.get("id"): c.get("name") for c in meta["categories"]}
+
+
+def check_fields(path: Path, n: int, inst: dict, fields: Mapping[str, type]) -> None:
+    """Each of ``fields`` is present in instance ``n`` with its type (bool is not an int)."""
+    for name, kind in fields.items():
+        if not isinstance(inst.get(name), kind) or isinstance(inst.get(name), bool):
+            raise InstSynthError(path, f"instances[{n}]: field {name!r} missing or not {kind.__name__}")
+
+
+def check_named_instance(path: Path, n: int, inst: dict, categories: dict[int, str], fields: Mapping[str, type]) -> None:
+    """An instance named ``<stem>_<instance id>`` whose ``image`` has that stem and whose ``label_id`` /
+    ``class`` are a category of ``categories``: a hand edit would give it another class's prompt and label."""
+    check_fields(path, n, inst, fields)
+    where = f"instances[{n}] ({inst['key']!r})"
+    if inst["key"] != f"{inst['image_id']}_{inst['instance_id']}" or Path(inst["image"]).stem != inst["image_id"]:
+        raise InstSynthError(path, f"{where}: key, image_id and image disagree with annotation {inst['instance_id']}; "
+                                   "was the file edited by hand?")
+    if categories.get(inst["label_id"]) != inst["class"]:
+        raise InstSynthError(path, f"{where}: class {inst['class']!r} is not category {inst['label_id']} of the "
+                                   "file's categories; was the file edited by hand?")

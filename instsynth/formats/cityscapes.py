@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 
 from ..imageops import crop_resize_labels
-from ..io import (CityscapesImage, InstSynthError, encode_png, iter_cityscapes_images, read_png, split_image_id,
-                  write_json)
-from ..labels import INSTANCE_ID_OFFSET, THING_CLASSES, THING_LABEL_IDS, label_id
+from ..io import (CityscapesImage, InstSynthError, encode_png, image_id_of, iter_cityscapes_images, read_png,
+                  split_image_id, write_json)
+from ..labels import INSTANCE_ID_OFFSET, THING_CLASSES, THING_LABEL_IDS, class_name, label_id
 from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
-                   fresh_instance_ids)
+                   check_fields, fresh_instance_ids)
 
 COORDINATES_NAME = "cropped_region_coordinates.json"
 """Stage 1's crop boxes and stage 2's new-image boxes (the input of stage 4) are both in a file of this name."""
@@ -81,6 +81,14 @@ def _instance(ids: np.ndarray, counts: np.ndarray, value: int) -> Instance:
     return Instance(value, value if crowd else value // INSTANCE_ID_OFFSET, crowd, lambda: counts[value], mask_of)
 
 
+def map_instances(ids: np.ndarray) -> list[Instance]:
+    """The instances of an instanceIds map in value order: individual ones (``>= 1000``, any class) and thing
+    group regions."""
+    counts = pixel_counts(ids)
+    present = np.flatnonzero(counts)
+    return [_instance(ids, counts, int(v)) for v in present if v >= INSTANCE_ID_OFFSET or v in THING_LABEL_IDS]
+
+
 @dataclass(frozen=True)
 class CityscapesSource(SourceImage):
     """One image of a Cityscapes tree (``stem`` is its image id, ``folder`` its city)."""
@@ -94,11 +102,8 @@ class CityscapesSource(SourceImage):
     def annotations(self) -> Annotations:
         """Instances in value order: individual ones (``>= 1000``, any class) and thing group regions."""
         ids = read_instance_ids(self.cityscapes.gt("instanceIds"))
-        counts = pixel_counts(ids)
-        present = np.flatnonzero(counts)
-        values = [int(v) for v in present if v >= INSTANCE_ID_OFFSET or v in THING_LABEL_IDS]
         height, width = ids.shape
-        return Annotations(self, height, width, [_instance(ids, counts, v) for v in values], lambda: ids, native=ids)
+        return Annotations(self, height, width, map_instances(ids), lambda: ids, native=ids)
 
     def read_pixels(self, bgr: bool = False, shape: tuple[int, int] | None = None) -> np.ndarray:
         pixels = read_png(self.path, rgb=True, bgr=bgr)
@@ -107,6 +112,17 @@ class CityscapesSource(SourceImage):
             raise InstSynthError(self.cityscapes.gt("instanceIds"), f"size {w}x{h} differs from its image {self.path} "
                                                                     f"({lw}x{lh})")
         return pixels
+
+    def metadata_fields(self) -> dict:
+        return {"instance_ids": self.cityscapes.relative(self.cityscapes.gt("instanceIds"))}
+
+    @property
+    def report_id(self) -> str:
+        return self.stem
+
+    @property
+    def report_name(self) -> str:
+        return self.stem
 
 
 class CityscapesDataset(Dataset):
@@ -125,8 +141,55 @@ class CityscapesDataset(Dataset):
     def categories(self) -> list[Category]:
         return [Category(label_id(name), name) for name in THING_CLASSES]
 
+    def category_ids(self, names=None) -> tuple[int, ...]:
+        """Sorted labelIds of the named thing classes (default all ten); unknown names raise InstSynthError."""
+        names = list(dict.fromkeys(names or ()))
+        unknown = [c for c in names if c not in THING_CLASSES]
+        if unknown:
+            raise InstSynthError(self.root, f"unknown thing classes {unknown}; choose from {list(THING_CLASSES)}")
+        return tuple(sorted(label_id(c) for c in names or THING_CLASSES))
+
     def writer(self, out: str | Path, split: str) -> "CityscapesWriter":
         return CityscapesWriter(out, split, self.root)
+
+    # stage 1's records, as the paper's pipeline has them: no format field, thing classes by labelId
+    metadata_paths = {"instance_ids": "instance_ids_path"}
+
+    def selection_header(self, split: str) -> dict:
+        return {"dataset_root": str(self.root), "split": split}
+
+    def selection_fields(self, class_counts: dict[str, int]) -> dict:
+        return {"class_counts": class_counts}
+
+    @classmethod
+    def metadata_checker(cls, path: Path, meta: dict):
+        return lambda n, inst: check_identity(path, n, inst)
+
+
+def check_identity(path: Path, n: int, inst: dict) -> None:
+    """key, label_id, class and file names must agree with instance_id and image_id, as stage 1 writes
+    them: a hand edit would give the instance another class's prompt and label."""
+    check_fields(path, n, inst, {"instance_ids": str})
+    iid, image_id = inst["instance_id"], inst["image_id"]
+    where = f"instances[{n}] ({inst['key']!r})"
+    label = iid // INSTANCE_ID_OFFSET
+    if label not in THING_LABEL_IDS:
+        raise InstSynthError(path, f"{where}: instance_id {iid} is not a thing instance "
+                                   f"(labelId x {INSTANCE_ID_OFFSET} + k with a thing labelId {THING_LABEL_IDS})")
+    found = {"key": inst["key"], "label_id": inst["label_id"], "class": inst["class"]}
+    expected = {"key": f"{image_id}_{iid}", "label_id": label, "class": class_name(label)}
+    for name, value in found.items():
+        if value != expected[name]:
+            raise InstSynthError(path, f"{where}: {name} {value!r} disagrees with instance_id {iid} of image "
+                                       f"{image_id!r} (expected {expected[name]!r}: label {label} = "
+                                       f"{class_name(label)!r} in instanceIds); was the file edited by hand?")
+    for name in ("image", "instance_ids"):
+        try:
+            of = image_id_of(inst[name])
+        except InstSynthError:
+            of = None
+        if of != image_id:
+            raise InstSynthError(path, f"{where}: {name} {inst[name]!r} is not a file of image_id {image_id!r}")
 
 
 class CityscapesWriter(DatasetWriter):

@@ -22,7 +22,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import cv2
 import numpy as np
@@ -31,6 +31,7 @@ from pycocotools import mask as mask_utils
 from ..imageops import crop_resize_labels, segmentation_of
 from ..io import InstSynthError, encode_png, get_logger, read_json, read_png, write_if_changed
 from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
+                   category_table, check_named_instance,
                    painted_masks)
 
 BOX_TOLERANCE = 1.0
@@ -344,6 +345,7 @@ class CocoSourceImage(SourceImage):
 
     info: dict = field(default_factory=dict, compare=False)
     anns: tuple = field(default=(), compare=False)
+    pixels_checked: ClassVar[bool] = False
 
     @property
     def coco_id(self) -> int:
@@ -360,6 +362,13 @@ class CocoSourceImage(SourceImage):
         """Pixels checked against the file's width and height (``shape`` is the same size)."""
         pixels = _read_image(self.path, self.info)
         return pixels if bgr else cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+
+    def metadata_fields(self) -> dict:
+        return {"coco_image_id": self.coco_id}
+
+    @property
+    def report_id(self) -> int:
+        return self.coco_id
 
 
 class CocoDataset(Dataset):
@@ -400,6 +409,28 @@ class CocoDataset(Dataset):
 
     def writer(self, out: str | Path, split: str) -> "CocoWriter":
         return CocoWriter(out, split, self)
+
+    # stage 1's records: the source file and its categories verbatim (LVIS fields kept)
+    def selection_header(self, split: str) -> dict:
+        return {"format": self.kind, "dataset_root": str(self.root), "split": split,
+                "coco_json": str(self.source.json_path)}
+
+    def selection_fields(self, class_counts: dict[str, int]) -> dict:
+        return {"categories": [self.source.categories[i] for i in sorted(self.source.categories)]}
+
+    def selection_counts(self, class_counts: dict[str, int], selected: dict[str, int]) -> dict:
+        return {}
+
+    def selection_extras(self) -> dict:
+        return {"bad_annotations": [b for b in self.bad if b["kind"] == "annotation"],
+                "bad_image_entries": [b for b in self.bad if b["kind"] == "image"]}
+
+    @classmethod
+    def metadata_checker(cls, path: Path, meta: dict):
+        if not isinstance(meta.get("coco_json"), str):
+            raise InstSynthError(path, "field 'coco_json' missing or not str")
+        categories = category_table(path, meta)
+        return lambda n, inst: check_named_instance(path, n, inst, categories, {"coco_image_id": int})
 
 
 class CocoWriter(DatasetWriter):

@@ -150,6 +150,9 @@ class FolderImage(SourceImage):
                                             f"{self.labels} ({shape[1]}x{shape[0]})")
         return pixels
 
+    def metadata_fields(self) -> dict:
+        return {"instances": f"instances/{PurePosixPath(self.relative).relative_to('images').with_suffix('.png')}"}
+
 
 def _label_map(ids: np.ndarray, decoded: dict[int, tuple[int, bool]], renumber: bool) -> np.ndarray:
     """uint16 map with instances >= 1000 (the context-crop rule's convention), group regions 0."""
@@ -194,6 +197,8 @@ class FolderDataset(Dataset):
 
     def categories(self) -> list[Category]:
         return list(self._categories)
+
+    metadata_paths = {"instances": "instances_path"}
 
     def writer(self, out: str | Path, split: str) -> "FolderWriter":
         return FolderWriter(out, split, [c.as_dict() for c in self._categories])

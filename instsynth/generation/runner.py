@@ -20,7 +20,7 @@ import numpy as np
 
 from ..io import InstSynthError, get_logger, progress, read_png, write_json, write_png
 from ..labels import prompt_bank_with_gaps, render_prompt
-from ..selection import load_metadata
+from ..stages.metadata import load_metadata
 from .common import (Backend, GenerationSettings, SampleJob, backend_class, choose_prompt, composite,
                      instance_seed, sample_seed)
 from .manifest import (MANIFEST_NAME, MANIFEST_VERSION, REPORT_NAME, add_sample, existing_entries,

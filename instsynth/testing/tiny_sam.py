@@ -62,7 +62,7 @@ def _examples(dataset_root: Path, split: str, rng: np.random.Generator) -> Itera
     object-free windows (target empty)."""
     from ..io import iter_cityscapes_images, read_png
     from ..labels import THING_LABEL_IDS
-    from ..selection import square_crop_box
+    from ..stages.selection import square_crop_box
     from ..sam_gate import mask_box
 
     for image in iter_cityscapes_images(dataset_root, split):
