@@ -39,3 +39,29 @@ def demo_copy(demo_root, tmp_path) -> Path:
     dst = tmp_path / "cityscapes"
     shutil.copytree(demo_root, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def coco_files(demo_root, tmp_path_factory) -> dict:
+    """The demo tree exported as COCO files (instsynth.demo.export_coco), per test module."""
+    from instsynth.demo import export_coco
+
+    return export_coco(demo_root, tmp_path_factory.mktemp("coco"), workers=1)
+
+
+@pytest.fixture(scope="module")
+def folder_root(demo_root, tmp_path_factory) -> Path:
+    """The demo train split as a folder dataset: encoded values (category * 1000 + k), group regions dropped."""
+    import numpy as np
+
+    from instsynth.io import iter_cityscapes_images, read_png, write_json, write_png
+    from instsynth.labels import THING_CLASSES, THING_LABEL_IDS
+
+    root = tmp_path_factory.mktemp("folder")
+    for im in iter_cityscapes_images(demo_root, "train"):
+        (root / "images" / im.city).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(im.left, root / "images" / im.city / f"{im.image_id}.png")
+        ids = read_png(im.gt("instanceIds"))
+        write_png(root / "instances" / im.city / f"{im.image_id}.png", np.where(ids >= 1000, ids, 0).astype(np.uint16))
+    write_json(root / "categories.json", {str(i): n for i, n in zip(THING_LABEL_IDS, THING_CLASSES)})
+    return root

@@ -20,24 +20,6 @@ from instsynth.labels import THING_CLASSES, THING_LABEL_IDS
 from instsynth.stages.selection import select_instances, square_crop_box
 
 
-@pytest.fixture(scope="module")
-def coco_files(demo_root, tmp_path_factory) -> dict:
-    return export_coco(demo_root, tmp_path_factory.mktemp("coco"), workers=1)
-
-
-@pytest.fixture(scope="module")
-def folder_root(demo_root, tmp_path_factory) -> Path:
-    """The demo train split as a folder dataset: encoded values (category * 1000 + k), group regions dropped."""
-    root = tmp_path_factory.mktemp("folder")
-    for im in iter_cityscapes_images(demo_root, "train"):
-        (root / "images" / im.city).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(im.left, root / "images" / im.city / f"{im.image_id}.png")
-        ids = read_png(im.gt("instanceIds"))
-        write_png(root / "instances" / im.city / f"{im.image_id}.png", np.where(ids >= 1000, ids, 0).astype(np.uint16))
-    write_json(root / "categories.json", {str(i): n for i, n in zip(THING_LABEL_IDS, THING_CLASSES)})
-    return root
-
-
 def ranked(instances, k=3, min_area=64):
     """Stage 1's rule on the interface: the k largest non-crowd instances, ties by id."""
     things = [i for i in instances if not i.crowd and i.category_id in THING_LABEL_IDS and i.area >= max(min_area, 1)]

@@ -15,24 +15,6 @@ from instsynth.stages.metadata import load_metadata
 from instsynth.stages.selection import select_coco_instances, select_from_dataset, select_instances
 
 
-@pytest.fixture(scope="module")
-def coco_files(demo_root, tmp_path_factory) -> dict:
-    return export_coco(demo_root, tmp_path_factory.mktemp("coco"), workers=1)
-
-
-@pytest.fixture(scope="module")
-def folder_root(demo_root, tmp_path_factory):
-    """The demo train split as a folder dataset (encoded values, group regions dropped)."""
-    root = tmp_path_factory.mktemp("folder")
-    for im in iter_cityscapes_images(demo_root, "train"):
-        (root / "images" / im.city).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(im.left, root / "images" / im.city / f"{im.image_id}.png")
-        ids = read_png(im.gt("instanceIds"))
-        write_png(root / "instances" / im.city / f"{im.image_id}.png", np.where(ids >= 1000, ids, 0).astype(np.uint16))
-    write_json(root / "categories.json", {str(i): n for i, n in zip(THING_LABEL_IDS, THING_CLASSES)})
-    return root
-
-
 def per_image_class_counts(meta):
     counts = {}
     for inst in meta["instances"]:
