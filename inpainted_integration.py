@@ -9,7 +9,7 @@ drop_color_and_labelIds_clean_ver.py) and ``OUT/integration_report.json``. All l
 """
 import argparse
 
-from instsynth.cli import command
+from instsynth.cli import add_max_pixels, apply_max_pixels, command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a sample failing the quality gate is left out (drop, default) or replaced by the original "
                         "instance (original: the pair is still written, labelled as original)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    add_max_pixels(p)
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad samples or images (listed in integration_report.json) instead of stopping")
     return p.parse_args(argv)
@@ -52,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @command
 def main(argv=None) -> None:
     args = parse_args(argv)
+    apply_max_pixels(args)
     from instsynth.integration import IntegrationParams, integrate_samples
 
     params = IntegrationParams(blend=args.blend, crops_per_sample=args.crops_per_sample, seed=args.seed,

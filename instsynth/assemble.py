@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .core.lock import holds_output
 from .io import (InstSynthError, OutputError, atomic_path, get_logger, is_generated_folder, progress,
                  report_generated_images)
 
@@ -97,6 +98,7 @@ def _check_paths(src: Path, dst: Path) -> None:
             raise InstSynthError(dst, f"destination lies inside the source's {top}/ folder")
 
 
+@holds_output(lambda a: (a["dst"], ()))
 def assemble_dataset(src: str | Path, dst: str | Path, mode: str = "link", splits=SPLITS,
                      include_generated: bool = False) -> dict:
     """Place the original splits of ``src`` under ``dst`` (see module doc); return counts per outcome.

@@ -30,9 +30,11 @@ import cv2
 import numpy as np
 
 from .cli import command
+from .core.lock import holds_output
+from .core.paths import remove_stale_files
 from .generation.common import stable_seed
 from .integration import new_image_id, output_paths
-from .io import (CityscapesImage, InstSynthError, default_workers, encode_png, get_logger, iter_cityscapes_images,
+from .io import (GENERATED_FOLDER_SUFFIXES, CityscapesImage, InstSynthError, default_workers, encode_png, get_logger, iter_cityscapes_images,
                  progress, read_json, read_png, write_if_changed, write_json)
 from .labels import INSTANCE_ID_OFFSET, THING_LABEL_IDS, colorize, instance_ids_to_label_ids
 from .parallel import ordered_map
@@ -190,13 +192,13 @@ def remove_stale(previous_path: Path, entries: list[dict], out: Path) -> list[st
     except (InstSynthError, KeyError, TypeError):
         return []
     stale = sorted(set(previous) - {e["image_id"] for e in entries})
-    for image_id in stale:
-        for rel in previous[image_id].get("outputs", {}).values():
-            if (out / rel).is_file():
-                (out / rel).unlink()
+    records = [(f"images[{image_id!r}].outputs.{kind}", rel) for image_id in stale
+               for kind, rel in (previous[image_id].get("outputs") or {}).items()]
+    remove_stale_files(out, records, (".png",), previous_path, GENERATED_FOLDER_SUFFIXES)
     return stale
 
 
+@holds_output(lambda a: (a["out"], [a["dataset_root"]]))
 def copy_paste_dataset(dataset_root: str | os.PathLike, out: str | os.PathLike, num_images: int,
                        split: str = "train", params: CopyPasteParams = CopyPasteParams(),
                        workers: int | None = None) -> dict:

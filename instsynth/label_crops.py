@@ -21,6 +21,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .core.lock import holds_output
+from .core.paths import confined, within
 from .formats.cityscapes import COORDINATES_VERSION
 from .imageops import crop_resize_labels, crop_resize_rgb  # noqa: F401 (names of this module too)
 from .parallel import ordered_map
@@ -70,7 +72,19 @@ def check_coordinates(path: Path, data: object) -> list[dict]:
         if not ok:
             raise InstSynthError(path, f"images[{n}] lacks image_id, bbox_coordinate, size or source/output "
                                        f"paths of {', '.join(STAGE4_KINDS)}")
+        for kind in STAGE4_KINDS:  # writes stay in the file's folder, reads in the dataset
+            confined(path.parent, entry["output"][kind], path, f"images[{n}].output.{kind}")
+            if isinstance(data.get("dataset_root"), str):
+                within(data["dataset_root"], entry["source"][kind], path, f"images[{n}].source.{kind}")
     return data["images"]
+
+
+def _output_of(args: dict) -> tuple[Path, list[Path]]:
+    """(the coordinates file's folder, the dataset root it names): stage 4's output and the tree it may not overlap."""
+    path = Path(args["coordinates_path"]).resolve()
+    data = read_json(path)
+    root = data.get("dataset_root") if isinstance(data, dict) else None
+    return path.parent, [Path(root)] if isinstance(root, str) else []
 
 
 def entry_hash(entry: dict) -> str:
@@ -124,6 +138,7 @@ class LabelCropSummary:
     bad: list[dict] = field(default_factory=list)
 
 
+@holds_output(_output_of)
 def drop_color_and_label_ids(coordinates_path: str | os.PathLike, workers: int | None = None,
                              skip_bad: bool = False) -> LabelCropSummary:
     """Write labelIds and color of every image listed in a stage-2 ``cropped_region_coordinates.json``.

@@ -153,6 +153,7 @@ class CityscapesDataset(Dataset):
         return CityscapesWriter(out, split, self.root)
 
     # stage 1's records, as the paper's pipeline has them: no format field, thing classes by labelId
+    plain_folders = True
     metadata_paths = {"instance_ids": "instance_ids_path"}
 
     def selection_header(self, split: str) -> dict:

@@ -1,0 +1,1 @@
+"""Core: errors, atomic file I/O, logging and progress, worker pools, manifests, seeding and image resizing."""
