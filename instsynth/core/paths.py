@@ -78,13 +78,15 @@ def output_file(out: str | os.PathLike, parts: Iterable[str], manifest: str | os
 def removable(root: str | os.PathLike, rel: object, suffixes: Iterable[str], manifest: str | os.PathLike,
               field: str, folder_suffixes: Iterable[str] = ("",)) -> Path | None:
     """The file ``root / rel`` if a stage may delete it as stale: confined to ``root``, a regular file
-    (not a symlink) with one of ``suffixes``, in a folder whose name ends with one of ``folder_suffixes``
-    (e.g. ``_syn``); None when it does not exist. Anything else raises InstSynthError."""
+    (not a symlink) with one of ``suffixes``, under a folder (below ``root``) whose name ends with one of
+    ``folder_suffixes`` (e.g. ``_syn``: ``leftImg8bit/train/aachen_syn/``, ``images/instsynth_syn/``);
+    None when it does not exist. Anything else raises InstSynthError."""
     path = confined(root, rel, manifest, field)
     if not path.is_file() and not path.is_symlink():
         return None
+    folders = PurePosixPath(str(rel)).parts[:-1]
     if (path.is_symlink() or not path.name.endswith(tuple(suffixes))
-            or not path.parent.name.endswith(tuple(folder_suffixes))):
+            or not any(f.endswith(tuple(folder_suffixes)) for f in folders or ("",))):
         raise InstSynthError(manifest, f"field {field!r}: {rel!r} is not a file this stage writes; not deleting it")
     return path
 
