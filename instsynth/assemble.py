@@ -98,7 +98,7 @@ def _check_paths(src: Path, dst: Path) -> None:
             raise InstSynthError(dst, f"destination lies inside the source's {top}/ folder")
 
 
-@holds_output(lambda a: (a["dst"], ()))
+@holds_output(lambda a: (a["dst"], [a["src"]]))  # no overlap with the source, one writer
 def assemble_dataset(src: str | Path, dst: str | Path, mode: str = "link", splits=SPLITS,
                      include_generated: bool = False) -> dict:
     """Place the original splits of ``src`` under ``dst`` (see module doc); return counts per outcome.
