@@ -131,6 +131,12 @@ def test_stale_removal_deletes_only_recorded_files_of_its_kind_and_all_or_nothin
     assert remove_stale_files(tmp_path, [("o", "a_syn/x.png"), ("o", "a_syn/gone.png")], (".png",), "m.json",
                               ("_syn",)) == [ours]
     assert not ours.exists() and notes.read_text() == "mine" and original.exists()
+    coco = tmp_path / "images/instsynth_syn/train/city/x.png"  # a COCO / folder output's new image
+    coco.parent.mkdir(parents=True)
+    coco.write_bytes(b"png")
+    assert removable(tmp_path, "images/instsynth_syn/train/city/x.png", (".png",), "m.json", "f", ("_syn",)) == coco
+    with pytest.raises(InstSynthError, match="leaves its folder"):
+        removable(tmp_path, "images/instsynth_syn/../../../victim.txt", (".png",), "m.json", "f", ("_syn",))
 
 
 @pytest.mark.parametrize("field,value", [("split", "../../../../elsewhere/train"), ("city", "../../elsewhere")])
