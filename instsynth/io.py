@@ -171,26 +171,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise error from exc
 
 
-def remove_temp_files(folder: str | os.PathLike, lock_name: str = ".instsynth-lock") -> int:
-    """Delete this project's temporary files (``.instsynth-tmp-*``) left under ``folder`` by a killed run.
-
-    Sub-folders holding their own lock file belong to another stage's output and are left alone.
-    """
-    removed = 0
-    for here, dirs, files in os.walk(folder):
-        if here != str(folder) and lock_name in files:
-            dirs.clear()
-            continue
-        for name in files:
-            if name.startswith(TEMP_PREFIX):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(here, name))
-                    removed += 1
-    if removed:
-        get_logger().info("%s: removed %d temporary files left by an interrupted run", folder, removed)
-    return removed
-
-
 def write_if_changed(path: str | os.PathLike, data: bytes) -> bool:
     """Write ``data`` to ``path`` atomically unless the file already holds exactly it; True if written."""
     path = Path(path)

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..io import InstSynthError, output_error, remove_temp_files
+from ..io import TEMP_PREFIX, InstSynthError, output_error
 from .paths import check_disjoint
 
 LOCK_NAME = ".instsynth-lock"
@@ -101,6 +101,26 @@ def _remove_empty(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             return
+
+
+def remove_temp_files(folder: str | os.PathLike) -> int:
+    """Delete this project's temporary files (``.instsynth-tmp-*``) left under ``folder`` by a killed run.
+
+    Sub-folders holding their own lock file belong to another stage's output and are left alone.
+    """
+    removed = 0
+    for here, dirs, files in os.walk(folder):
+        if here != str(folder) and LOCK_NAME in files:
+            dirs.clear()
+            continue
+        for name in files:
+            if name.startswith(TEMP_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(here, name))
+                    removed += 1
+    if removed:
+        log.info("%s: removed %d temporary files left by an interrupted run", folder, removed)
+    return removed
 
 
 @contextlib.contextmanager
