@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from .imageops import corner_polygons, rle_encode, segmentation_of  # noqa: F401 (names of this module too)
 from .parallel import ordered_map
+from .core.lock import holds_output
 from .io import (CityscapesImage, InstSynthError, default_workers, get_logger, iter_cityscapes_images,
                  progress, read_json, read_png, report_generated_images, write_json)
 from .labels import (EVAL_THING_CLASSES, THING_CLASSES, THING_LABEL_IDS, class_name,
@@ -246,6 +247,7 @@ def convert_split(datadir: str | Path, split: str, options: ConversionOptions, c
     return out
 
 
+@holds_output(lambda a: (a["datadir"], ()))  # one writer of DIR/annotations and its polygons files
 def convert_cityscapes_to_coco(datadir: str | Path, splits=("train", "val"), fmt: str = "polygon",
                                include_ignored: bool = False, min_area: int = 4, workers: int | None = None,
                                skip_bad: bool = False, write_polygons: bool = True) -> dict[str, Path]:

@@ -308,6 +308,25 @@ def test_stage1_second_writer_is_refused(demo_copy, coco_files, tmp_path):
             holder.wait()
 
 
+def test_second_stage5_and_copy_paste_are_refused(demo_copy, tmp_path):
+    holder = hold(demo_copy)
+    try:
+        res = cli(REPO / "cityscapes-to-coco-conversion/main_defined_clean_ver.py", "--dataset", "cityscapes",
+                  "--datadir", demo_copy)
+        one_error(res, f"{demo_copy} is being written by another InstSynth run (pid {holder.pid})")
+        assert not (demo_copy / "annotations").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    holder = hold(tmp_path / "cp")
+    try:
+        res = cli("-m", "instsynth.copy_paste", "--dataset", demo_copy, "--out", tmp_path / "cp", "--num_images", "1")
+        one_error(res, "is being written by another InstSynth run")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 @integration_wired
 def test_second_integration_gets_one_line(stage1):
     out = stage1["tmp"] / "out"
