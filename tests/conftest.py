@@ -26,7 +26,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """A read-only-by-convention 512x256 demo tree (2 cities x 3 images per split). Copy before modifying."""
-    from instsynth.demo import write_demo_dataset
+    from instsynth.stages.demo_dataset import write_demo_dataset
 
     root = tmp_path_factory.mktemp("demo") / "cityscapes"
     write_demo_dataset(root, **DEMO_KW)
@@ -44,7 +44,7 @@ def demo_copy(demo_root, tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def coco_files(demo_root, tmp_path_factory) -> dict:
     """The demo tree exported as COCO files (instsynth.demo.export_coco), per test module."""
-    from instsynth.demo import export_coco
+    from instsynth.stages.demo_dataset import export_coco
 
     return export_coco(demo_root, tmp_path_factory.mktemp("coco"), workers=1)
 
@@ -54,8 +54,8 @@ def folder_root(demo_root, tmp_path_factory) -> Path:
     """The demo train split as a folder dataset: encoded values (category * 1000 + k), group regions dropped."""
     import numpy as np
 
-    from instsynth.io import iter_cityscapes_images, read_png, write_json, write_png
-    from instsynth.labels import THING_CLASSES, THING_LABEL_IDS
+    from instsynth.core.io import iter_cityscapes_images, read_png, write_json, write_png
+    from instsynth.core.labels import THING_CLASSES, THING_LABEL_IDS
 
     root = tmp_path_factory.mktemp("folder")
     for im in iter_cityscapes_images(demo_root, "train"):

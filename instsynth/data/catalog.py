@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from instsynth.cli import command
-from instsynth.io import InstSynthError, get_logger, read_yaml
+from instsynth.core.io import InstSynthError, get_logger, read_yaml
 
 log = get_logger("instsynth.data")
 
@@ -77,15 +77,15 @@ def register_coco_instances(name: str, json_file: str | os.PathLike, image_root:
 
 def cityscapes_spec(name: str, root: Path, split: str, prepare=None) -> DatasetSpec:
     """Spec of one split of a Cityscapes tree with its converted COCO file."""
-    from instsynth.coco import coco_json_path
+    from instsynth.stages.coco_conversion import coco_json_path
 
     return DatasetSpec(name, coco_json_path(root, split), root / "leftImg8bit" / split, root, split, prepare)
 
 
 def _prepare_demo() -> None:
     """Write the demo tree and its COCO files if they are missing (idempotent)."""
-    from instsynth.coco import coco_json_path, convert_cityscapes_to_coco
-    from instsynth.demo import write_demo_dataset
+    from instsynth.stages.coco_conversion import coco_json_path, convert_cityscapes_to_coco
+    from instsynth.stages.demo_dataset import write_demo_dataset
 
     root = demo_root()
     if all(coco_json_path(root, s).is_file() for s in ("train", "val")):
@@ -211,7 +211,7 @@ def add_to_catalog(catalog: str | os.PathLike, name: str, json_file: str | os.Pa
     """Add (or replace) dataset ``name`` in a YAML catalog file, keeping its other entries; absolute paths."""
     import yaml
 
-    from instsynth.io import write_bytes
+    from instsynth.core.io import write_bytes
 
     catalog = Path(catalog)
     entries = {}

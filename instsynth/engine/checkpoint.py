@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from instsynth.io import InstSynthError, atomic_path, get_logger, write_bytes
+from instsynth.core.io import InstSynthError, atomic_path, get_logger, write_bytes
 
 log = get_logger("instsynth.engine")
 LAST_CHECKPOINT = "last_checkpoint"

@@ -16,7 +16,7 @@ from typing import ClassVar, Sequence
 import cv2
 import numpy as np
 
-from ..labels import DEFAULT_PROMPTS
+from instsynth.core.labels import DEFAULT_PROMPTS
 
 MODE_NAMES = {"recolor": "Recolor", "diffinpainting": "DiffPainting", "bld": "BlendedDiff", "gligen": "gligen",
               "diffusers": "Diffusers"}

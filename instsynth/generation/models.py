@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..io import InstSynthError, get_logger
+from instsynth.core.io import InstSynthError, get_logger
 from .common import Backend, GenerationSettings, SampleJob, resize_image, resize_mask
 
 log = get_logger("instsynth.generation")

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from instsynth.cli import command
-from instsynth.io import InstSynthError, get_logger
+from instsynth.core.io import InstSynthError, get_logger
 
 log = get_logger("instsynth.modeling")
 
