@@ -1,1 +1,1 @@
-"""evaluation."""
+"""Metrics of trained models: COCO AP (pycocotools) and Cityscapes AP (cityscapesscripts)."""

@@ -1,1 +1,1 @@
-"""experiments."""
+"""Controlled experiments: the harness (arms x seeds, the table) and the Simple Copy-Paste control."""
