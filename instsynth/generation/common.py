@@ -229,22 +229,5 @@ class Backend:
         raise NotImplementedError
 
 
-def backend_class(mode: str) -> type[Backend]:
-    """The backend class of a mode (imported lazily: recolor needs neither torch nor diffusers)."""
-    if mode == "recolor":
-        from .recolor import RecolorBackend as cls
-    elif mode == "diffinpainting":
-        from .diffinpainting import DiffInpaintingBackend as cls
-    elif mode == "bld":
-        from .bld import BlendedLatentDiffusionBackend as cls
-    elif mode == "gligen":
-        from .gligen import GligenBackend as cls
-    elif mode == "diffusers":
-        from .auto_inpaint import DiffusersInpaintBackend as cls
-    else:
-        raise ValueError(f"unknown mode {mode!r}; choose from {sorted(MODE_NAMES)}")
-    return cls
-
-
 def resolve_prompts_path(path: str | Path | None) -> str:
     return str(Path(path or DEFAULT_PROMPTS).resolve())

@@ -21,7 +21,8 @@ import numpy as np
 from instsynth.core.io import InstSynthError, get_logger, progress, read_png, write_json, write_png
 from instsynth.core.labels import prompt_bank_with_gaps, render_prompt
 from ..stages.metadata import load_metadata
-from .common import (Backend, GenerationSettings, SampleJob, backend_class, choose_prompt, composite,
+from .backends import backend_class
+from .common import (Backend, GenerationSettings, SampleJob, choose_prompt, composite,
                      instance_seed, sample_seed)
 from instsynth.core.manifests import (MANIFEST_NAME, MANIFEST_VERSION, REPORT_NAME, add_sample, existing_entries, read_manifest, sample_relpath, shard_files, shard_name, write_manifest)
 

@@ -256,7 +256,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "instsynth") -> tuple[Pa
         state = to_official(state)
     elif to != "instsynth":
         raise InstSynthError("--to", f"must be instsynth or official, got {to!r}")
-    from instsynth.engine.checkpoint import save_torch
+    from instsynth.core.io import save_torch
 
     dst = save_torch({"model": state, "__author__": f"instsynth (converted from {Path(src).name}, {fmt})"}, dst)
     return dst, fmt, len(state)
