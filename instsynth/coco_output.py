@@ -30,10 +30,9 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from instsynth.stages.assemble import place_file
@@ -45,7 +44,7 @@ from instsynth.core.io import InstSynthError, encode_png, get_logger, progress, 
 from .integration import (INTEGRATION_NAME, INTEGRATION_VERSION, REPORT_NAME, ContextCrop, IntegrationSummary,
                           SampleResult, SampleTask, _json_bytes, _Plan, choose_context_crop, crop_seed, load_sample,
                           paste, run_samples, sample_fingerprint)
-from instsynth.stages.label_crops import crop_resize_labels, crop_resize_rgb
+from instsynth.stages.label_crops import crop_resize_rgb
 
 log = get_logger("instsynth.coco_output")
 

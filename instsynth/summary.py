@@ -1,5 +1,5 @@
 """``python -m instsynth.summary``: the command line of :mod:`instsynth.reports.summary`."""
-from instsynth.reports.summary import main
+from instsynth.cli.summary import main
 
 if __name__ == "__main__":
     main()

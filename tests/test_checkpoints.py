@@ -174,7 +174,7 @@ def test_caffe2_pickles_and_unsafe_pickles_are_refused(tmp_path, source):
 
 def test_convert_tool_writes_this_projects_checkpoint(source, images, tmp_path, capsys):
     from instsynth.engine.checkpoint import load_model_weights
-    from instsynth.modeling.convert import main
+    from instsynth.cli.convert import main
 
     official = official_checkpoint(source, tmp_path / "official.pth")
     assert main([str(tmp_path / "official.pth"), str(tmp_path / "ours.pth")]) == 0

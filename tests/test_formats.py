@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from instsynth.stages.selection import select_coco_instances
-from instsynth.stages.demo_dataset import export_coco
 from instsynth.formats import (CityscapesDataset, CocoDataset, FolderDataset, NewImage, NewInstance, dataset_from_args,
                                open_dataset)
 from instsynth.core.imageops import crop_resize_labels, crop_resize_rgb

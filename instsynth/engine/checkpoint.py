@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from instsynth.core.io import InstSynthError, get_logger, save_torch, write_bytes
+from instsynth.modeling.convert import CHECKPOINT_SUFFIXES
 
 log = get_logger("instsynth.engine")
 LAST_CHECKPOINT = "last_checkpoint"
@@ -97,9 +98,6 @@ def read_checkpoint(path: str | Path) -> dict:
     from instsynth.modeling.convert import read_weights
 
     return read_weights(path)
-
-
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pkl")
 
 
 def maybe_load_weights(model: nn.Module, weights: str) -> bool:

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from instsynth.core.io import InstSynthError, get_logger
-from .common import Backend, GenerationSettings, SampleJob, resize_image, resize_mask
+from instsynth.generation.common import Backend, GenerationSettings, SampleJob
+from instsynth.core.imageops import resize_image, resize_mask
 
 log = get_logger("instsynth.generation")
 

@@ -11,11 +11,9 @@ JSON (for ``visualization/visualize.py stats``).
 """
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from pathlib import Path
 
-from instsynth.cli import command
 from instsynth.coco_output import SYNTHETIC_FOLDER, merged_json_path
 from instsynth.core.io import InstSynthError, is_generated_folder, read_json, write_json
 
@@ -172,28 +170,3 @@ def ap_table(output_dirs: list[str | Path]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     return "\n".join([lines[0], "-+-".join("-" * w for w in widths), *lines[1:]])
-
-
-@command
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m instsynth.summary", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="counts per stage and COCO statistics of a full run")
-    run.add_argument("--work_dir", required=True, help="the run's work folder (selection/, generation/)")
-    run.add_argument("--output", required=True, help="the output dataset root")
-    run.add_argument("--mode_name", default="Recolor", help="generation folder name (Recolor, DiffPainting, ...)")
-    run.add_argument("--json", help="also write the summary here")
-    run.add_argument("--write-before", help="write the original-only COCO subsets into this folder")
-    ap = commands.add_parser("ap", help="AP table of train_net.py runs, gains over the first")
-    ap.add_argument("output_dirs", nargs="+", help="train_net.py OUTPUT_DIRs; the first is the baseline")
-    args = parser.parse_args(argv)
-    if args.command == "ap":
-        print(ap_table(args.output_dirs))
-        return
-    summary = run_summary(args.work_dir, args.output, args.mode_name, write_before=args.write_before)
-    if args.json:
-        write_json(args.json, summary)
-    print(format_summary(summary))
-
-if __name__ == "__main__":
-    main()
