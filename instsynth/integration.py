@@ -51,7 +51,8 @@ from instsynth.core.imageops import resize_image
 from instsynth.core.seeds import stable_seed
 from instsynth.core.manifests import load_manifest
 from instsynth.core.parallel import ordered_map
-from instsynth.core.io import (CityscapesImage, InstSynthError, default_workers, encode_png, get_logger, progress, read_json, read_png, write_if_changed)
+from instsynth.core.io import (CityscapesImage, InstSynthError, default_workers, encode_png, get_logger, progress,
+                               read_json, read_png, write_if_changed)
 from instsynth.stages.label_crops import COORDINATES_VERSION, crop_resize_labels, crop_resize_rgb
 from .formats.cityscapes import COORDINATES_NAME
 from .stages.metadata import load_metadata

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from instsynth.core import labels
-from instsynth.core.io import (InstSynthError, atomic_path, image_id_of, read_json, read_png, split_image_id, write_json, write_png)
+from instsynth.core.io import (InstSynthError, atomic_path, image_id_of, read_json, read_png, split_image_id,
+                               write_json, write_png)
 
 
 def test_stack_imports_and_torchvision_nms_runs():

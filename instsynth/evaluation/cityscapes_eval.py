@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from instsynth.core.io import (InstSynthError, default_workers, gt_path, image_id_of, progress, write_bytes, write_json, write_png)
+from instsynth.core.io import (InstSynthError, default_workers, gt_path, image_id_of, progress, write_bytes, write_json,
+                               write_png)
 from instsynth.core.labels import class_name
 from instsynth.core.parallel import ordered_map
 

@@ -24,7 +24,8 @@ from ..stages.metadata import load_metadata
 from .backends import backend_class
 from .common import (Backend, GenerationSettings, SampleJob, choose_prompt, composite,
                      instance_seed, sample_seed)
-from instsynth.core.manifests import (MANIFEST_NAME, MANIFEST_VERSION, REPORT_NAME, add_sample, existing_entries, read_manifest, sample_relpath, shard_files, shard_name, write_manifest)
+from instsynth.core.manifests import (MANIFEST_NAME, MANIFEST_VERSION, REPORT_NAME, add_sample, existing_entries,
+                                      read_manifest, sample_relpath, shard_files, shard_name, write_manifest)
 
 log = get_logger("instsynth.generation")
 

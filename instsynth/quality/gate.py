@@ -11,7 +11,8 @@ from instsynth.core.io import InstSynthError, get_logger, read_json, write_json
 from instsynth.core.labels import render_prompt
 from instsynth.quality.clip import load_clip, resolve_device
 from instsynth.quality.pixel import json_number, read_number
-from instsynth.quality.runs import SampleRef, _by_instance, _jsonable, clip_similarities, load_run, manifest_file, sample_pixel_metrics
+from instsynth.quality.runs import (SampleRef, _by_instance, _jsonable, clip_similarities, load_run, manifest_file,
+                                    sample_pixel_metrics)
 
 log = get_logger("instsynth.quality")
 

@@ -1,1 +1,0 @@
-"""Controlled experiments: the harness (arms x seeds, the table) and the Simple Copy-Paste control."""
