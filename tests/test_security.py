@@ -20,7 +20,7 @@ from instsynth.core.lock import output_lock, remove_temp_files
 from instsynth.core.paths import (check_disjoint, confined, entry_folders, output_file, plain_name, relative_name,
                                   remove_stale_files, removable, within)
 from instsynth.generation import GenerationSettings, generate_instances
-from instsynth.io import InstSynthError, atomic_path, read_json
+from instsynth.core.io import InstSynthError, atomic_path, read_json
 from instsynth.stages.selection import METADATA_NAME, select_coco_instances, select_instances
 
 PY = sys.executable

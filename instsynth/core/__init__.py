@@ -1,1 +1,3 @@
-"""Core: errors, atomic file I/O, logging and progress, worker pools, manifests, seeding and image resizing."""
+"""Foundations every layer uses: errors and atomic I/O (io), the label table and prompt bank (labels), the
+ordered worker map (parallel), image and mask helpers (imageops), the generation.json manifest (manifests),
+confinement of manifest paths (paths) and one writer per output folder (lock)."""

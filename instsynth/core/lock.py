@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..io import TEMP_PREFIX, InstSynthError, output_error
-from .paths import check_disjoint
+from instsynth.core.io import TEMP_PREFIX, InstSynthError, output_error
+from instsynth.core.paths import check_disjoint
 
 LOCK_NAME = ".instsynth-lock"
 WAIT_ENV = "INSTSYNTH_LOCK_WAIT"

@@ -19,7 +19,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
-from ..io import InstSynthError
+from instsynth.core.io import InstSynthError
 
 
 def plain_name(manifest: str | os.PathLike, field: str, value: object) -> str:

@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..core.paths import confined, plain_name, relative_name
+from instsynth.core.paths import confined, plain_name, relative_name
 from ..formats import FORMATS
 from ..formats.base import check_fields
-from ..io import InstSynthError, read_json
+from instsynth.core.io import InstSynthError, read_json
 
 METADATA_VERSION = 1
 METADATA_NAME = "metadata.json"

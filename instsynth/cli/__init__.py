@@ -28,7 +28,7 @@ def debug() -> bool:
 
 def error_line(exc: BaseException) -> str | None:
     """``error: <path>: <problem>`` for an error a user can fix, None for a bug (keeps its traceback)."""
-    from .io import InstSynthError, OutputError
+    from instsynth.core.io import InstSynthError, OutputError
 
     if isinstance(exc, (InstSynthError, OutputError)):
         return f"error: {exc}"
@@ -43,7 +43,7 @@ def error_line(exc: BaseException) -> str | None:
 
 
 def add_max_pixels(parser) -> None:
-    """``--max-pixels N``: the image-size cap every image reader checks from the file header (instsynth.io)."""
+    """``--max-pixels N``: the image-size cap every image reader checks from the file header (instsynth.core.io)."""
     parser.add_argument("--max-pixels", type=float, default=None, metavar="N",
                         help="refuse (or with --skip-bad skip) images over N pixels, read from the file header "
                              "before decoding (default 1e8; env INSTSYNTH_MAX_PIXELS)")

@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..core.paths import confined, plain_name, relative_name
-from ..io import InstSynthError, read_json, write_json
+from instsynth.core.io import InstSynthError, read_json, write_json
+from instsynth.core.paths import confined, plain_name, relative_name
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "generation.json"

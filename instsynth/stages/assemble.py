@@ -15,9 +15,9 @@ import os
 import shutil
 from pathlib import Path
 
-from .core.lock import holds_output
-from .io import (InstSynthError, OutputError, atomic_path, get_logger, is_generated_folder, progress,
-                 report_generated_images)
+from instsynth.core.io import (InstSynthError, OutputError, atomic_path, get_logger, is_generated_folder, progress,
+                               report_generated_images)
+from instsynth.core.lock import holds_output
 
 SPLITS = ("train", "val", "test")
 TOP_FOLDERS = ("leftImg8bit", "gtFine")
