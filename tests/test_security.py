@@ -6,6 +6,7 @@ Each reproduction of the issue runs the root scripts as a subprocess. The integr
 import hashlib
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -64,6 +65,16 @@ def stage1(demo_copy, tmp_path):
     select_instances(demo_copy, out=tmp_path / "sel", workers=1)
     generate_instances(tmp_path / "sel" / METADATA_NAME, settings=GenerationSettings(mode="recolor"))
     return {"root": demo_copy, "sel": tmp_path / "sel", "gen": tmp_path / "sel" / "Recolor", "tmp": tmp_path}
+
+
+@pytest.fixture(scope="module")
+def coco_export(demo_root, tmp_path_factory) -> dict:
+    """The demo tree exported as COCO files, from a private copy (the export converts its source tree in place)."""
+    from instsynth.demo import export_coco
+
+    base = tmp_path_factory.mktemp("coco_export")
+    shutil.copytree(demo_root, base / "cityscapes")
+    return export_coco(base / "cityscapes", base / "coco", workers=1)
 
 
 def _integration_wired() -> bool:
@@ -257,9 +268,9 @@ def coco_images(files: dict) -> Path:
     return files["train"].parent.parent / "images/train"
 
 
-def test_coco_stage1_refuses_an_output_in_its_images(coco_files, tmp_path):
-    res = cli(REPO / "process_clean_ver.py", "--coco", coco_files["train"], "--images", coco_images(coco_files),
-              "--out", coco_images(coco_files) / "sel")
+def test_coco_stage1_refuses_an_output_in_its_images(coco_export, tmp_path):
+    res = cli(REPO / "process_clean_ver.py", "--coco", coco_export["train"], "--images", coco_images(coco_export),
+              "--out", coco_images(coco_export) / "sel")
     one_error(res, "is inside the input")
 
 
@@ -295,8 +306,8 @@ def test_second_writer_gets_one_line_and_changes_nothing(stage1):
     assert not (mode_dir / ".instsynth-lock").exists()
 
 
-def test_stage1_second_writer_is_refused(demo_copy, coco_files, tmp_path):
-    sources = (["--train_folder", demo_copy], ["--coco", coco_files["train"], "--images", coco_images(coco_files)])
+def test_stage1_second_writer_is_refused(demo_copy, coco_export, tmp_path):
+    sources = (["--train_folder", demo_copy], ["--coco", coco_export["train"], "--images", coco_images(coco_export)])
     for n, source in enumerate(sources):
         out = tmp_path / f"sel{n}"
         holder = hold(out)
@@ -311,10 +322,11 @@ def test_stage1_second_writer_is_refused(demo_copy, coco_files, tmp_path):
 def test_second_stage5_and_copy_paste_are_refused(demo_copy, tmp_path):
     holder = hold(demo_copy)
     try:
+        before = tree_hash(demo_copy)
         res = cli(REPO / "cityscapes-to-coco-conversion/main_defined_clean_ver.py", "--dataset", "cityscapes",
                   "--datadir", demo_copy)
         one_error(res, f"{demo_copy} is being written by another InstSynth run (pid {holder.pid})")
-        assert not (demo_copy / "annotations").exists()
+        assert tree_hash(demo_copy) == before
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -421,11 +433,11 @@ def test_temp_cleanup_leaves_folders_of_another_running_stage(tmp_path):
     assert remove_temp_files(tmp_path) == 1 and theirs.exists()
 
 
-def test_coco_file_name_stays_inside_the_images_folder(coco_files, tmp_path):
+def test_coco_file_name_stays_inside_the_images_folder(coco_export, tmp_path):
     path = tmp_path / "instances.json"
-    data = read_json(coco_files["train"])
+    data = read_json(coco_export["train"])
     images = tmp_path / "images"
-    os.symlink(coco_images(coco_files), images)  # a symlinked images folder is fine ...
+    os.symlink(coco_images(coco_export), images)  # a symlinked images folder is fine ...
     path.write_text(json.dumps(data))
     select_coco_instances(path, images, out=tmp_path / "ok", workers=1)
     victim = tmp_path / "victim.png"
