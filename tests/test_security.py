@@ -218,6 +218,22 @@ def test_cityscapes_stale_removal_deletes_only_its_own_files(stage1):
     assert notes.read_text() == "mine" and original.read_bytes() == b"png"
 
 
+@integration_wired
+def test_coco_stale_removal_stays_inside_the_output(coco_export, tmp_path):
+    work, out = tmp_path / "sel", tmp_path / "out"
+    select_coco_instances(coco_export["train"], coco_images(coco_export), out=work, workers=1)
+    generate_instances(work / METADATA_NAME, settings=GenerationSettings(mode="recolor"))
+    args = (REPO / "inpainted_integration.py", "--inpainting_dir", work / "Recolor", "--output_folder_name", out,
+            "--crops_per_sample", "0")
+    assert cli(*args).returncode == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    edit_json(out / "integration.json", lambda d: d["images"].append({**d["images"][0],
+                                                                     "file_name": "instsynth_syn/../../../victim.txt"}))
+    one_error(cli(*args), "integration.json", "victim.txt")
+    assert victim.read_text() == "keep"
+
+
 def test_copy_paste_stale_removal_deletes_only_its_own_files(demo_copy, tmp_path):
     out = tmp_path / "cp"
     args = ("-m", "instsynth.copy_paste", "--dataset", demo_copy, "--out", out, "--workers", "1")
