@@ -142,3 +142,20 @@ def test_a_dataset_without_instances_to_paste_is_one_clear_error(folder_root, tm
         write_png(png, np.zeros_like(read_png(png)))
     with pytest.raises(InstSynthError, match="no image holds an instance to paste"):
         copy_paste_dataset(open_dataset("folder", root), tmp_path / "out", 2, workers=1)
+
+
+CITYSCAPES_SHA256 = "c48220dcdbad28e82e8d5730ea7e043e18de6a3e21f7736dd381cc96df3bc775"
+"""Every output file of 8 copy-paste images (seed 5) of the demo tree (conftest's DEMO_KW), recorded with the
+Cityscapes-only copy_paste.py of commit 18aa3ad, before it was written against the format interface."""
+
+
+def test_cityscapes_output_is_byte_identical_to_the_cityscapes_only_version(demo_root, tmp_path):
+    import hashlib
+
+    copy_paste_dataset(demo_root, tmp_path / "cp", 8, params=CopyPasteParams(seed=5), workers=1)
+    digest = hashlib.sha256()
+    for p in sorted((tmp_path / "cp").rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(tmp_path / "cp").as_posix().encode()
+            digest.update(rel + p.read_bytes().replace(str(demo_root).encode(), b"$ROOT"))
+    assert digest.hexdigest() == CITYSCAPES_SHA256
