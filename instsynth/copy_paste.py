@@ -38,12 +38,12 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .cli import command
-from .formats import (Annotations, Dataset, DatasetWriter, Instance, NewImage, NewInstance, SourceImage,
-                      dataset_from_args, open_dataset)
-from .generation.common import stable_seed
-from .io import InstSynthError, default_workers, get_logger, progress, read_json, write_json
-from .parallel import ordered_map
+from instsynth.cli import command
+from instsynth.core.io import InstSynthError, default_workers, get_logger, progress, read_json, write_json
+from instsynth.core.parallel import ordered_map
+from instsynth.core.seeds import stable_seed
+from instsynth.formats import (Annotations, Dataset, DatasetWriter, Instance, NewImage, NewInstance, SourceImage,
+                               dataset_from_args, open_dataset)
 
 COPY_PASTE_NAME = "copy_paste.json"
 REPORT_NAME = "copy_paste_report.json"
@@ -214,7 +214,7 @@ def link_source_images(dataset: Dataset, out: Path) -> dict:
     """COCO: hard-link (or copy) the originals into ``OUT/images``, as integration's COCO output has them."""
     if dataset.kind != "coco":
         return {}
-    from .coco_output import link_originals
+    from instsynth.coco_output import link_originals
 
     return dict(link_originals(dataset.source, out))
 

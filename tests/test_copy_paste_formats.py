@@ -8,7 +8,7 @@ import pytest
 from instsynth.copy_paste import CopyPasteParams, copy_paste_dataset, main
 from instsynth.formats import open_dataset
 from instsynth.formats.coco import annotation_mask
-from instsynth.io import InstSynthError, read_json, read_png, write_json, write_png
+from instsynth.core.io import InstSynthError, read_json, read_png, write_json, write_png
 
 PARAMS = CopyPasteParams(seed=4, scale_range=(0.5, 1.5))
 

@@ -3,7 +3,7 @@ import pytest
 import yaml
 
 from instsynth.experiment import BASELINE_NAME, TEST_NAME, load_experiment, run_experiment, run_specs
-from instsynth.io import InstSynthError, read_json
+from instsynth.core.io import InstSynthError, read_json
 
 from conftest import REPO
 from test_experiment import QUICK, RECOLOR

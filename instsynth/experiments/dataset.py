@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .formats import Dataset, open_dataset
-from .io import InstSynthError, read_json, write_json
+from instsynth.core.io import InstSynthError, read_json, write_json
+from instsynth.formats import Dataset, open_dataset
 
 FORMATS = ("cityscapes", "coco")
 KEYS = {"format", "root", "coco", "images", "skip_bad"}
