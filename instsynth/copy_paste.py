@@ -11,7 +11,7 @@ derived from the new instanceIds, so every label file agrees. Pasted instances w
 ``min_pixels`` visible pixels are not pasted; a draw without any instance left is redrawn
 (``max_tries``), then falls back to the unscaled, unflipped source at offset 0.
 
-Outputs, named and placed like stage 2's (:func:`instsynth.integration.output_paths`):
+Outputs, named and placed like stage 2's (:func:`instsynth.formats.cityscapes.output_paths`):
 ``OUT/{leftImg8bit,gtFine}/<split>/<city>_syn/<city>_<seq>_<frame>00000<repeat:04d>00_*.png`` with
 leftImg8bit, instanceIds, labelIds and color, plus ``OUT/copy_paste.json`` (per new image: target,
 source, flip, scale, offset, pasted instance ids) and ``OUT/copy_paste_report.json``. Each image's
@@ -31,7 +31,7 @@ import numpy as np
 
 from .cli import command
 from .generation.common import stable_seed
-from .integration import new_image_id, output_paths
+from .formats.cityscapes import new_image_id, output_paths
 from .io import (CityscapesImage, InstSynthError, default_workers, encode_png, get_logger, iter_cityscapes_images,
                  progress, read_json, read_png, write_if_changed, write_json)
 from .labels import INSTANCE_ID_OFFSET, THING_LABEL_IDS, colorize, instance_ids_to_label_ids

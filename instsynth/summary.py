@@ -16,8 +16,9 @@ from collections import Counter
 from pathlib import Path
 
 from .cli import command
-from .coco_output import SYNTHETIC_FOLDER, merged_json_path
+from .formats.coco import SYNTHETIC_FOLDER, merged_json_path
 from .io import InstSynthError, is_generated_folder, read_json, write_json
+from .stages.integration import format_gate_counts
 
 COCO_NAME = "instancesonly_filtered_gtFine_{}.json"
 
@@ -118,8 +119,6 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{stage:<12} {_scalars(rep) or '(see report)'}")
     gate = summary["stages"].get("integration", {}).get("gate")
     if gate and gate.get("criteria"):
-        from .integration import format_gate_counts
-
         criteria = ", ".join(f"{k} {v}" for k, v in gate["criteria"].items())
         lines.append(f"{'quality gate':<12} {format_gate_counts(gate)}; {criteria}, fallback {gate['fallback']}")
     classes = summary.get("classes") or {}
