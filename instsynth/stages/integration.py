@@ -126,6 +126,7 @@ class SampleTask:
     sample_rel: str
     fingerprint: str
     original: bool = False  # the quality gate's fallback: integrate the original instance instead
+    labels: str = ""  # the file holding the instance's labels (error messages name it)
 
 
 @dataclass
@@ -162,7 +163,7 @@ def load_sample(task: SampleTask) -> tuple[np.ndarray, list[str]]:
 
 def check_instance(task: SampleTask, ann: Annotations) -> tuple[np.ndarray | None, tuple[str, str, str] | None]:
     """(the instance's mask inside its crop box, None) or (None, error) when the labels disagree with stage 1."""
-    where, image = str(ann.image.path), ann.image.relative
+    where, image = task.labels or str(ann.image.path), ann.image.relative
     x0, y0, x1, y1 = task.crop_box
     if not (x1 <= ann.width and y1 <= ann.height):
         raise InstSynthError(where, f"crop box {task.crop_box} of {task.key} lies outside the {ann.width}x{ann.height} "
@@ -173,7 +174,7 @@ def check_instance(task: SampleTask, ann: Annotations) -> tuple[np.ndarray | Non
         return None, (where, f"instance {task.instance_id} (key {task.key}) of {image} has no pixel inside its crop "
                              f"box {task.crop_box}", "empty_mask")
     if inst.area != task.area:  # the labels disagree with the instance stage 1 selected
-        return None, (where, f"instance {task.key!r}: {inst.area} pixels of instance {task.instance_id}, but "
+        return None, (where, f"instance {task.key!r}: {inst.area} pixels of id {task.instance_id}, but "
                              f"metadata.json says area {task.area} (edited metadata or another dataset?)", "area_mismatch")
     return mask, None
 
@@ -341,7 +342,7 @@ def plan_samples(manifest_path: Path, manifest: dict, meta: dict, dataset: Datas
             task = SampleTask(inst["key"], inst["instance_id"], inst["bbox"], inst["crop_box"], inst["area"], i,
                               sample_path, entry["samples"][i],
                               fingerprint(params, inst, None if i in fallback else sample_path, digests[image.relative]),
-                              original=i in fallback)
+                              original=i in fallback, labels=str(inst[label_files[0]] if label_files else dataset.where))
             plan.order.append((task.key, i))
             names = [writer.new_name(image, task.instance_id, i, c) for c in range(params.crops_per_sample + 1)]
             done = reusable(layout, names, task.fingerprint, plan.previous, out)
