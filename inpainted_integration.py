@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     from instsynth.sample_gate import gate_for
-    from instsynth.stages.integration import IntegrationParams, format_gate_counts, integrate_samples
+    from instsynth.stages.gate_decision import format_gate_counts
+    from instsynth.stages.integration import IntegrationParams, integrate_samples
 
     params = IntegrationParams(blend=args.blend, crops_per_sample=args.crops_per_sample, seed=args.seed,
                                min_instance_pixels=args.min_instance_pixels, max_tries=args.max_tries,

@@ -2,7 +2,7 @@
 
 The decision is computed here, on the quality side (it reads the quality scores through
 :func:`instsynth.quality.gate_failures`), and handed to :func:`instsynth.stages.integration.integrate_samples`
-as plain data (:class:`~instsynth.stages.integration.GateDecision`): the integration stage never imports
+as plain data (:class:`~instsynth.stages.gate_decision.GateDecision`): the integration stage never imports
 quality.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from .generation.manifest import MANIFEST_NAME, load_manifest
 from .io import InstSynthError
 from .quality import GATE_CRITERIA, gate_failures
-from .stages.integration import FALLBACKS, GateDecision
+from .stages.gate_decision import FALLBACKS, GateDecision
 
 
 def gate_samples(instances: dict[str, dict], min_clip_score: float | None = None, top_fraction: float | None = None,

@@ -18,7 +18,7 @@ from pathlib import Path
 from .cli import command
 from .formats.coco import SYNTHETIC_FOLDER, merged_json_path
 from .io import InstSynthError, is_generated_folder, read_json, write_json
-from .stages.integration import format_gate_counts
+from .stages.gate_decision import format_gate_counts
 
 COCO_NAME = "instancesonly_filtered_gtFine_{}.json"
 

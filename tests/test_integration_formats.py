@@ -13,7 +13,8 @@ from instsynth.generation import GenerationSettings, generate_instances
 from instsynth.imageops import crop_resize_labels
 from instsynth.io import InstSynthError, read_json, read_png, write_json
 from instsynth.sample_gate import gate_for
-from instsynth.stages.integration import GateDecision, IntegrationParams, integrate_samples
+from instsynth.stages.gate_decision import GateDecision
+from instsynth.stages.integration import IntegrationParams, integrate_samples
 from instsynth.stages.selection import METADATA_NAME, select_coco_instances, select_from_dataset
 
 

@@ -43,74 +43,14 @@ from ..generation.manifest import load_manifest
 from ..imageops import crop_resize_rgb
 from ..io import InstSynthError, default_workers, get_logger, progress, read_json, read_png, write_if_changed
 from ..parallel import ordered_map
-from .integration_records import (INTEGRATION_NAME, INTEGRATION_VERSION, REPORT_NAME, Layout, coco_counts, coco_info,
-                                  entry_record, filters_of, fingerprint, header_of, layout_of, link_originals,
-                                  ordered, previous_entries, remove_stale, reusable, source_digest)
+from .integration_records import (INTEGRATION_NAME, INTEGRATION_VERSION, REPORT_NAME, Layout, entry_record, filters_of,
+                                  fingerprint, header_of, layout_of, ordered, previous_entries, remove_stale, reusable,
+                                  source_digest)
+from .gate_decision import GateDecision, format_gate_counts
 from .metadata import load_metadata, metadata_format
 from .pasting import ContextCrop, IntegrationParams, as_rgb_sample, choose_context_crop, crop_seed, paste
 
 log = get_logger("instsynth.integration")
-FALLBACKS = ("drop", "original")
-"""What happens to a sample failing the quality gate: left out, or replaced by the original instance."""
-__all__ = ["FALLBACKS", "GateDecision", "IntegrationParams", "IntegrationSummary", "integrate_samples",
-           "INTEGRATION_NAME", "REPORT_NAME", "format_gate_counts"]
-
-
-# --------------------------------------------------------------------------- the gate's decision (plain data)
-@dataclass
-class GateDecision:
-    """Which samples the quality gate accepts, which fall back to the original instance, and the counts.
-
-    ``criteria``: each criterion's threshold (None: off); ``stats``: the counts of integration_report.json."""
-
-    accepted: dict[str, list[int]]
-    fallback: dict[str, list[int]]
-    stats: dict
-    failures: list[dict]
-    criteria: dict = field(default_factory=dict)
-    mode: str = "drop"
-
-    @classmethod
-    def from_failures(cls, instances: dict[str, dict], failed: dict[tuple[str, int], list[str]], criteria: dict,
-                      mode: str = "drop", where: Path = Path(".")) -> "GateDecision":
-        """The decision from the criteria each sample ``(key, index)`` fails (every sample of ``instances`` listed)."""
-        if mode not in FALLBACKS:
-            raise InstSynthError(where, f"fallback must be one of {FALLBACKS}, got {mode!r}")
-        indices = {key: range(len(e["samples"])) for key, e in instances.items()}
-        accepted = {key: [i for i in ids if not failed.get((key, i))] for key, ids in indices.items()}
-        rejected = {key: [i for i in ids if failed.get((key, i))] for key, ids in indices.items()}
-        total, n_failed = len(failed), sum(1 for f in failed.values() if f)
-        fails = {name: sum(1 for f in failed.values() if name in f) for name in criteria}
-        by_score_only = sum(1 for f in failed.values() if "top_fraction" in f and "min_clip_score" not in f)
-        stats = {"samples_in_manifest": total, "dropped_below_min_clip_score": fails.get("min_clip_score", 0),
-                 "dropped_outside_top_fraction": by_score_only,
-                 "samples_selected": total - n_failed if mode == "drop" else total}
-        stats["gate"] = {"criteria": {k: v for k, v in criteria.items() if v is not None}, "fallback": mode,
-                         "samples": total, "accepted": total - n_failed,
-                         "fallen_back": n_failed if mode == "original" else 0,
-                         "dropped": n_failed if mode == "drop" else 0,
-                         "accept_rate": round((total - n_failed) / total, 6) if total else None,
-                         "failed_by": {k: fails[k] for k, v in criteria.items() if v is not None}}
-        failures = [{"key": key, "sample_index": i, "failed": f, "action": "dropped" if mode == "drop" else "original"}
-                    for (key, i), f in failed.items() if f]
-        fallback = rejected if mode == "original" else {}
-        return cls({k: v for k, v in accepted.items() if v}, {k: v for k, v in fallback.items() if v}, stats,
-                   failures, dict(criteria), mode)
-
-    @classmethod
-    def accept_all(cls, instances: dict[str, dict]) -> "GateDecision":
-        """No gate: every sample of the manifest is integrated."""
-        return cls.from_failures(instances, {(k, i): [] for k, e in instances.items()
-                                             for i in range(len(e["samples"]))}, {})
-
-
-def format_gate_counts(gate: dict) -> str:
-    """One line of the gate's counts: ``accepted 8, fallen back 2, dropped 0 of 10 samples (accept rate 80.0%)``."""
-    rate = "-" if gate["accept_rate"] is None else f"{100 * gate['accept_rate']:.1f}%"
-    return (f"accepted {gate['accepted']}, fallen back {gate['fallen_back']}, dropped {gate['dropped']} of "
-            f"{gate['samples']} samples (accept rate {rate})")
-
-
 # --------------------------------------------------------------------------- per-image work (in workers)
 @dataclass
 class SampleTask:
@@ -439,7 +379,7 @@ def integrate_samples(inpainting_dir: str | os.PathLike, out: str | os.PathLike,
     dataset = metadata_dataset(meta, skip_bad)
     layout, writer = layout_of(dataset), dataset.writer(out, meta["split"])
     plan = plan_samples(manifest_path, manifest, meta, dataset, writer, gate, params, out, skip_bad)
-    extras = {"original_images_linked": link_originals(dataset, out)} if dataset.kind == "coco" else {}
+    extras = layout.prepare(dataset, out) if layout.prepare else {}
     entries, files = run_plan(plan, default_workers() if workers is None else max(1, int(workers)))
     stale = remove_stale(layout, plan.previous, entries, out)
 
@@ -448,9 +388,8 @@ def integrate_samples(inpainting_dir: str | os.PathLike, out: str | os.PathLike,
         "backend": manifest["backend"], "metadata": str(meta_path), "params": asdict(params),
         "filters": filters_of(layout, gate.criteria, gate.mode)})
     write_if_changed(out / INTEGRATION_NAME, _json_bytes({**header, "images": entries}))
-    written = writer.finish(entries, coco_info(header, entries) if dataset.kind == "coco" else {})
-    if dataset.kind == "coco":
-        extras.update(merged_json=str(written[0]), **coco_counts(dataset, entries))
+    written = writer.finish(entries, layout.info(header, entries))
+    extras.update(layout.counts(dataset, entries, written) if layout.counts else {})
     not_generated = [i["key"] for i in meta["instances"] if i["key"] not in manifest["instances"]]
     report = make_report(header, gate, plan, entries, files, not_generated, stale, extras)
     write_if_changed(out / REPORT_NAME, _json_bytes(report))

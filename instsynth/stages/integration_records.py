@@ -55,6 +55,37 @@ class Layout:
     every_filter: bool = False  # header filters list every criterion (else only those in use)
     always_source: bool = True  # entries name instance_source also when "generated"
     renames: dict[str, str] = field(default_factory=dict)  # common field -> this format's name
+    prepare: Callable[[Dataset, Path], dict] | None = None  # before the run: report fields (e.g. linked originals)
+    info: Callable[[dict, list[dict]], dict] = lambda header, entries: {}  # what the writer's finish records
+    counts: Callable[[Dataset, list[dict], list[Path]], dict] | None = None  # report fields after finish
+
+
+# --------------------------------------------------------------------------- COCO: originals and the merged file
+def link_originals(dataset: Dataset, out: Path) -> dict:
+    """COCO: hard-link (or copy) every kept source image to ``OUT/images/<file_name>``; counts by action."""
+    actions: Counter = Counter()
+    source = dataset.source
+    target = (out / "images").resolve()
+    if target == source.images_dir:
+        return {}
+    for img in progress(source.images, "linking original images"):
+        actions[place_file(source.images_dir / img["file_name"], target / img["file_name"])] += 1
+    return dict(actions)
+
+
+def coco_info(header: dict, entries: list[dict]) -> dict:
+    """``info.instsynth`` of the merged COCO file."""
+    return {"source_json": header["coco_json"], "images_dir": header["images_dir"],
+            "generation_manifest": header["manifest"], "metadata": header["metadata"], "backend": header["backend"],
+            "params": header["params"], "filters": header["filters"], "synthetic_images": len(entries),
+            "synthetic_annotations": sum(len(e["annotations"]) for e in entries)}
+
+
+def coco_counts(dataset: Dataset, entries: list[dict], written: list[Path]) -> dict:
+    """The COCO report's merged file and counts of new annotations and of the source file."""
+    source = dataset.source
+    return {"merged_json": str(written[0]), "new_annotations": sum(len(e["annotations"]) for e in entries), "original_images": len(source.images),
+            "original_annotations": sum(map(len, source.annotations.values())), "bad_source_items_left_out": source.bad}
 
 
 LAYOUTS = {
@@ -73,7 +104,9 @@ LAYOUTS = {
          "crop_fallbacks"),
         lambda e: [f"images/{e['file_name']}"],
         lambda e: [f"images/{e['file_name']}"] if e["file_name"].startswith(COCO_SYNTHETIC_FOLDER + "/") else [],
-        every_filter=True, always_source=False, renames={"instance_id": "annotation_id"}),
+        every_filter=True, always_source=False, renames={"instance_id": "annotation_id"},
+        prepare=lambda dataset, out: {"original_images_linked": link_originals(dataset, out)}, info=coco_info,
+        counts=coco_counts),
     "folder": Layout(
         "name", ("version", "format", "manifest", "backend", "metadata", "dataset_root", "split", "params", "filters"),
         ("name", "kind", "split", "source_image_id", *_ENTRY_MIDDLE, "outputs", "fingerprint"),
@@ -169,31 +202,3 @@ def remove_stale(layout: Layout, previous: dict[str, dict], entries: list[dict],
             if path.is_file() and path.resolve().is_relative_to(out):
                 path.unlink()
     return stale
-
-
-# --------------------------------------------------------------------------- COCO: originals and the merged file
-def link_originals(dataset: Dataset, out: Path) -> dict:
-    """COCO: hard-link (or copy) every kept source image to ``OUT/images/<file_name>``; counts by action."""
-    actions: Counter = Counter()
-    source = dataset.source
-    target = (out / "images").resolve()
-    if target == source.images_dir:
-        return {}
-    for img in progress(source.images, "linking original images"):
-        actions[place_file(source.images_dir / img["file_name"], target / img["file_name"])] += 1
-    return dict(actions)
-
-
-def coco_info(header: dict, entries: list[dict]) -> dict:
-    """``info.instsynth`` of the merged COCO file."""
-    return {"source_json": header["coco_json"], "images_dir": header["images_dir"],
-            "generation_manifest": header["manifest"], "metadata": header["metadata"], "backend": header["backend"],
-            "params": header["params"], "filters": header["filters"], "synthetic_images": len(entries),
-            "synthetic_annotations": sum(len(e["annotations"]) for e in entries)}
-
-
-def coco_counts(dataset: Dataset, entries: list[dict]) -> dict:
-    """The COCO report's counts of new annotations and of the source file."""
-    source = dataset.source
-    return {"new_annotations": sum(len(e["annotations"]) for e in entries), "original_images": len(source.images),
-            "original_annotations": sum(map(len, source.annotations.values())), "bad_source_items_left_out": source.bad}
