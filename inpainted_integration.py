@@ -7,7 +7,7 @@ plus ``OUT/cropped_region_coordinates.json`` (input of drop_color_and_labelIds_c
 ``OUT/images/instsynth_syn/`` and ``OUT/annotations/instances_<split>_instsynth.json``; a folder dataset
 ``OUT/images/instsynth_syn/``, ``OUT/instances/instsynth_syn/`` and ``OUT/categories.json``. Also
 ``OUT/integration.json`` and ``OUT/integration_report.json``. The quality gate's decision comes from
-:mod:`instsynth.sample_gate`, all other logic from :mod:`instsynth.stages.integration`.
+:mod:`instsynth.quality.sample_gate`, all other logic from :mod:`instsynth.stages.integration`.
 """
 import argparse
 
@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @command
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from instsynth.sample_gate import gate_for
+    from instsynth.quality.sample_gate import gate_for
     from instsynth.stages.gate_decision import format_gate_counts
     from instsynth.stages.integration import IntegrationParams, integrate_samples
 

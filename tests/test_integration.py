@@ -11,13 +11,13 @@ import pytest
 from conftest import REPO
 from instsynth.generation import GenerationSettings, generate_instances, load_manifest
 from instsynth.formats.cityscapes import new_image_id
-from instsynth.sample_gate import gate_for, gate_samples, select_samples
+from instsynth.quality.sample_gate import gate_for, gate_samples, select_samples
 from instsynth.stages.integration import INTEGRATION_NAME, REPORT_NAME, IntegrationParams, integrate_samples
 from instsynth.stages.pasting import as_rgb_sample, aspect_box_area, choose_context_crop, feather_alpha, paste
-from instsynth.io import (CityscapesImage, InstSynthError, iter_cityscapes_images, read_json, read_png,
-                          split_image_id, write_json, write_png)
-from instsynth.label_crops import crop_resize_labels, drop_color_and_label_ids
-from instsynth.labels import colorize, instance_ids_to_label_ids
+from instsynth.core.io import (CityscapesImage, InstSynthError, iter_cityscapes_images, read_json, read_png,
+                               split_image_id, write_json, write_png)
+from instsynth.stages.label_crops import crop_resize_labels, drop_color_and_label_ids
+from instsynth.core.labels import colorize, instance_ids_to_label_ids
 from instsynth.stages.selection import COORDINATES_NAME, METADATA_NAME, select_instances
 
 CROPS = 2

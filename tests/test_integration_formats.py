@@ -10,9 +10,9 @@ from conftest import REPO
 from instsynth.formats import open_dataset
 from instsynth.formats.coco import merged_json_path
 from instsynth.generation import GenerationSettings, generate_instances
-from instsynth.imageops import crop_resize_labels
-from instsynth.io import InstSynthError, read_json, read_png, write_json
-from instsynth.sample_gate import gate_for
+from instsynth.core.imageops import crop_resize_labels
+from instsynth.core.io import InstSynthError, read_json, read_png, write_json
+from instsynth.quality.sample_gate import gate_for
 from instsynth.stages.gate_decision import GateDecision
 from instsynth.stages.integration import IntegrationParams, integrate_samples
 from instsynth.stages.selection import METADATA_NAME, select_coco_instances, select_from_dataset

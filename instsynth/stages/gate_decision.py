@@ -1,6 +1,6 @@
 """The quality gate's decision as stage 2 receives it: plain data, made on the quality side.
 
-:mod:`instsynth.sample_gate` finds which criteria each sample fails (it reads the quality scores) and
+:mod:`instsynth.quality.sample_gate` finds which criteria each sample fails (it reads the quality scores) and
 builds a :class:`GateDecision` with :meth:`GateDecision.from_failures`; the integration stage only
 reads it, so it never imports quality.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import InstSynthError
+from instsynth.core.io import InstSynthError
 
 FALLBACKS = ("drop", "original")
 """What happens to a sample failing the quality gate: left out, or replaced by the original instance."""

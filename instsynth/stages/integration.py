@@ -19,7 +19,7 @@ dataset ``OUT/images/instsynth_syn/...`` with its instance PNG under ``OUT/insta
 box, kind, blend, fingerprint) and ``OUT/integration_report.json``; the writer's ``finish`` writes the
 file covering all new images (Cityscapes: ``cropped_region_coordinates.json``, the input of stage 4).
 
-The quality gate's decision (:class:`GateDecision`, computed by :mod:`instsynth.sample_gate`) says which
+The quality gate's decision (:class:`GateDecision`, computed by :mod:`instsynth.quality.sample_gate`) says which
 samples are integrated, and which fall back to the original instance (``--fallback original``: the
 pair is still written, labelled ``instance_source: "original"``). Reruns skip samples whose recorded
 fingerprint (parameters, sample bytes, source labels) is unchanged, rewrite no file whose bytes are
@@ -36,19 +36,18 @@ from typing import Any
 
 import numpy as np
 
-from ..formats import Annotations, Dataset, DatasetWriter, NewImage, SourceImage, open_dataset
-from ..formats.cityscapes import COORDINATES_NAME, MAX_SAMPLE_INDEX
-from ..generation.common import resize_image
-from ..generation.manifest import load_manifest
-from ..imageops import crop_resize_rgb
-from ..io import InstSynthError, default_workers, get_logger, progress, read_json, read_png, write_if_changed
-from ..parallel import ordered_map
-from .integration_records import (INTEGRATION_NAME, INTEGRATION_VERSION, REPORT_NAME, Layout, entry_record, filters_of,
-                                  fingerprint, header_of, layout_of, ordered, previous_entries, remove_stale, reusable,
-                                  source_digest)
-from .gate_decision import GateDecision, format_gate_counts
-from .metadata import load_metadata, metadata_format
-from .pasting import ContextCrop, IntegrationParams, as_rgb_sample, choose_context_crop, crop_seed, paste
+from instsynth.core.imageops import crop_resize_rgb, resize_image
+from instsynth.core.io import InstSynthError, default_workers, get_logger, progress, read_json, read_png, write_if_changed
+from instsynth.core.manifests import load_manifest
+from instsynth.core.parallel import ordered_map
+from instsynth.formats import Annotations, Dataset, DatasetWriter, NewImage, SourceImage, open_dataset
+from instsynth.formats.cityscapes import COORDINATES_NAME, MAX_SAMPLE_INDEX
+from instsynth.stages.gate_decision import GateDecision, format_gate_counts
+from instsynth.stages.integration_records import (INTEGRATION_NAME, INTEGRATION_VERSION, REPORT_NAME, Layout,
+                                                  entry_record, filters_of, fingerprint, header_of, layout_of, ordered,
+                                                  previous_entries, remove_stale, reusable, source_digest)
+from instsynth.stages.metadata import load_metadata, metadata_format
+from instsynth.stages.pasting import ContextCrop, IntegrationParams, as_rgb_sample, choose_context_crop, crop_seed, paste
 
 log = get_logger("instsynth.integration")
 # --------------------------------------------------------------------------- per-image work (in workers)
@@ -367,7 +366,7 @@ def integrate_samples(inpainting_dir: str | os.PathLike, out: str | os.PathLike,
 
     ``metadata_path`` defaults to the manifest's metadata; ``coordinates_path`` (stage 1's
     cropped_region_coordinates.json, optional) is checked against it. ``gate``: the quality gate's
-    decision (:func:`instsynth.sample_gate.gate_for`; default every sample). Bad input raises
+    decision (:func:`instsynth.quality.sample_gate.gate_for`; default every sample). Bad input raises
     InstSynthError naming the file; with ``skip_bad`` the sample is skipped and listed in
     integration_report.json. The JSON files are written after every sample was handled.
     """

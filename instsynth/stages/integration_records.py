@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..assemble import place_file
-from ..formats import Dataset, SourceImage
-from ..formats.coco import SYNTHETIC_FOLDER as COCO_SYNTHETIC_FOLDER
-from ..io import InstSynthError, progress, read_json
+from instsynth.core.io import InstSynthError, progress, read_json
+from instsynth.formats import Dataset, SourceImage
+from instsynth.formats.coco import SYNTHETIC_FOLDER as COCO_SYNTHETIC_FOLDER
+from instsynth.stages.assemble import place_file
 
 INTEGRATION_VERSION = 1
 INTEGRATION_NAME = "integration.json"

@@ -24,10 +24,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from ..formats.cityscapes import MAX_CROPS_PER_SAMPLE
-from ..generation.common import stable_seed
-from ..imageops import crop_resize_labels
-from ..io import InstSynthError
+from instsynth.core.imageops import crop_resize_labels
+from instsynth.core.io import InstSynthError
+from instsynth.core.seeds import stable_seed
+from instsynth.formats.cityscapes import MAX_CROPS_PER_SAMPLE
 
 BLENDS = ("hard", "feather", "normalized")
 

@@ -1,7 +1,7 @@
 """The quality gate's decision for stage 2: which samples are integrated, fall back or are dropped.
 
 The decision is computed here, on the quality side (it reads the quality scores through
-:func:`instsynth.quality.gate_failures`), and handed to :func:`instsynth.stages.integration.integrate_samples`
+:func:`instsynth.quality.gate.gate_failures`), and handed to :func:`instsynth.stages.integration.integrate_samples`
 as plain data (:class:`~instsynth.stages.gate_decision.GateDecision`): the integration stage never imports
 quality.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .generation.manifest import MANIFEST_NAME, load_manifest
-from .io import InstSynthError
-from .quality import GATE_CRITERIA, gate_failures
-from .stages.gate_decision import FALLBACKS, GateDecision
+from instsynth.core.io import InstSynthError
+from instsynth.core.manifests import MANIFEST_NAME, load_manifest
+from instsynth.quality.gate import GATE_CRITERIA, gate_failures
+from instsynth.stages.gate_decision import FALLBACKS, GateDecision
 
 
 def gate_samples(instances: dict[str, dict], min_clip_score: float | None = None, top_fraction: float | None = None,
@@ -21,7 +21,7 @@ def gate_samples(instances: dict[str, dict], min_clip_score: float | None = None
                  where: str | os.PathLike = Path(".")) -> GateDecision:
     """Apply the quality gate to a manifest's instances.
 
-    A sample passes when it meets every given criterion (None: off; see :func:`instsynth.quality.gate_failures`).
+    A sample passes when it meets every given criterion (None: off; see :func:`instsynth.quality.gate.gate_failures`).
     A failing sample is left out (``fallback="drop"``) or integrated with the original instance in place
     of the generated one (``"original"``: the pair is still written, labelled ``instance_source: "original"``).
     """
