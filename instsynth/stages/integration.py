@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from instsynth.core.imageops import crop_resize_rgb, resize_image
-from instsynth.core.io import InstSynthError, default_workers, get_logger, progress, read_json, read_png, write_if_changed
+from instsynth.core.io import (InstSynthError, default_workers, get_logger, progress, read_json, read_png,
+                               write_if_changed)
 from instsynth.core.manifests import load_manifest
 from instsynth.core.parallel import ordered_map
 from instsynth.formats import Annotations, Dataset, DatasetWriter, NewImage, SourceImage, open_dataset
@@ -47,7 +48,8 @@ from instsynth.stages.integration_records import (INTEGRATION_NAME, INTEGRATION_
                                                   entry_record, filters_of, fingerprint, header_of, layout_of, ordered,
                                                   previous_entries, remove_stale, reusable, source_digest)
 from instsynth.stages.metadata import load_metadata, metadata_format
-from instsynth.stages.pasting import ContextCrop, IntegrationParams, as_rgb_sample, choose_context_crop, crop_seed, paste
+from instsynth.stages.pasting import (ContextCrop, IntegrationParams, as_rgb_sample, choose_context_crop, crop_seed,
+                                      paste)
 
 log = get_logger("instsynth.integration")
 # --------------------------------------------------------------------------- per-image work (in workers)
@@ -114,7 +116,8 @@ def check_instance(task: SampleTask, ann: Annotations) -> tuple[np.ndarray | Non
                              f"box {task.crop_box}", "empty_mask")
     if inst.area != task.area:  # the labels disagree with the instance stage 1 selected
         return None, (where, f"instance {task.key!r}: {inst.area} pixels of id {task.instance_id}, but "
-                             f"metadata.json says area {task.area} (edited metadata or another dataset?)", "area_mismatch")
+                             f"metadata.json says area {task.area} (edited metadata or another dataset?)",
+                      "area_mismatch")
     return mask, None
 
 
@@ -140,7 +143,7 @@ def integrate_sample(task: SampleTask, ann: Annotations, rgb: np.ndarray, counts
         done = writer.write(NewImage(name, ann, image, tuple(crop.box),
                                      regenerated=None if task.original else task.instance_id))
         result.written, result.existing = result.written + done.written, result.existing + done.existing
-        result.entries.append({
+        result.entries.append({  # every format's fields; its Layout keeps and orders its own (entry_record)
             "image_id": name, "name": name, "kind": "panorama" if c == 0 else "crop", "split": writer.split,
             "city": source.folder, "source_image_id": source.report_id, "key": task.key,
             "instance_id": task.instance_id, "sample": task.sample_rel, "sample_index": task.sample, "crop_index": c,
@@ -278,10 +281,10 @@ def plan_samples(manifest_path: Path, manifest: dict, meta: dict, dataset: Datas
                     digests[image.relative] = source_digest(image, inst, label_files)
                 except OSError:
                     digests[image.relative] = b""  # unreadable: the worker reports it
+            stamp = fingerprint(params, inst, None if i in fallback else sample_path, digests[image.relative])
+            labels = str(inst[label_files[0]] if label_files else dataset.where)
             task = SampleTask(inst["key"], inst["instance_id"], inst["bbox"], inst["crop_box"], inst["area"], i,
-                              sample_path, entry["samples"][i],
-                              fingerprint(params, inst, None if i in fallback else sample_path, digests[image.relative]),
-                              original=i in fallback, labels=str(inst[label_files[0]] if label_files else dataset.where))
+                              sample_path, entry["samples"][i], stamp, original=i in fallback, labels=labels)
             plan.order.append((task.key, i))
             names = [writer.new_name(image, task.instance_id, i, c) for c in range(params.crops_per_sample + 1)]
             done = reusable(layout, names, task.fingerprint, plan.previous, out)
@@ -313,7 +316,8 @@ def run_plan(plan: Plan, workers: int) -> tuple[list[dict], Counter]:
             entries += plan.reused[pair]
         elif pair in results and results[pair].error is None:
             entries += [entry_record(plan.layout, e) for e in results[pair].entries]
-    files = Counter(written=sum(r.written for r in results.values()), existing=sum(r.existing for r in results.values()))
+    files = Counter(written=sum(r.written for r in results.values()),
+                    existing=sum(r.existing for r in results.values()))
     return entries, files
 
 

@@ -32,8 +32,8 @@ REPORT_NAME = "integration_report.json"
 _ENTRY_MIDDLE = ("key", "instance_id", "sample", "sample_index", "crop_index", "bbox_coordinate", "size", "blend",
                  "ratio", "tries", "fallback", "sample_notes", "instance_source")
 _GATE_COUNTS = ("samples_accepted", "samples_fallen_back", "samples_dropped_by_gate", "gate_accept_rate")
-_DONE = ("samples_integrated", "samples_reused", "samples_skipped", "skip_reasons", "skipped", "instances_not_generated",
-         "new_images", "panoramas", "crops")
+_DONE = ("samples_integrated", "samples_reused", "samples_skipped", "skip_reasons", "skipped",
+         "instances_not_generated", "new_images", "panoramas", "crops")
 _FILES_REPORT = ("files_written", "files_already_right", "stale_images_removed", "crop_redraws", "crop_fallbacks",
                  "samples_converted")
 
@@ -84,7 +84,8 @@ def coco_info(header: dict, entries: list[dict]) -> dict:
 def coco_counts(dataset: Dataset, entries: list[dict], written: list[Path]) -> dict:
     """The COCO report's merged file and counts of new annotations and of the source file."""
     source = dataset.source
-    return {"merged_json": str(written[0]), "new_annotations": sum(len(e["annotations"]) for e in entries), "original_images": len(source.images),
+    return {"merged_json": str(written[0]), "new_annotations": sum(len(e["annotations"]) for e in entries),
+            "original_images": len(source.images),
             "original_annotations": sum(map(len, source.annotations.values())), "bad_source_items_left_out": source.bad}
 
 
@@ -95,8 +96,8 @@ LAYOUTS = {
         (*_GATE_COUNTS, *_DONE, *_FILES_REPORT),
         lambda e: [e["outputs"]["leftImg8bit"], e["outputs"]["instanceIds"]], _outputs),
     "coco": Layout(
-        "file_name", ("version", "format", "manifest", "backend", "metadata", "coco_json", "images_dir", "split", "params",
-                      "filters"),
+        "file_name",
+        ("version", "format", "manifest", "backend", "metadata", "coco_json", "images_dir", "split", "params", "filters"),
         ("file_name", "width", "height", "kind", "source_image_id", "key", "annotation_id",
          *_ENTRY_MIDDLE[2:6], *_ENTRY_MIDDLE[7:], "fingerprint", "annotations"),
         ("merged_json", *_DONE, "new_annotations", "original_images", "original_annotations",

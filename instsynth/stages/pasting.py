@@ -47,7 +47,8 @@ class IntegrationParams:
         if self.blend not in BLENDS:
             raise InstSynthError(where, f"blend must be one of {BLENDS}, got {self.blend!r}")
         if not 0 <= self.crops_per_sample <= MAX_CROPS_PER_SAMPLE:
-            raise InstSynthError(where, f"crops_per_sample must be in [0, {MAX_CROPS_PER_SAMPLE}], got {self.crops_per_sample}")
+            raise InstSynthError(where, f"crops_per_sample must be in [0, {MAX_CROPS_PER_SAMPLE}], "
+                                        f"got {self.crops_per_sample}")
         if self.min_instance_pixels < 0 or self.max_tries < 1 or self.feather_pixels < 1:
             raise InstSynthError(where, "min_instance_pixels must be >= 0, max_tries and feather_pixels >= 1")
 
