@@ -1,7 +1,7 @@
 """Stage 1 of InstSynth: select the k largest thing instances of every image and cut square crops.
 
 Writes ``metadata.json``, ``cropped_region_coordinates.json``, ``selection_report.json`` and the
-crops (``crops/<split>/<city>_syn/<key>_{rgb,mask}.png``) under ``--out`` (default: ``<dataset root>_instsynth_<split>``).
+crops (``crops/<split>/<city>_syn/<key>_{rgb,mask}.png``) under ``--out`` (default: ``<dataset root>_selection_<split>``).
 All logic lives in :mod:`instsynth.stages.selection`.
 """
 import argparse
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_budget_arguments(parser, "--k_per_class", "instances selected per image", "--k", "truck=6,bus=6")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("--out", default=None,
-                        help="output folder, outside the dataset (default: <dataset root>_instsynth_<split> beside it; with --coco: <folder of the JSON>/instsynth_<split>)")
+                        help="output folder, outside the dataset (default: <dataset root>_selection_<split> beside it; with --coco: <folder of the JSON>/instsynth_<split>)")
     add_max_pixels(parser)
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip unreadable or inconsistent images with a warning (listed in selection_report.json)")

@@ -240,11 +240,11 @@ def test_stage1_refuses_an_output_overlapping_the_dataset_before_writing(demo_co
         one_error(res, str(out), "the input", "choose a folder outside the dataset")
     res = cli(REPO / "process_clean_ver.py", "--train_folder", demo_copy, "--workers", "1")  # default: beside it
     assert res.returncode == 0, res.stderr
-    assert (tmp_path / "cityscapes_instsynth_train" / METADATA_NAME).is_file()
+    assert (tmp_path / "cityscapes_selection_train" / METADATA_NAME).is_file()
     gen = cli(REPO / "generation/instance_generation.py", "--mode", "recolor", "--folder",
-              tmp_path / "cityscapes_instsynth_train")
+              tmp_path / "cityscapes_selection_train")
     assert gen.returncode == 0, gen.stderr
-    sel = tmp_path / "cityscapes_instsynth_train"
+    sel = tmp_path / "cityscapes_selection_train"
     meta = read_json(sel / METADATA_NAME)
     for out in (demo_copy / "leftImg8bit", demo_copy):
         res = cli(REPO / "generation/instance_generation.py", "--mode", "recolor", "--metadata", sel / METADATA_NAME,

@@ -435,12 +435,12 @@ def select_instances(dataset_root: str | os.PathLike, split: str = "train", k: i
 
 def default_out(dataset: Dataset | str | os.PathLike, split: str) -> Path:
     """Default output folder of stage 1, never inside the dataset: on a COCO file (or its path)
-    ``<folder of the JSON>/instsynth_<split>``; on a tree (Cityscapes, folder) ``<root>_instsynth_<split>`` beside it."""
+    ``<folder of the JSON>/instsynth_<split>``; on a tree (Cityscapes, folder) ``<root>_selection_<split>`` beside it."""
     if not isinstance(dataset, Dataset):
         return Path(dataset).resolve().parent / f"instsynth_{split}"
     if dataset.where != dataset.root:  # the annotation file of a COCO dataset
         return default_out(dataset.where, split)
-    return dataset.root.parent / f"{dataset.root.name}_instsynth_{split}"
+    return dataset.root.parent / f"{dataset.root.name}_selection_{split}"
 
 
 def select_coco_instances(coco_json: str | os.PathLike, images_dir: str | os.PathLike, split: str = "train",
