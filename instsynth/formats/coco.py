@@ -34,7 +34,7 @@ from ..imageops import crop_resize_labels, segmentation_of
 from ..io import InstSynthError, encode_png, get_logger, read_json, read_png, write_if_changed
 from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
                    category_table, check_named_instance, painted_masks)
-from .coco_checks import bbox_problem, polygon_problems, rle_problem
+from .coco_checks import bbox_problems, polygon_problems, rle_problem
 
 BOX_TOLERANCE = 1.0
 """Pixels an annotation's bbox may extend beyond its image (rounding in exported files) before it is bad."""
@@ -79,7 +79,7 @@ class CocoSource:
 
 
 def _annotation_problem(ann: Any, images: dict[int, dict], categories: dict[int, dict]) -> str | None:
-    """Problem of an annotation's ids, bbox and RLE; polygons are left to :func:`polygon_problems` (file-wide)."""
+    """Problem of an annotation's ids and RLE (polygons and bboxes are checked file-wide)."""
     if not isinstance(ann, dict):
         return "not an object"
     if ann.get("image_id") not in images:
@@ -95,18 +95,20 @@ def _annotation_problem(ann: Any, images: dict[int, dict], categories: dict[int,
         problem = "segmentation must be polygons or RLE {size, counts}"
     else:
         problem = None
-    if problem is None and ann.get("bbox") is not None:
-        problem = bbox_problem(ann["bbox"], height, width, BOX_TOLERANCE)
     return problem
 
 
 def annotation_problems(anns: list, images: dict[int, dict], categories: dict[int, dict]) -> list[str | None]:
-    """Problem of each annotation of ``anns`` (checked images and categories by id), or None: ids, RLE and
-    bbox per annotation, every polygon coordinate of the file in one numpy array."""
+    """Problem of each annotation of ``anns`` (checked images and categories by id), or None: ids and RLE
+    per annotation, every polygon coordinate and every bbox of the file each in one numpy array."""
     problems = [_annotation_problem(ann, images, categories) for ann in anns]
     polygons = [n for n, (ann, p) in enumerate(zip(anns, problems)) if p is None and isinstance(ann["segmentation"], list)]
     sizes = [(images[anns[n]["image_id"]]["height"], images[anns[n]["image_id"]]["width"]) for n in polygons]
     for n, problem in zip(polygons, polygon_problems([anns[n]["segmentation"] for n in polygons], sizes)):
+        problems[n] = problem
+    boxed = [n for n, (ann, p) in enumerate(zip(anns, problems)) if p is None and ann.get("bbox") is not None]
+    sizes = [(images[anns[n]["image_id"]]["height"], images[anns[n]["image_id"]]["width"]) for n in boxed]
+    for n, problem in zip(boxed, bbox_problems([anns[n]["bbox"] for n in boxed], sizes, BOX_TOLERANCE)):
         problems[n] = problem
     return problems
 

@@ -8,9 +8,8 @@ counts decodable by :func:`compressed_runs`) and bboxes (:func:`bbox_problem`). 
 """
 from __future__ import annotations
 
-import math
 from itertools import chain
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -22,15 +21,13 @@ MAX_RUN_DIGITS = 12
 """Characters of one compressed RLE value (5 bits each): 60 bits, far above any image's pixel count."""
 
 
-def numbers(values: list) -> np.ndarray | None:
-    """float64 array of a flat list of JSON numbers; None when one is not a number (or is nested)."""
+def numbers(values: Iterable, count: int = -1) -> np.ndarray | None:
+    """float64 array of JSON numbers (numeric strings read as pycocotools reads them); None when one is
+    not a number or is nested."""
     try:
-        array = np.array(values)
-    except (ValueError, TypeError, OverflowError):  # ragged nesting
+        return np.fromiter(values, np.float64, count)
+    except (ValueError, TypeError, OverflowError):
         return None
-    if array.ndim != 1 or array.dtype.kind not in "biuf":
-        return None
-    return array.astype(np.float64, copy=False)
 
 
 def _structure_problem(seg: list) -> str | None:
@@ -50,17 +47,18 @@ def polygon_problems(segs: Sequence[list], sizes: Sequence[tuple[int, int]]) -> 
     (height, width), or None; every coordinate of all of them is checked in one array."""
     problems = [_structure_problem(seg) for seg in segs]
     ok = [i for i, p in enumerate(problems) if p is None]
-    coords = numbers(list(chain.from_iterable(chain.from_iterable(segs[i] for i in ok))))
+    per_ann = np.fromiter((sum(map(len, segs[i])) // 2 for i in ok), np.int64, len(ok))
+    coords = numbers(chain.from_iterable(chain.from_iterable(segs[i] for i in ok)), 2 * int(per_ann.sum()))
     if coords is None:  # some annotation holds a non-number: find it, check the others together
         for i in ok:
-            if numbers(list(chain.from_iterable(segs[i]))) is None:
+            if numbers(chain.from_iterable(segs[i])) is None:
                 problems[i] = NOT_NUMBERS
         ok = [i for i in ok if problems[i] is None]
-        coords = numbers(list(chain.from_iterable(chain.from_iterable(segs[i] for i in ok))))
+        per_ann = np.fromiter((sum(map(len, segs[i])) // 2 for i in ok), np.int64, len(ok))
+        coords = numbers(chain.from_iterable(chain.from_iterable(segs[i] for i in ok)), 2 * int(per_ann.sum()))
     if not ok:
         return problems
     points = coords.reshape(-1, 2)
-    per_ann = np.fromiter((sum(map(len, segs[i])) // 2 for i in ok), np.int64, len(ok))
     starts = np.concatenate(([0], np.cumsum(per_ann)[:-1]))
     lo = np.minimum.reduceat(points, starts, axis=0)  # NaN propagates, and fails every comparison below
     hi = np.maximum.reduceat(points, starts, axis=0)
@@ -126,20 +124,35 @@ def rle_problem(seg: dict, height: int, width: int) -> str | None:
     return None
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def bbox_problem(box: Any, height: int, width: int, tolerance: float) -> str | None:
     """Problem of a bbox ``[x, y, w, h]``: not 4 finite numbers, no area, or more than ``tolerance``
     pixels outside its image; or None."""
-    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-        return f"bbox must be [x, y, w, h], got {box!r}"
-    if not all(_finite(v) for v in box):
-        return f"bbox {box} has a NaN or infinite number"
-    x, y, w, h = box
-    if w <= 0 or h <= 0:
-        return f"bbox {box} has no area"
-    if x < -tolerance or y < -tolerance or x + w > width + tolerance or y + h > height + tolerance:
-        return f"bbox {box} lies outside its {width}x{height} image"
-    return None
+    return bbox_problems([box], [(height, width)], tolerance)[0]
+
+
+def bbox_problems(boxes: Sequence[Any], sizes: Sequence[tuple[int, int]], tolerance: float) -> list[str | None]:
+    """:func:`bbox_problem` of each of ``boxes`` (image ``sizes[i]``: height, width), all in one array."""
+    problems: list[str | None] = [None if type(b) is list and len(b) == 4 else f"bbox must be [x, y, w, h], got {b!r}"
+                                  for b in boxes]
+    ok = [i for i, p in enumerate(problems) if p is None]
+    values = numbers(chain.from_iterable(boxes[i] for i in ok), 4 * len(ok))
+    if values is None:  # a non-number somewhere: find it, check the others together
+        for i in ok:
+            if numbers(boxes[i]) is None:
+                problems[i] = f"bbox must be [x, y, w, h], got {boxes[i]!r}"
+        ok = [i for i in ok if problems[i] is None]
+        values = numbers(chain.from_iterable(boxes[i] for i in ok), 4 * len(ok))
+    if not ok:
+        return problems
+    xywh = values.reshape(-1, 4)
+    hw = np.array([sizes[i] for i in ok], np.float64)
+    x, y, w, h = xywh.T
+    finite = np.isfinite(xywh).all(1)
+    area = (w > 0) & (h > 0)
+    inside = (x >= -tolerance) & (y >= -tolerance) & (x + w <= hw[:, 1] + tolerance) & (y + h <= hw[:, 0] + tolerance)
+    for j in np.flatnonzero(~(finite & area & inside)):
+        i = ok[j]
+        box = boxes[i]
+        problems[i] = (f"bbox {box} has a NaN or infinite number" if not finite[j] else f"bbox {box} has no area"
+                       if not area[j] else f"bbox {box} lies outside its {sizes[i][1]}x{sizes[i][0]} image")
+    return problems
