@@ -302,7 +302,10 @@ def main(argv=None) -> None:
     try:
         data = Path(args.data) if args.data else tmp
         pool = image_pool(data / "pool", *args.image_size, args.distinct_images)
-        rows = [measure_size(n, args, data, pool) for n in sizes]
+        rows = []
+        for n in sizes:
+            rows.append(measure_size(n, args, data, pool))
+            print(f"measured {n} annotations: {rows[-1]}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report(rows, args)
