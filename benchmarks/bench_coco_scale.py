@@ -161,7 +161,7 @@ def write_dataset(folder: Path, n_annotations: int, width: int, height: int, sam
 
 # --------------------------------------------------------------------------- the passes
 def _decode(path: str) -> int:
-    from instsynth.io import read_png
+    from instsynth.core.io import read_png
 
     return int(read_png(path, rgb=True, bgr=True).size)
 
@@ -170,7 +170,7 @@ def floor_pass(json_path: Path, images: Path, cropped: list[str], workers: int) 
     """pycocotools loading the file, then decoding the images stage 1 crops with its worker pool."""
     from pycocotools.coco import COCO
 
-    from instsynth.parallel import ordered_map
+    from instsynth.core.parallel import ordered_map
     from instsynth.stages.selection import task_chunk
 
     with contextlib.redirect_stdout(io.StringIO()):

@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 from conftest import REPO
 from instsynth.formats.coco import load_coco_source
 from instsynth.formats.coco_checks import bbox_problems, compressed_runs, polygon_problems, rle_problem
-from instsynth.io import InstSynthError, read_json
+from instsynth.core.io import InstSynthError, read_json
 
 H, W = 256, 512  # the demo images
 

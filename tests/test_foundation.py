@@ -136,7 +136,7 @@ def _scaled(shared, x):
 
 
 def test_ordered_map_sends_shared_data_once_per_worker():
-    from instsynth.parallel import ordered_map
+    from instsynth.core.parallel import ordered_map
 
     shared = {"factor": 3, "table": list(range(5000))}
     tasks = list(range(40))
