@@ -43,10 +43,13 @@ def demo_copy(demo_root, tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def coco_files(demo_root, tmp_path_factory) -> dict:
-    """The demo tree exported as COCO files (instsynth.demo.export_coco), per test module."""
+    """The demo tree exported as COCO files (instsynth.demo.export_coco), per test module. The export runs
+    stage 5 inside the tree it reads, so it reads a copy: the session's demo tree stays untouched."""
     from instsynth.demo import export_coco
 
-    return export_coco(demo_root, tmp_path_factory.mktemp("coco"), workers=1)
+    tree = tmp_path_factory.mktemp("coco_source") / "cityscapes"
+    shutil.copytree(demo_root, tree)
+    return export_coco(tree, tmp_path_factory.mktemp("coco"), workers=1)
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conftest import DEMO_KW, REPO
-from instsynth.formats.coco import annotation_mask
+from instsynth.formats.coco import annotation_mask, merged_json_path
 from instsynth.stages.selection import select_coco_instances
-from instsynth.coco_output import merged_json_path
 from instsynth.generation import GenerationSettings, generate_instances, load_manifest
-from instsynth.integration import IntegrationParams, integrate_samples
+from instsynth.stages.integration import IntegrationParams, integrate_samples
 from instsynth.core.io import InstSynthError, read_json, read_png
 from instsynth.stages.label_crops import crop_resize_labels
 from instsynth.core.labels import complete_prompt_bank, generated_prompts, load_prompt_bank
@@ -345,7 +344,7 @@ def read_json_yaml(path: Path) -> dict:
 
 
 def test_catalog_errors_name_the_file(tmp_path, monkeypatch):
-    from instsynth.data.catalog import get_spec, registered_names
+    from instsynth.data.registry import get_spec, registered_names
 
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text("mine: {json_file: ann.json}\n")
