@@ -16,11 +16,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conftest import REPO
-from instsynth.coco import (centre_polygons, coco_json_path, convert_cityscapes_to_coco, corner_polygons,
+from instsynth.coco import (coco_json_path, convert_cityscapes_to_coco, corner_polygons,
                             report_path, rle_encode)
 from instsynth.data.coco import load_coco_categories, load_coco_json
 from instsynth.io import InstSynthError, iter_cityscapes_images, read_png, write_png
 from instsynth.labels import EVAL_THING_CLASSES, instance_ids_to_label_ids, label_id
+from instsynth.polygons import outlines
 
 SCRIPT = REPO / "cityscapes-to-coco-conversion" / "main_defined_clean_ver.py"
 
@@ -209,7 +210,7 @@ def test_corner_polygons_are_exact_on_small_and_random_masks():
     coco_poly = [p.ravel().astype(float).tolist() for p in polys]
     assert not holes
     assert _iou(mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(coco_poly, 40, 30))).astype(bool), person) == 1.0
-    centre = [p.ravel().astype(float).tolist() for p in centre_polygons(person)]
+    centre = [p.ravel().astype(float).tolist() for p in outlines(person)]
     centre_iou = _iou(mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(centre, 40, 30))).astype(bool), person)
     assert centre_iou < 0.95  # what the pixel-centre polygons of the paper's converter lose
     rng = np.random.default_rng(0)
