@@ -40,8 +40,9 @@ from .assemble import place_file
 from .formats.coco import (LVIS_IMAGE_FIELDS, SYNTHETIC_FOLDER, CocoSource, annotation_mask,  # noqa: F401 (names kept)
                            crop_annotations, exact_segmentation, instance_map, mask_bbox, merge_coco, merged_json_path,
                            panorama_annotations, synthetic_file_name)
+from .formats.base import encode_image
 from .formats.coco import load_coco_source
-from .io import InstSynthError, encode_png, get_logger, progress, read_json, read_png, write_if_changed
+from .io import InstSynthError, get_logger, progress, read_json, read_png, write_if_changed
 from .integration import (INTEGRATION_NAME, INTEGRATION_VERSION, REPORT_NAME, ContextCrop, IntegrationSummary,
                           SampleResult, SampleTask, _json_bytes, _Plan, choose_context_crop, crop_seed, load_sample,
                           paste, run_samples, sample_fingerprint)
@@ -94,7 +95,7 @@ def integrate_sample(task: SampleTask, img: dict, rgb: np.ndarray, anns: list[di
         else:
             image = crop_resize_rgb(pasted, crop.box, (width, height))
             new_anns = crop_annotations(anns, masks, crop.box, (width, height), task.instance_id)
-        if write_if_changed(out / "images" / name, encode_png(image)):
+        if write_if_changed(out / "images" / name, encode_image(image, name)):
             result.written += 1
         else:
             result.existing += 1
