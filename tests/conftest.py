@@ -43,10 +43,14 @@ def demo_copy(demo_root, tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def coco_files(demo_root, tmp_path_factory) -> dict:
-    """The demo tree exported as COCO files (instsynth.demo.export_coco), per test module."""
+    """The demo tree exported as COCO files (instsynth.demo.export_coco), per test module. The export converts
+    the tree it is given (stage 5), so it gets a copy: demo_root keeps no annotations/ folder."""
     from instsynth.demo import export_coco
 
-    return export_coco(demo_root, tmp_path_factory.mktemp("coco"), workers=1)
+    base = tmp_path_factory.mktemp("coco")
+    tree = base / "cityscapes"
+    shutil.copytree(demo_root, tree)
+    return export_coco(tree, base, workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +58,8 @@ def folder_root(demo_root, tmp_path_factory) -> Path:
     """The demo train split as a folder dataset: encoded values (category * 1000 + k), group regions dropped."""
     import numpy as np
 
-    from instsynth.io import iter_cityscapes_images, read_png, write_json, write_png
-    from instsynth.labels import THING_CLASSES, THING_LABEL_IDS
+    from instsynth.core.io import iter_cityscapes_images, read_png, write_json, write_png
+    from instsynth.core.labels import THING_CLASSES, THING_LABEL_IDS
 
     root = tmp_path_factory.mktemp("folder")
     for im in iter_cityscapes_images(demo_root, "train"):

@@ -8,8 +8,8 @@ import numpy as np
 from cityscapesscripts.helpers.annotation import Annotation
 from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 
-from instsynth.coco import image_regions
-from instsynth.polygons import polygons_json
+from instsynth.stages.coco_conversion import image_regions
+from instsynth.stages.polygons import polygons_json
 
 
 def redraw(content: dict) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO
 from instsynth.data.split import choose_val, split_coco
-from instsynth.io import InstSynthError, read_json, write_json
+from instsynth.core.io import InstSynthError, read_json, write_json
 
 
 def lvis_file(path, images=20):

@@ -13,16 +13,14 @@ is checked as stage 1 checks it (:func:`instsynth.formats.coco.load_coco_source`
 """
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..cli import command
-from ..formats.coco import load_coco_source
-from ..io import InstSynthError, get_logger, write_json
+from instsynth.core.io import InstSynthError, get_logger, write_json
+from instsynth.formats.coco import load_coco_source
 
 SPLITS = ("train", "val")
 COUNT_FIELDS = ("image_count", "instance_count")
@@ -114,27 +112,7 @@ def split_coco(coco_json: str | Path, out: str | Path | None = None, val_fractio
     return SplitSummary(paths, images, annotations, only_in)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m instsynth.data.split", description=__doc__.split("\n\n")[0])
-    p.add_argument("coco_json", help="COCO / LVIS instances file (e.g. trainval.json)")
-    p.add_argument("--out", default=None, help="output folder (default: the file's folder)")
-    p.add_argument("--val-fraction", "--val_fraction", dest="val_fraction", type=float, default=0.2,
-                   help="share of the images that go to val (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random order of the images (default 0)")
-    args = p.parse_args(argv)
-    if not 0 < args.val_fraction < 1:
-        p.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
-    return args
+if __name__ == "__main__":  # python -m instsynth.data.split: the command line is instsynth.cli.split
+    from instsynth.cli.split import main
 
-
-@command
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    summary = split_coco(args.coco_json, args.out, args.val_fraction, args.seed)
-    for split in SPLITS:
-        print(f"{split}: {summary.images[split]} images, {summary.annotations[split]} annotations -> "
-              f"{summary.paths[split]}")
-
-
-if __name__ == "__main__":
     main()

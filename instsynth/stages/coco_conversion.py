@@ -7,7 +7,7 @@ never read for COCO. Per split it writes
 - ``DIR/annotations/instancesonly_filtered_gtFine_<split>.json`` (COCO instances),
 - ``DIR/annotations/conversion_report_<split>.json`` (counts per class, dropped instances, skipped images),
 - ``_gtFine_polygons.json`` next to each instanceIds PNG that has none (synthetic images): one object
-  per instance in depth order, which cityscapesScripts draws back to the PNG (:mod:`instsynth.polygons`).
+  per instance in depth order, which cityscapesScripts draws back to the PNG (:mod:`instsynth.stages.polygons`).
 
 Polygons trace pixel *edges*: each mask is upsampled x2 so that the left/right (top/bottom) boundary
 pixels of every source pixel are distinct, its contour is traced with OpenCV and every contour point
@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .imageops import corner_polygons, rle_encode, segmentation_of  # noqa: F401 (names of this module too)
-from .parallel import ordered_map
-from .polygons import polygons_json
-from .io import (CityscapesImage, InstSynthError, default_workers, get_logger, iter_cityscapes_images,
-                 progress, read_json, read_png, report_generated_images, write_json)
-from .labels import (EVAL_THING_CLASSES, THING_CLASSES, THING_LABEL_IDS, class_name,
-                     decode_instance_id, label_id)
+from instsynth.core.imageops import (corner_polygons, rle_encode, segmentation_of)  # noqa: F401 (names of this module too)
+from instsynth.core.parallel import ordered_map
+from instsynth.core.io import (CityscapesImage, InstSynthError, default_workers, get_logger, iter_cityscapes_images,
+                               progress, read_json, read_png, report_generated_images, write_json)
+from instsynth.core.labels import (EVAL_THING_CLASSES, THING_CLASSES, THING_LABEL_IDS, class_name, decode_instance_id,
+                                   label_id)
+from instsynth.stages.polygons import polygons_json
 
 FORMATS = ("polygon", "rle")
 MIN_THING_VALUE = min(THING_LABEL_IDS)

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from skimage.graph import MCP
 
-from .labels import THING_LABEL_IDS, class_name, decode_instance_id
+from instsynth.core.labels import THING_LABEL_IDS, class_name, decode_instance_id
 
 MIN_THING_VALUE = min(THING_LABEL_IDS)
 """Values below this are stuff (any number of objects); from it on, things (one object each)."""
