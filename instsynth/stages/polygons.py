@@ -89,39 +89,31 @@ def hole_free_pieces(mask: np.ndarray) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- one polygon per thing
 def bridges(mask: np.ndarray, costs: np.ndarray) -> tuple[list[np.ndarray], list[tuple]]:
     """Every outline of a mask (its pieces' outer and hole boundaries, CHAIN_APPROX_NONE; the largest outer
-    one first) and the bridges joining them into a tree.
+    one first) and the bridges joining each other outline to the first.
 
-    Each bridge ``(outline a, point on a, outline b, point on b, [points between])`` is the cheapest
-    8-connected path from the outlines joined so far to the nearest other one (``costs``: per pixel, 0 on
-    the mask, so a piece reaches its own holes through itself: a keyhole cut)."""
+    Each bridge ``(0, point on outline 0, outline b, point on b, [points between])`` is the cheapest 8-connected
+    path from outline 0 to outline b (``costs``: per pixel, 0 on the mask, so a piece reaches its own holes
+    through itself, a keyhole cut, and a bridge to a far piece runs through the nearer ones)."""
     found, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     outer = [int(hierarchy[0][i][3]) == -1 for i in range(len(found))]
     root = max(range(len(found)), key=lambda i: (outer[i], cv2.contourArea(found[i]), -i))
     contours = [found[root][:, 0, :]] + [c[:, 0, :] for i, c in enumerate(found) if i != root]
-    owners: dict[tuple[int, int], set[int]] = {}
-    for i, c in enumerate(contours):
-        for x, y in c.tolist():
-            owners.setdefault((x, y), set()).add(i)
-    joined, edges = {0}, []
-    while len(joined) < len(contours):
-        shared = next((p for p, o in owners.items() if o & joined and o - joined), None)
-        if shared is not None:  # a one-pixel-wide part: the outlines touch
-            path = [shared]
-        else:
-            starts = [(y, x) for (x, y), o in owners.items() if o & joined]
-            ends = [(y, x) for (x, y), o in owners.items() if not o & joined]
-            mcp = MCP(costs, fully_connected=True)
-            cumulative, _ = mcp.find_costs(starts, ends, find_all_ends=False)
-            path = [(int(x), int(y)) for y, x in mcp.traceback(min(ends, key=lambda p: cumulative[p]))]
-        first = max(i for i, p in enumerate(path) if owners.get(p, set()) & joined)
-        a, b = min(owners[path[first]] & joined), min(owners[path[-1]] - joined)
-        edges.append((a, path[first], b, path[-1], path[first + 1:-1]))
-        joined.add(b)
+    if len(contours) == 1:
+        return contours, []
+    on_root = {(int(x), int(y)) for x, y in contours[0]}
+    mcp = MCP(costs, fully_connected=True)
+    cumulative, _ = mcp.find_costs([(y, x) for x, y in on_root])
+    edges = []
+    for b, contour in enumerate(contours[1:], start=1):
+        x, y = contour[int(np.argmin(cumulative[contour[:, 1], contour[:, 0]]))]
+        path = [(int(px), int(py)) for py, px in mcp.traceback((int(y), int(x)))]
+        first = max(i for i, point in enumerate(path) if point in on_root)
+        edges.append((0, path[first], b, path[-1], path[first + 1:-1]))
     return contours, edges
 
 
 def tour(contours: list[np.ndarray], edges: list[tuple]) -> list[tuple[int, int]]:
-    """One closed point path around every piece: each outline in turn, out along a bridge and back."""
+    """One closed point path around every outline: the first, leaving it along each bridge and coming back."""
     children: dict[tuple[int, tuple], list[tuple]] = {}
     for a, pa, b, pb, between in edges:
         children.setdefault((a, pa), []).append((b, pb, between))
