@@ -35,6 +35,7 @@ import numpy as np
 
 from instsynth.cli import command
 from instsynth.stages.coco_conversion import coco_json_path, convert_cityscapes_to_coco
+from instsynth.experiments.dataset import ExperimentDataset, extra_images_file, parse_dataset
 from instsynth.generation.common import MODE_ALIASES, MODE_NAMES
 from instsynth.core.io import InstSynthError, get_logger, progress, read_json, read_yaml, write_bytes, write_json
 from instsynth.core.labels import REPO_ROOT
@@ -53,7 +54,7 @@ BASELINE_NAME = "experiment_baseline_train"
 
 # stage: (script, flags the harness sets itself)
 STAGES = {
-    "selection": ("process_clean_ver.py", ("train_folder", "out", "split")),
+    "selection": ("process_clean_ver.py", ("train_folder", "coco", "images", "folder", "out", "split")),
     "generation": ("generation/instance_generation.py", ("metadata", "folder")),
     "filter": ("generation/filter_generation.py", ("manifest",)),
     "integration": ("inpainted_integration.py", ("inpainting_dir", "metadata_path", "cropped_region_coordinates",
@@ -80,7 +81,7 @@ class Experiment:
 
     path: Path
     output_dir: Path
-    dataset: Path
+    dataset: Path | None  # the Cityscapes tree (None for a COCO dataset: see ``source``)
     train_config: Path
     train_opts: list
     arms: list[Arm]
@@ -96,6 +97,15 @@ class Experiment:
     interval: str = "t"
     confidence: float = 0.95
     bootstrap_samples: int = 10000
+    source: ExperimentDataset = field(default_factory=ExperimentDataset)
+
+    def split_files(self, split: str, data: dict) -> tuple[Path, Path, Path | None]:
+        """(COCO file, image root, dataset root) of an original split: the baseline arm's converted tree
+        (Cityscapes) or the dataset's own file (COCO)."""
+        if self.source.is_coco:
+            return (*self.source.coco_split(split), None)
+        root = data[self.baseline].dataset_root
+        return coco_json_path(root, split), root / "leftImg8bit" / split, root
 
     @property
     def baseline(self) -> str:
@@ -172,9 +182,10 @@ def load_experiment(path: str | os.PathLike, output_dir: str | os.PathLike | Non
     seeds = list(range(1, seeds + 1)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise InstSynthError(path, f"seeds must be a count >= 1 or a list of distinct integers, got {seeds}")
+    source = parse_dataset(path, data["dataset"])
     exp = Experiment(
         path=path, output_dir=Path(output_dir or data.get("output_dir") or Path("output/experiments") / path.stem),
-        dataset=Path(data["dataset"]), train_config=Path(train["config"]),
+        dataset=source.root, source=source, train_config=Path(train["config"]),
         train_opts=_opts_list(path, train.get("opts")), arms=parse_arms(path, data["arms"]), seeds=seeds,
         train_split=data.get("train_split", "train"), test_split=data.get("test_split", "val"),
         num_gpus=int(train.get("num_gpus", 1)), schedule=train.get("schedule", "same_iterations"),
@@ -276,8 +287,11 @@ class Preparer:
             done = ArmData.load(arm, self.out / "data" / arm / PREPARED_FILE)
         except (InstSynthError, KeyError, TypeError):
             return None
-        ok = done.fingerprint == fp and (done.json_file or done.dataset_root / "annotations").exists()
-        return done if ok else None
+        if done.json_file:
+            there = done.json_file.exists()
+        else:  # a COCO baseline has no files of its own
+            there = done.dataset_root is None or (done.dataset_root / "annotations").exists()
+        return done if done.fingerprint == fp and there else None
 
     def baseline(self, arm: Arm) -> ArmData:
         from instsynth.stages.assemble import assemble_dataset
@@ -285,9 +299,11 @@ class Preparer:
         e = self.exp
         root = self.out / "data" / arm.name
         splits = (e.train_split, e.test_split)
-        fp = fingerprint({"dataset": str(e.dataset.resolve()), "splits": splits, "coco": e.coco})
+        fp = fingerprint({"dataset": e.source.key(splits), "splits": splits, "coco": e.coco})
         if (done := self._done(arm.name, fp)) is not None:
             return done
+        if e.source.is_coco:  # the dataset's own COCO files are the baseline's train and test files
+            return self._finish(arm.name, fp, None, None, None)
         log.info("arm %s: original %s splits -> %s", arm.name, "/".join(splits), root)
         assemble_dataset(e.dataset, root, mode=e.assemble_mode, splits=splits)
         self._coco(root, splits)
@@ -300,7 +316,7 @@ class Preparer:
         root = self.out / "data" / arm.name
         stage_opts = {s: dict(spec.get(s) or {}) for s in STAGES}
         baseline_ap = self.baseline_budget(arm, stage_opts)
-        shared = fingerprint({"dataset": str(e.dataset.resolve()), "split": e.train_split,
+        shared = fingerprint({"dataset": e.source.key((e.train_split,)), "split": e.train_split,
                               "selection": stage_opts["selection"], "generation": stage_opts["generation"],
                               **({"baseline_ap": baseline_ap} if baseline_ap else {})})
         fp = fingerprint({"shared": shared, "filter": stage_opts["filter"], "integration": stage_opts["integration"],
@@ -312,7 +328,7 @@ class Preparer:
         sel, gen = work / "selection", work / "generation"
         mode = stage_opts["generation"].get("mode") or "recolor"
         mode_dir = gen / MODE_NAMES.get(MODE_ALIASES.get(mode, mode), "Recolor")
-        steps = [("selection", ["--train_folder", str(e.dataset.resolve()), "--split", e.train_split, "--out", str(sel)]),
+        steps = [("selection", [*e.source.selection_flags(e.train_split), "--split", e.train_split, "--out", str(sel)]),
                  ("generation", ["--metadata", str(sel / "metadata.json"), "--folder", str(gen)])]
         if stage_opts["filter"]:
             steps.append(("filter", ["--manifest", str(mode_dir / "generation.json")]))
@@ -322,10 +338,19 @@ class Preparer:
         for stage, fixed in steps:
             run_stage(f"arm {arm.name}: {stage}", STAGES[stage][0], fixed + cli_flags(stage_opts[stage]),
                       logs / f"{stage}.log")
+        if e.source.is_coco:  # integration wrote the new images and a merged COCO file
+            return self._new_images(arm.name, fp, root)
         drop_color_and_label_ids(root / "cropped_region_coordinates.json", workers=e.workers)
         self._coco(root, (e.train_split,))
         return self._finish(arm.name, fp, coco_json_path(root, e.train_split), root / "leftImg8bit" / e.train_split,
                             root)
+
+    def _new_images(self, arm: str, fp: str, root: Path) -> ArmData:
+        """A COCO arm's data: the new images of ``root``'s merged file (copy-paste's or integration's)."""
+        split = self.exp.train_split
+        merged = root / "annotations" / f"instances_{split}_instsynth.json"
+        json_file = extra_images_file(merged, root / "annotations" / f"instances_{split}_extra.json")
+        return self._finish(arm, fp, json_file, root / "images", None)
 
     def baseline_budget(self, arm: Arm, stage_opts: dict) -> dict | None:
         """``budget_from_baseline: true``: stage 1 and generation get ``--balance ap --baseline_metrics`` of
@@ -357,14 +382,15 @@ class Preparer:
         fp = fingerprint({"baseline": base.fingerprint, "count": count})
         if (done := self._done(arm.name, fp)) is not None:
             return done
-        root = base.dataset_root
-        coco = read_json(coco_json_path(root, e.train_split))
-        json_file = self.out / "data" / arm.name / "annotations" / f"instancesonly_filtered_gtFine_{e.train_split}.json"
-        write_json(json_file, repeat_images(coco, count), indent=None)
-        return self._finish(arm.name, fp, json_file, root / "leftImg8bit" / e.train_split, root)
+        train_json, image_root, root = e.split_files(e.train_split, self.data)
+        name = f"instances_{e.train_split}_duplicate.json" if e.source.is_coco else \
+            f"instancesonly_filtered_gtFine_{e.train_split}.json"
+        json_file = self.out / "data" / arm.name / "annotations" / name
+        write_json(json_file, repeat_images(read_json(train_json), count), indent=None)
+        return self._finish(arm.name, fp, json_file, image_root, root)
 
     def copy_paste(self, arm: Arm) -> ArmData:
-        from .copy_paste import CopyPasteParams, copy_paste_dataset
+        from instsynth.copy_paste import CopyPasteParams, copy_paste_dataset
 
         e = self.exp
         count = self.target_count(arm)
@@ -375,12 +401,14 @@ class Preparer:
             params = CopyPasteParams(**options)
         except TypeError as exc:
             raise InstSynthError(e.path, f"arm {arm.name!r}: bad copy_paste options ({exc})") from None
-        fp = fingerprint({"dataset": str(e.dataset.resolve()), "split": e.train_split, "count": count,
+        fp = fingerprint({"dataset": e.source.key((e.train_split,)), "split": e.train_split, "count": count,
                           "params": params, "coco": e.coco})
         if (done := self._done(arm.name, fp)) is not None:
             return done
         root = self.out / "data" / arm.name
-        copy_paste_dataset(e.dataset, root, count, e.train_split, params, e.workers)
+        copy_paste_dataset(e.source.open(e.train_split), root, count, e.train_split, params, e.workers)
+        if e.source.is_coco:
+            return self._new_images(arm.name, fp, root)
         self._coco(root, (e.train_split,))
         return self._finish(arm.name, fp, coco_json_path(root, e.train_split), root / "leftImg8bit" / e.train_split,
                             root)
@@ -467,10 +495,8 @@ def run_specs(exp: Experiment, arms: list[Arm], data: dict[str, ArmData]) -> lis
     """A RunSpec per (arm, seed): baseline train set + the arm's extra images, tested on the original test split."""
     from instsynth.config import load_config
 
-    root = data[exp.baseline].dataset_root
-    common = {TEST_NAME: (coco_json_path(root, exp.test_split), root / "leftImg8bit" / exp.test_split, root),
-              BASELINE_NAME: (coco_json_path(root, exp.train_split), root / "leftImg8bit" / exp.train_split, root)}
-    base_images = coco_stats(read_json(coco_json_path(root, exp.train_split)))["images"]
+    common = {TEST_NAME: exp.split_files(exp.test_split, data), BASELINE_NAME: exp.split_files(exp.train_split, data)}
+    base_images = coco_stats(read_json(common[BASELINE_NAME][0]))["images"]
     max_iter = load_config(exp.train_config, exp.train_opts).SOLVER.MAX_ITER
     specs = []
     for arm in arms:
@@ -588,8 +614,7 @@ def stage_counts(folder: Path) -> dict[str, dict]:
 def collect_results(exp: Experiment, specs: list[RunSpec], data: dict[str, ArmData]) -> dict:
     """Per arm and metric: values over seeds, mean, std, gain over the baseline and its interval."""
     base_arm = exp.baseline
-    root = data[base_arm].dataset_root
-    train_coco = read_json(coco_json_path(root, exp.train_split))
+    train_coco = read_json(exp.split_files(exp.train_split, data)[0])
     train_stats, base_used = coco_stats(train_coco), used_images(train_coco)
     classes = sorted(train_stats["per_class"], key=lambda c: (train_stats["per_class"][c], c))
     runs: dict[str, list[dict]] = {}

@@ -223,6 +223,12 @@ class DatasetWriter(ABC):
     def new_name(self, source: SourceImage, instance_id: int, sample: int, crop: int) -> str:
         """Name of a new image, unique per (source image, instance, sample, crop); today's names."""
 
+    def pasted_ids(self, source: Annotations, pasted: Sequence[NewInstance]) -> list[int | None]:
+        """The id each of ``pasted`` will have in the labels of a new image made from ``source``; None where
+        the format has no id left for it (the writer leaves it out). Formats whose ids are given by
+        ``finish`` (COCO) return the pasted instances' order, 0, 1, ..."""
+        return list(range(len(pasted)))
+
     @abstractmethod
     def write(self, image: NewImage) -> WrittenImage:
         """Write the image and its labels (files whose bytes are right are left alone)."""
@@ -265,8 +271,9 @@ class Dataset(ABC):
         return tuple(sorted(by_name[n] for n in names) if names else sorted(by_name.values()))
 
     @abstractmethod
-    def writer(self, out: str | Path, split: str) -> DatasetWriter:
-        """A writer of new images of ``split`` under ``out``."""
+    def writer(self, out: str | Path, split: str, complete: bool = False) -> DatasetWriter:
+        """A writer of new images of ``split`` under ``out``. ``complete``: it writes every label file of the
+        format itself (Cityscapes: labelIds and color too, which stage 4 derives otherwise)."""
 
     # ---- what stage 1 records of the dataset (metadata.json, selection_report.json); each format keeps its own fields
     metadata_paths: ClassVar[dict[str, str]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -17,9 +18,10 @@ import numpy as np
 from instsynth.core.imageops import crop_resize_labels
 from instsynth.core.io import (CityscapesImage, InstSynthError, encode_png, image_id_of, iter_cityscapes_images,
                                read_png, split_image_id, write_json)
-from instsynth.core.labels import INSTANCE_ID_OFFSET, THING_CLASSES, THING_LABEL_IDS, class_name, label_id
-from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
-                   check_fields, fresh_instance_ids)
+from instsynth.core.labels import (INSTANCE_ID_OFFSET, THING_CLASSES, THING_LABEL_IDS, class_name, colorize,
+                                   instance_ids_to_label_ids, label_id)
+from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, NewInstance, SourceImage,
+                   WrittenImage, check_fields, fresh_instance_ids)
 
 COORDINATES_NAME = "cropped_region_coordinates.json"
 """Stage 1's crop boxes and stage 2's new-image boxes (the input of stage 4) are both in a file of this name."""
@@ -149,8 +151,8 @@ class CityscapesDataset(Dataset):
             raise InstSynthError(self.root, f"unknown thing classes {unknown}; choose from {list(THING_CLASSES)}")
         return tuple(sorted(label_id(c) for c in names or THING_CLASSES))
 
-    def writer(self, out: str | Path, split: str) -> "CityscapesWriter":
-        return CityscapesWriter(out, split, self.root)
+    def writer(self, out: str | Path, split: str, complete: bool = False) -> "CityscapesWriter":
+        return CityscapesWriter(out, split, self.root, complete)
 
     # stage 1's records, as the paper's pipeline has them: no format field, thing classes by labelId
     metadata_paths = {"instance_ids": "instance_ids_path"}
@@ -193,35 +195,49 @@ def check_identity(path: Path, n: int, inst: dict) -> None:
 
 
 class CityscapesWriter(DatasetWriter):
-    """Writes leftImg8bit + instanceIds of new images (labelIds and color are stage 4's)."""
+    """Writes leftImg8bit + instanceIds of new images; labelIds and color are stage 4's, or, when
+    ``complete``, derived from the new instanceIds here (then ``finish`` leaves stage 4 nothing to do)."""
 
-    def __init__(self, out: str | Path, split: str, root: Path):
+    def __init__(self, out: str | Path, split: str, root: Path, complete: bool = False):
         super().__init__(out, split)
-        self.root = Path(root)
+        self.root, self.complete = Path(root), complete
 
     def new_name(self, source: SourceImage, instance_id: int, sample: int, crop: int) -> str:
         return new_image_id(source.stem, instance_id, sample, crop)
+
+    def pasted_ids(self, source: Annotations, pasted: Sequence[NewInstance]) -> list[int | None]:
+        """``labelId * 1000 + k`` with the next free k of the class (None: the class has 1000 instances)."""
+        return fresh_instance_ids(source.native, [p.category_id for p in pasted])
+
+    def instance_ids(self, image: NewImage) -> np.ndarray:
+        """The new image's instanceIds: the source's with pasted instances painted on, cut and resized."""
+        ids = image.source.native
+        if image.pasted:
+            ids = ids.copy()
+            for new, value in zip(image.pasted, self.pasted_ids(image.source, image.pasted)):
+                if value is not None:
+                    ids[new.mask] = value
+        return crop_resize_labels(ids, image.box, image.size)
 
     def label_bytes(self, image: NewImage) -> bytes:
         """instanceIds PNG of a new image: the source file itself for a panorama, else the cut labels."""
         if image.is_identity:
             return image.source.image.cityscapes.gt("instanceIds").read_bytes()
-        ids = image.source.native
-        if image.pasted:
-            ids = ids.copy()
-            for new, value in zip(image.pasted, fresh_instance_ids(ids, [p.category_id for p in image.pasted])):
-                if value is not None:  # a class with 1000 instances already has no id left
-                    ids[new.mask] = value
-        return encode_png(crop_resize_labels(ids, image.box, image.size))
+        return encode_png(self.instance_ids(image))
 
     def write(self, image: NewImage) -> WrittenImage:
         paths = output_paths(self.split, image.source.image.folder, image.name)
-        files = ((paths["leftImg8bit"], encode_png(image.rgb)), (paths["instanceIds"], self.label_bytes(image)))
+        files = [(paths["leftImg8bit"], encode_png(image.rgb)), (paths["instanceIds"], self.label_bytes(image))]
+        if self.complete:
+            label_ids = instance_ids_to_label_ids(self.instance_ids(image))
+            files += [(paths["labelIds"], encode_png(label_ids)), (paths["color"], encode_png(colorize(label_ids)))]
         return WrittenImage(image.name, {"outputs": paths}).put(self.out, files)
 
     def finish(self, entries: list[dict], info: dict) -> list[Path]:
         """Stage 4's ``cropped_region_coordinates.json`` (entries need image_id, kind, split, city,
-        source_image_id, bbox_coordinate, size, outputs)."""
+        source_image_id, bbox_coordinate, size, outputs); nothing for a ``complete`` writer."""
+        if self.complete:
+            return []
         coordinates = {"version": COORDINATES_VERSION, "dataset_root": str(self.root),
                        "images": [coordinates_entry(e, self.root) for e in entries]}
         return [write_json(self.out / COORDINATES_NAME, coordinates, indent=1)]

@@ -278,6 +278,16 @@ def crop_annotations(anns: list[dict], masks: dict[int, np.ndarray], box, size, 
     return out
 
 
+def inherited_fields(src: dict, anns: list[dict]) -> dict:
+    """The LVIS image fields a new image keeps from its source image; a category annotated in the new
+    image (pasted there) is no longer one of its ``neg_category_ids``."""
+    fields = {k: src[k] for k in LVIS_IMAGE_FIELDS if k in src}
+    present = {a["category_id"] for a in anns}
+    if isinstance(fields.get("neg_category_ids"), list) and present & set(fields["neg_category_ids"]):
+        fields["neg_category_ids"] = [c for c in fields["neg_category_ids"] if c not in present]
+    return fields
+
+
 def merge_coco(source: CocoSource, entries: list[dict], info: dict) -> dict:
     """The source file (its valid images and annotations untouched) plus the new images and annotations.
 
@@ -295,7 +305,7 @@ def merge_coco(source: CocoSource, entries: list[dict], info: dict) -> dict:
     for entry in entries:
         src = by_id[entry["source_image_id"]]
         images.append({"id": next_image, "file_name": entry["file_name"], "width": entry["width"],
-                       "height": entry["height"], **{k: src[k] for k in LVIS_IMAGE_FIELDS if k in src},
+                       "height": entry["height"], **inherited_fields(src, entry["annotations"]),
                        "source_image_id": src["id"]})
         for ann in entry["annotations"]:
             annotations.append({"id": next_ann, "image_id": next_image, **ann})
@@ -409,7 +419,7 @@ class CocoDataset(Dataset):
         """Ids named by ``names`` (default all) and of an LVIS ``frequency`` (r, c, f): :func:`select_categories`."""
         return select_categories(self.source, names, frequency)
 
-    def writer(self, out: str | Path, split: str) -> "CocoWriter":
+    def writer(self, out: str | Path, split: str, complete: bool = False) -> "CocoWriter":
         return CocoWriter(out, split, self)
 
     # stage 1's records: the source file and its categories verbatim (LVIS fields kept)

@@ -30,8 +30,8 @@ import numpy as np
 from instsynth.core.imageops import crop_resize_labels
 from instsynth.core.io import InstSynthError, encode_png, read_json, read_png, read_yaml, write_json
 from instsynth.core.labels import INSTANCE_ID_OFFSET
-from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
-                   encode_image, fresh_instance_ids, output_suffix)
+from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, NewInstance, SourceImage,
+                   WrittenImage, encode_image, fresh_instance_ids, output_suffix)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CATEGORY_FILES = ("categories.json", "categories.yaml", "categories.yml")
@@ -201,8 +201,18 @@ class FolderDataset(Dataset):
 
     metadata_paths = {"instances": "instances_path"}
 
-    def writer(self, out: str | Path, split: str) -> "FolderWriter":
+    def writer(self, out: str | Path, split: str, complete: bool = False) -> "FolderWriter":
         return FolderWriter(out, split, [c.as_dict() for c in self._categories])
+
+
+def pasted_values(source: Annotations, pasted: Sequence[NewInstance]) -> list[int | None]:
+    """PNG values of pasted instances: without a sidecar ``category * 1000 + k`` (next free k), with one the
+    values after the largest in use (None: past 65535)."""
+    ids, mapping = source.native
+    if mapping is None:
+        return fresh_instance_ids(ids, [p.category_id for p in pasted])
+    start = max([int(ids.max()), *mapping]) + 1
+    return [v if v < 1 << 16 else None for v in range(start, start + len(pasted))]
 
 
 class FolderWriter(DatasetWriter):
@@ -217,20 +227,19 @@ class FolderWriter(DatasetWriter):
         return (PurePosixPath(SYNTHETIC_FOLDER) / self.split / rel.parent /
                 f"{rel.stem}_{instance_id}_{sample:04d}_{crop:02d}").as_posix()
 
+    def pasted_ids(self, source: Annotations, pasted: Sequence[NewInstance]) -> list[int | None]:
+        return pasted_values(source, pasted)
+
     @staticmethod
     def labels(image: NewImage) -> tuple[np.ndarray, dict | None]:
         """The new image's instance PNG values and sidecar (None: values encode categories)."""
         ids, mapping = image.source.native
         if image.pasted:
             sidecar = None if mapping is None else dict(mapping)
-            if sidecar is None:
-                values = fresh_instance_ids(ids, [p.category_id for p in image.pasted])
-            else:
-                start = max([int(ids.max()), *sidecar]) + 1
-                values = list(range(start, start + len(image.pasted)))
+            values = pasted_values(image.source, image.pasted)
             ids = ids.astype(np.uint16)
             for new, value in zip(image.pasted, values):
-                if value is not None and value < 1 << 16:
+                if value is not None:
                     ids[new.mask] = value
                     if sidecar is not None:
                         sidecar[value] = (new.category_id, new.crowd)
