@@ -1,11 +1,13 @@
 """Stage 2 of InstSynth: paste generated instances into their images and cut new image/label pairs.
 
 For every sample listed in ``GEN_DIR/generation.json`` writes the full-size pasted image (panorama)
-and ``--crops_per_sample`` random context crops around the instance, each with its instanceIds, to
-``OUT/leftImg8bit/<split>/<city>_syn/`` and ``OUT/gtFine/<split>/<city>_syn/``, plus
-``OUT/integration.json``, ``OUT/cropped_region_coordinates.json`` (input of
-drop_color_and_labelIds_clean_ver.py) and ``OUT/integration_report.json``. All logic lives in
-:mod:`instsynth.integration`.
+and ``--crops_per_sample`` random context crops around the instance, each with its labels, in the
+dataset's format: Cityscapes ``OUT/leftImg8bit/<split>/<city>_syn/`` and ``OUT/gtFine/<split>/<city>_syn/``
+plus ``OUT/cropped_region_coordinates.json`` (input of drop_color_and_labelIds_clean_ver.py); COCO / LVIS
+``OUT/images/instsynth_syn/`` and ``OUT/annotations/instances_<split>_instsynth.json``; a folder dataset
+``OUT/images/instsynth_syn/``, ``OUT/instances/instsynth_syn/`` and ``OUT/categories.json``. Also
+``OUT/integration.json`` and ``OUT/integration_report.json``. The quality gate's decision comes from
+:mod:`instsynth.quality.sample_gate`, all other logic from :mod:`instsynth.stages.integration`.
 """
 import argparse
 
@@ -52,22 +54,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 @command
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from instsynth.integration import IntegrationParams, integrate_samples
+    from instsynth.quality.sample_gate import gate_for
+    from instsynth.stages.gate_decision import format_gate_counts
+    from instsynth.stages.integration import IntegrationParams, integrate_samples
 
     params = IntegrationParams(blend=args.blend, crops_per_sample=args.crops_per_sample, seed=args.seed,
                                min_instance_pixels=args.min_instance_pixels, max_tries=args.max_tries,
                                feather_pixels=args.feather_pixels)
+    gate = gate_for(args.inpainting_dir, min_clip_score=args.min_clip_score, top_fraction=args.top_fraction,
+                    min_mask_iou=args.min_mask_iou, min_clip_margin=args.min_clip_margin, fallback=args.fallback)
     summary = integrate_samples(args.inpainting_dir, args.output_folder_name, metadata_path=args.metadata_path,
                                 coordinates_path=args.cropped_region_coordinates, params=params,
-                                workers=args.workers, skip_bad=args.skip_bad,
-                                min_clip_score=args.min_clip_score, top_fraction=args.top_fraction,
-                                min_mask_iou=args.min_mask_iou, min_clip_margin=args.min_clip_margin,
-                                fallback=args.fallback)
+                                workers=args.workers, skip_bad=args.skip_bad, gate=gate)
     print(f"{summary.samples} samples -> {summary.new_images} new images ({summary.files_written} files written, "
           f"{summary.skipped} samples skipped) -> {summary.integration}")
     if summary.gate and summary.gate["criteria"]:
-        from instsynth.integration import format_gate_counts
-
         print(f"quality gate: {format_gate_counts(summary.gate)}")
 
 

@@ -4,7 +4,7 @@ Prints ratios against a single-process reference loop measured in the same run: 
 approach (per sample: read the source image and labels, paste through the mask, draw crops with
 np.unique over the whole resized crop to check fragments, resize, re-read and crop every label map
 per new image; PNGs written with the same encoder, instsynth.io.write_png, since PNG encoding of
-2048x1024 images dominates either way). Then instsynth.integration + label_crops in one process
+2048x1024 images dominates either way). Then instsynth.stages.integration + label_crops in one process
 and with --workers, and the cost of a rerun (nothing to do).
 
     python benchmarks/bench_integration.py [--images-per-city 3] [--samples 2] [--crops 2] [--workers N]
@@ -87,7 +87,7 @@ def main(argv=None):
     os.environ.setdefault("INSTSYNTH_NO_PROGRESS", "1")
     from instsynth.demo import write_demo_dataset
     from instsynth.generation import GenerationSettings, generate_instances
-    from instsynth.integration import IntegrationParams, integrate_samples
+    from instsynth.stages.integration import IntegrationParams, integrate_samples
     from instsynth.core.io import default_workers, get_logger
     from instsynth.stages.label_crops import drop_color_and_label_ids
     from instsynth.stages.selection import select_instances

@@ -214,9 +214,9 @@ def link_source_images(dataset: Dataset, out: Path) -> dict:
     """COCO: hard-link (or copy) the originals into ``OUT/images``, as integration's COCO output has them."""
     if dataset.kind != "coco":
         return {}
-    from instsynth.coco_output import link_originals
+    from instsynth.stages.integration_records import link_originals
 
-    return dict(link_originals(dataset.source, out))
+    return link_originals(dataset, out)
 
 
 def as_dataset(dataset: Dataset | str | os.PathLike) -> Dataset:

@@ -43,14 +43,13 @@ def demo_copy(demo_root, tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def coco_files(demo_root, tmp_path_factory) -> dict:
-    """The demo tree exported as COCO files (instsynth.demo.export_coco), per test module. The export converts
-    the tree it is given (stage 5), so it gets a copy: demo_root keeps no annotations/ folder."""
+    """The demo tree exported as COCO files (instsynth.demo.export_coco), per test module. The export runs
+    stage 5 inside the tree it reads, so it reads a copy: the session's demo tree stays untouched."""
     from instsynth.demo import export_coco
 
-    base = tmp_path_factory.mktemp("coco")
-    tree = base / "cityscapes"
+    tree = tmp_path_factory.mktemp("coco_source") / "cityscapes"
     shutil.copytree(demo_root, tree)
-    return export_coco(tree, base, workers=1)
+    return export_coco(tree, tmp_path_factory.mktemp("coco"), workers=1)
 
 
 @pytest.fixture(scope="module")

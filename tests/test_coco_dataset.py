@@ -12,11 +12,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conftest import DEMO_KW, REPO
-from instsynth.formats.coco import annotation_mask
+from instsynth.formats.coco import annotation_mask, merged_json_path
 from instsynth.stages.selection import select_coco_instances
-from instsynth.coco_output import merged_json_path
 from instsynth.generation import GenerationSettings, generate_instances, load_manifest
-from instsynth.integration import IntegrationParams, integrate_samples
+from instsynth.stages.integration import IntegrationParams, integrate_samples
 from instsynth.core.io import InstSynthError, read_json, read_png
 from instsynth.stages.label_crops import crop_resize_labels
 from instsynth.core.labels import complete_prompt_bank, generated_prompts, load_prompt_bank

@@ -12,9 +12,9 @@ from instsynth.stages.selection import select_coco_instances
 from instsynth.formats import (CityscapesDataset, CocoDataset, FolderDataset, NewImage, NewInstance, dataset_from_args,
                                open_dataset)
 from instsynth.core.imageops import crop_resize_labels, crop_resize_rgb
-from instsynth.integration import new_image_id
+from instsynth.formats.cityscapes import new_image_id
 from instsynth.core.io import InstSynthError, iter_cityscapes_images, read_json, read_png, write_json, write_png
-from instsynth.coco_output import synthetic_file_name
+from instsynth.formats.coco import synthetic_file_name
 from instsynth.core.labels import THING_CLASSES, THING_LABEL_IDS
 from instsynth.stages.selection import select_instances, square_crop_box
 

@@ -7,7 +7,7 @@ from instsynth.formats import CocoDataset, FolderDataset, NewImage
 from instsynth.formats.base import JPEG_QUALITY, encode_image, output_suffix
 from instsynth.generation import GenerationSettings, generate_instances
 from instsynth.core.imageops import crop_resize_rgb
-from instsynth.integration import IntegrationParams, integrate_samples
+from instsynth.stages.integration import IntegrationParams, integrate_samples
 from instsynth.core.io import read_json, read_png, write_json
 from instsynth.stages.selection import METADATA_NAME, select_coco_instances
 

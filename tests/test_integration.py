@@ -10,9 +10,10 @@ import pytest
 
 from conftest import REPO
 from instsynth.generation import GenerationSettings, generate_instances, load_manifest
-from instsynth.integration import (INTEGRATION_NAME, REPORT_NAME, IntegrationParams, as_rgb_sample,
-                                   aspect_box_area, choose_context_crop, feather_alpha, integrate_samples,
-                                   new_image_id, paste, select_samples)
+from instsynth.formats.cityscapes import new_image_id
+from instsynth.quality.sample_gate import gate_for, gate_samples, select_samples
+from instsynth.stages.integration import INTEGRATION_NAME, REPORT_NAME, IntegrationParams, integrate_samples
+from instsynth.stages.pasting import as_rgb_sample, aspect_box_area, choose_context_crop, feather_alpha, paste
 from instsynth.core.io import (CityscapesImage, InstSynthError, iter_cityscapes_images, read_json, read_png,
                                split_image_id, write_json, write_png)
 from instsynth.stages.label_crops import crop_resize_labels, drop_color_and_label_ids
@@ -360,8 +361,9 @@ def test_quality_gate_selects_samples_and_reports_counts(small_pipeline, tmp_pat
     for n, key in enumerate(keys):
         manifest["instances"][key]["scores"] = [{"clip_prompt": 0.1 + 0.01 * n}]
     write_json(path, manifest)
-    summary = integrate_samples(small_pipeline, tmp_path / "out", workers=1, min_clip_score=0.1 + 0.01 * 2,
-                                top_fraction=0.5, params=IntegrationParams(crops_per_sample=0))
+    gate = gate_for(small_pipeline, min_clip_score=0.1 + 0.01 * 2, top_fraction=0.5)
+    summary = integrate_samples(small_pipeline, tmp_path / "out", workers=1, gate=gate,
+                                params=IntegrationParams(crops_per_sample=0))
     report = read_json(tmp_path / "out" / REPORT_NAME)
     n = len(keys)
     assert report["dropped_below_min_clip_score"] == 2
@@ -401,8 +403,6 @@ def test_stage4_without_color_files_derives_the_colours_from_label_ids(pipeline,
 
 
 def test_gate_fallback_original_keeps_failing_samples_as_originals():
-    from instsynth.integration import gate_samples
-
     instances = {"a": {"samples": ["a0", "a1"], "scores": [{"clip_prompt": 0.3, "clip_class_margin": 0.1},
                                                            {"clip_prompt": 0.3, "clip_class_margin": -0.1}]},
                  "b": {"samples": ["b0"], "scores": [{"clip_prompt": 0.1, "clip_class_margin": 0.1}]}}

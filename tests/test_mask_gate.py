@@ -77,10 +77,12 @@ def test_rescoring_with_the_same_model_does_nothing(gate_run, scored):
 
 @pytest.mark.parametrize("fallback", ["original", "drop"])
 def test_failing_sample_falls_back_to_the_original_or_is_dropped(gate_run, scored, fallback, tmp_path):
-    from instsynth.integration import IntegrationParams, integrate_samples
+    from instsynth.quality.sample_gate import gate_for
+    from instsynth.stages.integration import IntegrationParams, integrate_samples
 
     out = tmp_path / "out"
-    summary = integrate_samples(gate_run["manifest"].parent, out, workers=1, min_mask_iou=MIN_IOU, fallback=fallback,
+    gate = gate_for(gate_run["manifest"].parent, min_mask_iou=MIN_IOU, fallback=fallback)
+    summary = integrate_samples(gate_run["manifest"].parent, out, workers=1, gate=gate,
                                 params=IntegrationParams(crops_per_sample=1))
     report = read_json(summary.report)
     gate = report["gate"]
@@ -101,7 +103,7 @@ def test_failing_sample_falls_back_to_the_original_or_is_dropped(gate_run, score
 
 
 def test_gate_needs_mask_scores_and_cli_scores_them(gate_run, scored, tmp_path, capsys):
-    from instsynth.integration import integrate_samples
+    from instsynth.quality.sample_gate import gate_for
 
     copy = tmp_path / "gen"
     shutil.copytree(gate_run["manifest"].parent, copy)
@@ -110,7 +112,7 @@ def test_gate_needs_mask_scores_and_cli_scores_them(gate_run, scored, tmp_path, 
         entry["scores"] = [{k: v for k, v in s.items() if not k.startswith("mask_")} for s in entry["scores"]]
     (copy / "generation.json").write_text(json.dumps(manifest))
     with pytest.raises(InstSynthError, match="no quality scores.*--mask_model"):
-        integrate_samples(copy, tmp_path / "out", workers=1, min_mask_iou=MIN_IOU)
+        gate_for(copy, min_mask_iou=MIN_IOU)
 
     spec = importlib.util.spec_from_file_location("filter_generation", REPO / "generation" / "filter_generation.py")
     cli = importlib.util.module_from_spec(spec)

@@ -92,7 +92,8 @@ def test_sam_specs_give_clear_errors(sam_run, tmp_path):
 def test_filter_cli_with_sam_then_integration_gate(sam_run, tmp_path, capsys):
     import shutil
 
-    from instsynth.integration import integrate_samples
+    from instsynth.quality.sample_gate import gate_for
+    from instsynth.stages.integration import integrate_samples
 
     copy = tmp_path / "gen"
     shutil.copytree(sam_run["manifest"].parent, copy)
@@ -102,7 +103,8 @@ def test_filter_cli_with_sam_then_integration_gate(sam_run, tmp_path, capsys):
     cli.main(["--manifest", str(copy), "--mask_model", f"sam:{sam_run['sam']}", "--mask_min_score", "-1",
               "--device", "cpu"])
     assert "min_mask_iou 0.50" in capsys.readouterr().out
-    summary = integrate_samples(copy, tmp_path / "out", workers=1, min_mask_iou=0.0, fallback="original")
+    summary = integrate_samples(copy, tmp_path / "out", workers=1,
+                                gate=gate_for(copy, min_mask_iou=0.0, fallback="original"))
     assert read_json(summary.report)["gate"]["samples"] == 6
 
 

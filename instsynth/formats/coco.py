@@ -250,7 +250,7 @@ def exact_segmentation(mask: np.ndarray, crowd: bool = False) -> Any:
 def instance_map(anns: list[dict], masks: dict[int, np.ndarray], height: int, width: int) -> np.ndarray:
     """uint16 label map of an image's annotations (``1000 + index``, larger painted first, smaller on top).
 
-    The context-crop rule of :func:`instsynth.integration.choose_context_crop` reads this map."""
+    The context-crop rule of :func:`instsynth.stages.pasting.choose_context_crop` reads this map."""
     labels = np.zeros((height, width), np.uint16)
     order = sorted(range(len(anns)), key=lambda j: -int(masks[anns[j]["id"]].sum()))
     for j in order:

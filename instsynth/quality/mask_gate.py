@@ -168,7 +168,7 @@ def best_match(prediction: dict, mask: np.ndarray, class_name: str, min_score: f
 def pasted_image(source: np.ndarray, sample: np.ndarray, mask: np.ndarray, crop_box: Sequence[int]) -> np.ndarray:
     """The full source image with ``sample`` (crop-sized RGB, resized if not) pasted hard through ``mask``."""
     from instsynth.core.imageops import resize_image
-    from instsynth.integration import paste
+    from instsynth.stages.pasting import paste
 
     x0, y0, x1, y1 = crop_box
     if sample.shape[:2] != (y1 - y0, x1 - x0):

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from instsynth.coco_output import SYNTHETIC_FOLDER, merged_json_path
+from instsynth.formats.coco import SYNTHETIC_FOLDER, merged_json_path
 from instsynth.core.io import InstSynthError, is_generated_folder, read_json, write_json
+from instsynth.stages.gate_decision import format_gate_counts
 
 COCO_NAME = "instancesonly_filtered_gtFine_{}.json"
 
@@ -116,8 +117,6 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{stage:<12} {_scalars(rep) or '(see report)'}")
     gate = summary["stages"].get("integration", {}).get("gate")
     if gate and gate.get("criteria"):
-        from instsynth.integration import format_gate_counts
-
         criteria = ", ".join(f"{k} {v}" for k, v in gate["criteria"].items())
         lines.append(f"{'quality gate':<12} {format_gate_counts(gate)}; {criteria}, fallback {gate['fallback']}")
     classes = summary.get("classes") or {}

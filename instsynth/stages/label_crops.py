@@ -1,6 +1,6 @@
 """Stage 4: crop gtFine labelIds and color to match the image/label pairs written by stage 2.
 
-Stage 2 (:mod:`instsynth.integration`) writes every new image with its instanceIds and records, in
+Stage 2 (:mod:`instsynth.stages.integration`) writes every new image with its instanceIds and records, in
 ``OUT/cropped_region_coordinates.json``, which source label files and which box it came from.
 :func:`drop_color_and_label_ids` reads that file and writes the matching ``_gtFine_labelIds.png`` and
 ``_gtFine_color.png``: the source maps cut with the same box and resized to the same size with the
