@@ -13,7 +13,8 @@ RLE. LVIS fields are kept verbatim: categories' ``frequency``, ``synonyms``, ``d
 Images are listed by ``(file_name, id)``; an image's ``folder`` is its file's folder (``images`` at the
 top level) and its ``stem`` the file's stem. An instance is an annotation (area: the pycocotools
 pixel count of its rasterised segmentation). New images are
-``OUT/images/instsynth_syn/<split>/<folder>/<stem>_<annotation id>_<sample:04d>_<crop:02d>.png``;
+``OUT/images/instsynth_syn/<split>/<folder>/<stem>_<annotation id>_<sample:04d>_<crop:02d>.png`` (``.jpg``
+at quality 95 from a JPEG source);
 ``finish`` writes ``OUT/annotations/instances_<split>_instsynth.json``: the source file plus the new
 images and their exact annotations (:func:`merge_coco`). The source JSON and images are only read.
 """
@@ -31,9 +32,10 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from instsynth.core.imageops import crop_resize_labels, segmentation_of
-from instsynth.core.io import InstSynthError, encode_png, get_logger, read_json, read_png, write_if_changed
+from instsynth.core.io import InstSynthError, get_logger, read_json, read_png, write_if_changed
 from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
-                   category_table, check_named_instance, painted_masks)
+                   category_table, check_named_instance, encode_image, output_suffix,
+                   painted_masks)
 from .coco_checks import bbox_problems, polygon_problems, rle_problem
 
 BOX_TOLERANCE = 1.0
@@ -218,9 +220,10 @@ def merged_json_path(out: str | Path, split: str) -> Path:
 
 
 def synthetic_file_name(split: str, file_name: str, annotation_id: int, sample: int, crop: int) -> str:
-    """File name (relative to ``OUT/images``) of a new image: unique per (annotation, sample, crop)."""
+    """File name (relative to ``OUT/images``) of a new image: unique per (annotation, sample, crop); a JPEG
+    source gives a JPEG (:func:`~instsynth.formats.base.output_suffix`)."""
     path = PurePosixPath(file_name)
-    name = f"{path.stem}_{annotation_id}_{sample:04d}_{crop:02d}.png"
+    name = f"{path.stem}_{annotation_id}_{sample:04d}_{crop:02d}{output_suffix(file_name)}"
     return (PurePosixPath(SYNTHETIC_FOLDER) / split / path.parent / name).as_posix()
 
 
@@ -440,7 +443,7 @@ class CocoDataset(Dataset):
 
 
 class CocoWriter(DatasetWriter):
-    """Writes new images as PNGs under ``OUT/images`` and, in ``finish``, the merged COCO file.
+    """Writes new images under ``OUT/images`` (PNG, or JPEG from a JPEG) and, in ``finish``, the merged COCO file.
 
     Pickles without its dataset (``write`` needs none); ``finish`` runs where the writer was made."""
 
@@ -477,7 +480,8 @@ class CocoWriter(DatasetWriter):
     def write(self, image: NewImage) -> WrittenImage:
         width, height = image.size
         fields = {"file_name": image.name, "width": width, "height": height, "annotations": self.annotations(image)}
-        return WrittenImage(image.name, fields).put(self.out, [(Path("images") / image.name, encode_png(image.rgb))])
+        return WrittenImage(image.name, fields).put(self.out, [(Path("images") / image.name,
+                                                                 encode_image(image.rgb, image.name))])
 
     def finish(self, entries: list[dict], info: dict) -> list[Path]:
         """The merged file (entries need file_name, width, height, source_image_id (COCO id), annotations)."""

@@ -445,5 +445,7 @@ def select_coco_instances(coco_json: str | os.PathLike, images_dir: str | os.Pat
     if not dataset.source.images:
         raise InstSynthError(dataset.where, "no image listed (empty dataset?)")
     out = out if out is not None else default_out(dataset.where, split)
+    log.info("stage 1: %s is split %r (--split; it names the outputs, e.g. instances_%s_instsynth.json; "
+             "python -m instsynth.data.split makes train and val files of one file)", dataset.where, split, split)
     return select_from_dataset(dataset, split, k, classes, min_area, context, out, workers, skip_bad,
                                frequency=list(frequency or []), **budget_args)
