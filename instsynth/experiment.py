@@ -463,7 +463,7 @@ class RunSpec:
 
 
 def register(spec: RunSpec) -> None:
-    from instsynth.data.catalog import register_coco_instances
+    from instsynth.data.registry import register_coco_instances
 
     for name, (json_file, image_root, dataset_root) in spec.datasets.items():
         register_coco_instances(name, json_file, image_root, dataset_root)

@@ -45,7 +45,7 @@ def assert_same_predictions(a, b):
 
 
 def official_checkpoint(model, path):
-    from instsynth.modeling.convert import to_official
+    from instsynth.modeling.weights import to_official
 
     state = to_official(model.state_dict())
     state["criterion.empty_weight"] = torch.ones(model.num_classes + 1)
@@ -55,7 +55,7 @@ def official_checkpoint(model, path):
 
 def d2_resnet_pickle(model, path, **extra):
     """Detectron2's torchvision-converted R-50.pkl layout: numpy arrays, backbone names without prefix, stem.fc."""
-    from instsynth.modeling.convert import to_official
+    from instsynth.modeling.weights import to_official
 
     backbone = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
     arrays = {k[len("backbone."):]: v.numpy() for k, v in to_official(backbone).items()}
@@ -69,7 +69,7 @@ def test_key_map_is_one_to_one_on_fastinst_d3_r50_with_official_names_and_size()
     """Every tensor of FastInst-D3-R50 (80 classes, as the official COCO model) has one official name and back."""
     from instsynth.config import load_config
     from instsynth.modeling import build_model
-    from instsynth.modeling.convert import our_name, to_official
+    from instsynth.modeling.weights import our_name, to_official
 
     model = build_model(load_config(D3, ["MODEL.FASTINST.NUM_CLASSES", "80", "MODEL.WEIGHTS", ""]))
     assert sum(p.numel() for p in model.parameters()) == 34_176_597  # the official model's count

@@ -344,7 +344,7 @@ def read_json_yaml(path: Path) -> dict:
 
 
 def test_catalog_errors_name_the_file(tmp_path, monkeypatch):
-    from instsynth.data.catalog import get_spec, registered_names
+    from instsynth.data.registry import get_spec, registered_names
 
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text("mine: {json_file: ann.json}\n")

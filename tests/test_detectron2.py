@@ -101,11 +101,15 @@ def unmatched(a, b, h, w):
             if not any(c == k and (m & n).sum() >= 0.5 * (m | n).sum() for k, n in mb)]
 
 
-def polygon_loader_agrees(split):
+def polygon_loader_agrees(split, same_count=False):
     """Detectron2's gtFine_polygons.json loader finds each instance of its instanceIds-PNG loader (IoU >= 0.5,
-    same class) and no other; only PNG slivers under SLIVER pixels may have no polygon."""
+    same class) and no other; only PNG slivers under SLIVER pixels may have no polygon (with ``same_count``:
+    none, every image has as many instances from either loader)."""
     png, poly = dicts(f"t20_demo_png_{split}"), dicts(f"t20_demo_json_{split}")
     assert set(png) == set(poly)
+    if same_count:
+        counts = {n: (len(png[n]["annotations"]), len(poly[n]["annotations"])) for n in png}
+        assert all(a == b for a, b in counts.values()), {n: c for n, c in counts.items() if c[0] != c[1]}
     for name in png:
         h, w = png[name]["height"], png[name]["width"]
         png_only = [x for x in unmatched(png[name], poly[name], h, w) if x[1] >= SLIVER]
@@ -121,10 +125,11 @@ def test_polygons_loader_agrees_on_the_source_images(names, output):
     polygon_loader_agrees("val")
 
 
-@pytest.mark.xfail(strict=True, reason="stage 5 writes one gtFine_polygons.json object per piece of a split instance, "
-                                       "not one per instance in depth order (issue 20 point 7, branch data20)")
-def test_polygons_loader_agrees_on_the_synthetic_images(names):
-    polygon_loader_agrees("train")
+def test_polygons_loader_agrees_on_the_synthetic_images(names, output):
+    """Stage 5's gtFine_polygons.json of the synthetic images (one object per instance, in depth order): the
+    polygons loader finds, image by image, as many instances as the PNG loader, and the same ones."""
+    assert len(synthetic(output, dicts("t20_demo_png_train"))) > 0
+    polygon_loader_agrees("train", same_count=True)
 
 
 def test_dataset_mapper_maps_every_image(names):

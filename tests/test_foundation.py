@@ -131,6 +131,19 @@ def _square_or_fail(x):
     return x * x
 
 
+def _scaled(shared, x):
+    return shared["factor"] * x
+
+
+def test_ordered_map_sends_shared_data_once_per_worker():
+    from instsynth.core.parallel import ordered_map
+
+    shared = {"factor": 3, "table": list(range(5000))}
+    tasks = list(range(40))
+    assert list(ordered_map(_scaled, tasks, 1, shared=shared)) == list(ordered_map(_scaled, tasks, 2, 4, shared=shared)) \
+        == [3 * x for x in tasks]
+
+
 def test_ordered_map_keeps_order_for_any_worker_count():
     from instsynth.core.parallel import ordered_map
 

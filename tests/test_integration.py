@@ -376,13 +376,30 @@ def test_stage4_missing_source_labels_is_an_error_or_a_listed_skip(small_pipelin
     out = tmp_path / "out"
     integrate_samples(small_pipeline, out, workers=1, params=IntegrationParams(crops_per_sample=1))
     images = read_json(out / COORDINATES_NAME)["images"]
-    victim = Path(images[0]["source"]["color"])
+    victim = Path(images[0]["source"]["labelIds"])
     victim.unlink()
     with pytest.raises(InstSynthError, match=f"{victim.name}: file not found"):
         drop_color_and_label_ids(out / COORDINATES_NAME, workers=1)
     summary = drop_color_and_label_ids(out / COORDINATES_NAME, workers=1, skip_bad=True)
-    affected = [e for e in images if e["source"]["color"] == str(victim)]
+    affected = [e for e in images if e["source"]["labelIds"] == str(victim)]
     assert len(summary.bad) == len(affected) > 0 and summary.images == len(images)
+
+
+def test_stage4_without_color_files_derives_the_colours_from_label_ids(pipeline, demo_copy, tmp_path):
+    """A source tree of only leftImg8bit, instanceIds and labelIds: stage 4 writes color from the cut labelIds
+    in the Cityscapes palette, pixel-equal to the colours cut from a tree that has them."""
+    removed = [p for p in demo_copy.glob("gtFine/*/*/*") if p.name.endswith(("_color.png", "_polygons.json"))]
+    assert removed
+    for path in removed:
+        path.unlink()
+    out = tmp_path / "out"
+    integrate(run_pipeline(demo_copy, tmp_path / "stage1", num_samples=2), out)
+    entries = read_json(out / INTEGRATION_NAME)["images"]
+    assert [e["image_id"] for e in entries] == [e["image_id"] for e in pipeline["integration"]["images"]]
+    for e in entries:
+        color = read_png(out / e["outputs"]["color"], rgb=True)
+        assert np.array_equal(color, colorize(read_png(out / e["outputs"]["labelIds"]))), e["image_id"]
+        assert np.array_equal(color, read_png(pipeline["out"] / e["outputs"]["color"], rgb=True)), e["image_id"]
 
 
 def test_gate_fallback_original_keeps_failing_samples_as_originals():

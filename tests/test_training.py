@@ -118,7 +118,7 @@ def test_eval_only_writes_ap_numbers(quick_run, demo_cache, tmp_path):
 def test_tiny_fastinst_overfits_two_images(demo_cache, tmp_path):
     """Trained and evaluated on the same two demo images, FastInst reaches mask AP50 >= 0.5."""
     from instsynth.config import load_config
-    from instsynth.data.catalog import get_spec, register_coco_instances
+    from instsynth.data.registry import get_spec, register_coco_instances
     from instsynth.engine.trainer import run
 
     spec = get_spec("cityscapes_demo_instance_seg_train")
@@ -184,7 +184,7 @@ def test_base_chain_and_opts_override(tmp_path):
 
 def test_unknown_dataset_and_model_names_list_registered(monkeypatch):
     from instsynth.config import load_config
-    from instsynth.data.catalog import get_dataset_dicts
+    from instsynth.data.registry import get_dataset_dicts
     from instsynth.core.io import InstSynthError
     from instsynth.modeling import build_model
 
@@ -202,7 +202,7 @@ def test_unknown_dataset_and_model_names_list_registered(monkeypatch):
 
 
 def test_tree_roots_from_environment(demo_cache, monkeypatch):
-    from instsynth.data.catalog import demo_root, get_dataset_dicts, get_spec
+    from instsynth.data.registry import demo_root, get_dataset_dicts, get_spec
 
     get_spec("cityscapes_demo_instance_seg_val")  # builds the demo tree
     monkeypatch.setenv("INSTSYNTH_CITYSCAPES_INSTSYNTH", str(demo_root()))
@@ -212,7 +212,7 @@ def test_tree_roots_from_environment(demo_cache, monkeypatch):
 
 def test_mapper_flip_crop_and_crowd(demo_cache):
     from instsynth.config import load_config
-    from instsynth.data.catalog import get_dataset_dicts, get_metadata
+    from instsynth.data.registry import get_dataset_dicts, get_metadata
     from instsynth.data.mapper import DatasetMapper, Geometry
 
     cfg = load_config(QUICK)
@@ -306,7 +306,7 @@ def test_class_count_mismatch_is_a_clear_error(demo_cache):
 
 def test_color_aug_ssd_changes_only_colours_and_is_seeded(demo_cache):
     from instsynth.config import load_config
-    from instsynth.data.catalog import get_dataset_dicts, get_metadata
+    from instsynth.data.registry import get_dataset_dicts, get_metadata
     from instsynth.data.mapper import DatasetMapper, color_aug_ssd
 
     meta = get_metadata("cityscapes_demo_instance_seg_train")

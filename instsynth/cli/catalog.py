@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from instsynth.cli import command
-from instsynth.data.catalog import add_to_catalog, registered_names
+from instsynth.data.registry import add_to_catalog, registered_names
 
 
 @command

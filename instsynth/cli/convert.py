@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from instsynth.cli import command
-from instsynth.modeling.convert import convert
+from instsynth.modeling.weights import convert
 
 
 @command

@@ -188,8 +188,8 @@ def write_if_changed(path: str | os.PathLike, data: bytes) -> bool:
     with contextlib.suppress(OSError):
         if path.stat().st_size == len(data) and path.read_bytes() == data:
             return False
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    with atomic_path(path) as tmp, open(tmp, "r+b") as file:  # not "wb": on ext4, truncating the new temporary
+        file.write(data)  # file makes its close flush it to disk (auto_da_alloc), 1.5-2x the cost of a small write
     return True
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from instsynth.data.catalog import get_dataset_dicts, get_metadata
+from instsynth.data.registry import get_dataset_dicts, get_metadata
 from instsynth.data.mapper import DatasetMapper
 from instsynth.core.io import InstSynthError, get_logger
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from instsynth.core.io import InstSynthError, get_logger, save_torch, write_bytes
-from instsynth.modeling.convert import CHECKPOINT_SUFFIXES
+from instsynth.modeling.weights import CHECKPOINT_SUFFIXES
 
 log = get_logger("instsynth.engine")
 LAST_CHECKPOINT = "last_checkpoint"
@@ -95,7 +95,7 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
 def read_checkpoint(path: str | Path) -> dict:
     """The content of a checkpoint file (``torch.load(weights_only=True)``; Detectron2 ``.pkl`` pickles of
     numpy arrays are read without running code)."""
-    from instsynth.modeling.convert import read_weights
+    from instsynth.modeling.weights import read_weights
 
     return read_weights(path)
 
@@ -139,7 +139,7 @@ def load_model_weights(model: nn.Module, path: str | Path) -> dict[str, list[str
     naming them, grouped by prefix. A backbone-only file leaves the rest of the model fresh as expected (INFO).
     BatchNorm ``num_batches_tracked`` counters are neither counted as loaded nor as missing. Returns
     ``{"loaded", "reinitialised", "missing", "unused"}`` key lists."""
-    from instsynth.modeling.convert import load_project_state
+    from instsynth.modeling.weights import load_project_state
 
     if not Path(path).is_file():
         raise InstSynthError(path, "MODEL.WEIGHTS not found. For the ImageNet ResNet-50 of the Cityscapes configs: "

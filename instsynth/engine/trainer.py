@@ -21,7 +21,7 @@ from torch import nn
 
 from instsynth.config import dump_config
 from instsynth.data.build import build_test_loader, build_train_loader
-from instsynth.data.catalog import get_metadata
+from instsynth.data.registry import get_metadata
 from instsynth.engine.checkpoint import (CheckpointKeeper, checkpoint_name, last_checkpoint, load_model_weights,
                                          maybe_load_weights, read_checkpoint, save_checkpoint, set_rng_state)
 from instsynth.evaluation.coco_eval import evaluate_coco, format_table, instances_to_coco

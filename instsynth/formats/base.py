@@ -12,13 +12,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import cv2
 import numpy as np
 
-from instsynth.core.io import InstSynthError, write_if_changed
+from instsynth.core.io import InstSynthError, encode_png, write_if_changed
 from instsynth.core.labels import INSTANCE_ID_OFFSET
 
 Box = tuple[int, int, int, int]
@@ -169,6 +169,29 @@ class NewImage:
         """True when the image is the whole source at its own size with nothing pasted (a panorama)."""
         return (not self.pasted and tuple(self.box) == (0, 0, self.source.width, self.source.height)
                 and self.size == (self.source.width, self.source.height))
+
+
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+JPEG_QUALITY = 95
+"""Quality (OpenCV, 0-100) of new images written as JPEG: those made from a JPEG source."""
+
+
+def output_suffix(source_name: str | Path) -> str:
+    """Suffix of a new image made from the source file ``source_name``: JPEG in, JPEG out (the source's own
+    ``.jpg`` / ``.jpeg``); every other source (PNG, BMP, TIFF, WebP) gives a lossless ``.png``."""
+    suffix = PurePosixPath(str(source_name)).suffix
+    return suffix if suffix.lower() in JPEG_SUFFIXES else ".png"
+
+
+def encode_image(rgb: np.ndarray, name: str | Path) -> bytes:
+    """Bytes of an RGB uint8 image in the format ``name``'s suffix names: JPEG at JPEG_QUALITY, else PNG."""
+    if PurePosixPath(str(name)).suffix.lower() not in JPEG_SUFFIXES:
+        return encode_png(rgb)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:  # pragma: no cover - OpenCV failure
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 :func:`load_coco_source` reads and checks the file before any work: duplicate image / annotation /
 category ids, annotations that point to an unknown image or category, polygons with fewer than 3
-points, RLE of another size, boxes outside their image and missing image files raise an
+points, NaN, infinite or far-away coordinates, RLE of another size or with undecodable counts or run
+lengths that do not cover the image, boxes with no area or outside their image
+(:mod:`instsynth.formats.coco_checks`, before pycocotools sees them) and missing image files raise an
 InstSynthError naming the file and the id; with ``skip_bad`` the offending annotation (or image) is
 left out and listed in ``CocoSource.bad``. Segmentations may be polygons, uncompressed or compressed
 RLE. LVIS fields are kept verbatim: categories' ``frequency``, ``synonyms``, ``def``; images'
@@ -11,7 +13,8 @@ RLE. LVIS fields are kept verbatim: categories' ``frequency``, ``synonyms``, ``d
 Images are listed by ``(file_name, id)``; an image's ``folder`` is its file's folder (``images`` at the
 top level) and its ``stem`` the file's stem. An instance is an annotation (area: the pycocotools
 pixel count of its rasterised segmentation). New images are
-``OUT/images/instsynth_syn/<split>/<folder>/<stem>_<annotation id>_<sample:04d>_<crop:02d>.png``;
+``OUT/images/instsynth_syn/<split>/<folder>/<stem>_<annotation id>_<sample:04d>_<crop:02d>.png`` (``.jpg``
+at quality 95 from a JPEG source);
 ``finish`` writes ``OUT/annotations/instances_<split>_instsynth.json``: the source file plus the new
 images and their exact annotations (:func:`merge_coco`). The source JSON and images are only read.
 """
@@ -30,11 +33,12 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from instsynth.core.imageops import crop_resize_labels, segmentation_of
-from instsynth.core.io import InstSynthError, encode_png, get_logger, read_json, read_png, write_if_changed
+from instsynth.core.io import InstSynthError, get_logger, read_json, read_png, write_if_changed
 from instsynth.core.paths import confined, relative_name
 from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
-                   category_table, check_named_instance,
+                   category_table, check_named_instance, encode_image, output_suffix,
                    painted_masks)
+from .coco_checks import bbox_problems, polygon_problems, rle_problem
 
 BOX_TOLERANCE = 1.0
 """Pixels an annotation's bbox may extend beyond its image (rounding in exported files) before it is bad."""
@@ -78,24 +82,8 @@ class CocoSource:
     bad: list[dict] = field(default_factory=list)  # what skip_bad left out: {"kind", "id", "problem"}
 
 
-def _segmentation_problem(seg: Any, height: int, width: int) -> str | None:
-    if isinstance(seg, list):
-        if not seg:
-            return "empty segmentation"
-        for poly in seg:
-            if not isinstance(poly, list) or len(poly) % 2 or not all(isinstance(v, (int, float)) for v in poly):
-                return "polygon must be a flat list of x, y numbers"
-            if len(poly) < 6:
-                return f"polygon with {len(poly) // 2} points (needs at least 3)"
-        return None
-    if isinstance(seg, dict) and isinstance(seg.get("counts"), (list, str)) and isinstance(seg.get("size"), list):
-        if list(seg["size"]) != [height, width]:
-            return f"RLE size {seg['size']} differs from its image's [height, width] [{height}, {width}]"
-        return None
-    return "segmentation must be polygons or RLE {size, counts}"
-
-
 def _annotation_problem(ann: Any, images: dict[int, dict], categories: dict[int, dict]) -> str | None:
+    """Problem of an annotation's ids and RLE (polygons and bboxes are checked file-wide)."""
     if not isinstance(ann, dict):
         return "not an object"
     if ann.get("image_id") not in images:
@@ -104,18 +92,29 @@ def _annotation_problem(ann: Any, images: dict[int, dict], categories: dict[int,
         return f"unknown category id {ann.get('category_id')!r}"
     img = images[ann["image_id"]]
     height, width = img["height"], img["width"]
-    problem = _segmentation_problem(ann.get("segmentation"), height, width)
-    if problem:
-        return problem
-    box = ann.get("bbox")
-    if box is not None:
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            return f"bbox must be [x, y, w, h], got {box!r}"
-        x, y, w, h = box
-        t = BOX_TOLERANCE
-        if w < 0 or h < 0 or x < -t or y < -t or x + w > width + t or y + h > height + t:
-            return f"bbox {box} lies outside its {width}x{height} image {img['file_name']}"
-    return None
+    seg = ann.get("segmentation")
+    if isinstance(seg, dict):
+        problem = rle_problem(seg, height, width)
+    elif not isinstance(seg, list):
+        problem = "segmentation must be polygons or RLE {size, counts}"
+    else:
+        problem = None
+    return problem
+
+
+def annotation_problems(anns: list, images: dict[int, dict], categories: dict[int, dict]) -> list[str | None]:
+    """Problem of each annotation of ``anns`` (checked images and categories by id), or None: ids and RLE
+    per annotation, every polygon coordinate and every bbox of the file each in one numpy array."""
+    problems = [_annotation_problem(ann, images, categories) for ann in anns]
+    polygons = [n for n, (ann, p) in enumerate(zip(anns, problems)) if p is None and isinstance(ann["segmentation"], list)]
+    sizes = [(images[anns[n]["image_id"]]["height"], images[anns[n]["image_id"]]["width"]) for n in polygons]
+    for n, problem in zip(polygons, polygon_problems([anns[n]["segmentation"] for n in polygons], sizes)):
+        problems[n] = problem
+    boxed = [n for n, (ann, p) in enumerate(zip(anns, problems)) if p is None and ann.get("bbox") is not None]
+    sizes = [(images[anns[n]["image_id"]]["height"], images[anns[n]["image_id"]]["width"]) for n in boxed]
+    for n, problem in zip(boxed, bbox_problems([anns[n]["bbox"] for n in boxed], sizes, BOX_TOLERANCE)):
+        problems[n] = problem
+    return problems
 
 
 def _unique(json_path: Path, items: list, what: str) -> dict[int, dict]:
@@ -166,10 +165,9 @@ def load_coco_source(coco_json: str | os.PathLike, images_dir: str | os.PathLike
         else:
             kept[image_id] = img
     annotations: dict[int, list[dict]] = {i: [] for i in kept}
-    for ann in data["annotations"]:
-        if ann.get("image_id") in images and ann["image_id"] not in kept:
-            continue  # its image was skipped
-        problem = _annotation_problem(ann, images, categories)
+    # every annotation except those of a skipped image
+    anns = [a for a in data["annotations"] if a.get("image_id") not in images or a["image_id"] in kept]
+    for ann, problem in zip(anns, annotation_problems(anns, images, categories)):
         if problem:
             reject("annotation", ann.get("id"), problem)
         else:
@@ -245,9 +243,10 @@ def merged_json_path(out: str | Path, split: str) -> Path:
 
 
 def synthetic_file_name(split: str, file_name: str, annotation_id: int, sample: int, crop: int) -> str:
-    """File name (relative to ``OUT/images``) of a new image: unique per (annotation, sample, crop)."""
+    """File name (relative to ``OUT/images``) of a new image: unique per (annotation, sample, crop); a JPEG
+    source gives a JPEG (:func:`~instsynth.formats.base.output_suffix`)."""
     path = PurePosixPath(file_name)
-    name = f"{path.stem}_{annotation_id}_{sample:04d}_{crop:02d}.png"
+    name = f"{path.stem}_{annotation_id}_{sample:04d}_{crop:02d}{output_suffix(file_name)}"
     return (PurePosixPath(SYNTHETIC_FOLDER) / split / path.parent / name).as_posix()
 
 
@@ -467,7 +466,7 @@ class CocoDataset(Dataset):
 
 
 class CocoWriter(DatasetWriter):
-    """Writes new images as PNGs under ``OUT/images`` and, in ``finish``, the merged COCO file.
+    """Writes new images under ``OUT/images`` (PNG, or JPEG from a JPEG) and, in ``finish``, the merged COCO file.
 
     Pickles without its dataset (``write`` needs none); ``finish`` runs where the writer was made."""
 
@@ -504,7 +503,8 @@ class CocoWriter(DatasetWriter):
     def write(self, image: NewImage) -> WrittenImage:
         width, height = image.size
         fields = {"file_name": image.name, "width": width, "height": height, "annotations": self.annotations(image)}
-        return WrittenImage(image.name, fields).put(self.out, [(Path("images") / image.name, encode_png(image.rgb))])
+        return WrittenImage(image.name, fields).put(self.out, [(Path("images") / image.name,
+                                                                 encode_image(image.rgb, image.name))])
 
     def finish(self, entries: list[dict], info: dict) -> list[Path]:
         """The merged file (entries need file_name, width, height, source_image_id (COCO id), annotations)."""

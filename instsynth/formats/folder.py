@@ -14,6 +14,7 @@ Every nonzero value must map to a category of ``categories``; anything else is a
 the file. Images are listed in sorted order of their path under ``images/``; ``split`` only names outputs.
 
 New images go to ``OUT/images/instsynth_syn/<split>/<folder>/<stem>_<instance>_<sample:04d>_<crop:02d>.png``
+(``.jpg`` at quality 95 from a JPEG source)
 with their instance PNG (and sidecar, where the source had one) at the same path under ``OUT/instances/``;
 ``finish`` writes ``OUT/categories.json``, so ``OUT`` is itself a folder dataset.
 """
@@ -30,7 +31,7 @@ from instsynth.core.imageops import crop_resize_labels
 from instsynth.core.io import InstSynthError, encode_png, read_json, read_png, read_yaml, write_json
 from instsynth.core.labels import INSTANCE_ID_OFFSET
 from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, NewInstance, SourceImage,
-                   WrittenImage, fresh_instance_ids)
+                   WrittenImage, encode_image, fresh_instance_ids, output_suffix)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CATEGORY_FILES = ("categories.json", "categories.yaml", "categories.yml")
@@ -249,8 +250,9 @@ class FolderWriter(DatasetWriter):
 
     def write(self, image: NewImage) -> WrittenImage:
         labels, sidecar = self.labels(image)
-        paths = {"image": f"images/{image.name}.png", "instances": f"instances/{image.name}.png"}
-        files = [(paths["image"], encode_png(image.rgb)), (paths["instances"], encode_png(labels))]
+        paths = {"image": f"images/{image.name}{output_suffix(image.source.image.path)}",
+                 "instances": f"instances/{image.name}.png"}
+        files = [(paths["image"], encode_image(image.rgb, paths["image"])), (paths["instances"], encode_png(labels))]
         if sidecar is not None:
             paths["sidecar"] = f"instances/{image.name}.json"
             files.append((paths["sidecar"], (json.dumps(sidecar, indent=1) + "\n").encode()))

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instsynth.modeling.convert import CHECKPOINT_SUFFIXES
+from instsynth.modeling.weights import CHECKPOINT_SUFFIXES
 from instsynth.core.io import InstSynthError, get_logger
 from instsynth.modeling import register_model
 

@@ -6,7 +6,8 @@ never read for COCO. Per split it writes
 
 - ``DIR/annotations/instancesonly_filtered_gtFine_<split>.json`` (COCO instances),
 - ``DIR/annotations/conversion_report_<split>.json`` (counts per class, dropped instances, skipped images),
-- ``_gtFine_polygons.json`` next to each instanceIds PNG that has none (synthetic images).
+- ``_gtFine_polygons.json`` next to each instanceIds PNG that has none (synthetic images): one object
+  per instance in depth order, which cityscapesScripts draws back to the PNG (:mod:`instsynth.stages.polygons`).
 
 Polygons trace pixel *edges*: each mask is upsampled x2 so that the left/right (top/bottom) boundary
 pixels of every source pixel are distinct, its contour is traced with OpenCV and every contour point
@@ -21,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -32,6 +32,7 @@ from instsynth.core.io import (CityscapesImage, InstSynthError, default_workers,
 from instsynth.core.labels import (EVAL_THING_CLASSES, THING_CLASSES, THING_LABEL_IDS, class_name, decode_instance_id,
                                    label_id)
 from instsynth.core.lock import holds_output
+from instsynth.stages.polygons import polygons_json
 
 FORMATS = ("polygon", "rle")
 MIN_THING_VALUE = min(THING_LABEL_IDS)
@@ -53,14 +54,6 @@ def coco_categories(include_ignored: bool = False) -> list[dict]:
     """COCO categories: the 8 evaluated thing classes (+ caravan, trailer); id = Cityscapes label id."""
     names = THING_CLASSES if include_ignored else EVAL_THING_CLASSES
     return [{"id": label_id(n), "name": n, "supercategory": "thing"} for n in names]
-
-
-# --------------------------------------------------------------------------- mask geometry
-def centre_polygons(mask: np.ndarray) -> list[np.ndarray]:
-    """Outer contours through boundary-pixel centres (Cityscapes polygons.json convention)."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    # 1- and 2-point contours (one pixel, a thin line) are closed to 3 points so that PIL can draw them
-    return [c[:, 0, :] if len(c) >= 3 else np.resize(c[:, 0, :], (3, 2)) for c in contours]
 
 
 # --------------------------------------------------------------------------- per image
@@ -88,31 +81,6 @@ def _check_polygons_json(path: Path) -> None:
     data = read_json(path)
     if not isinstance(data, dict) or not {"imgHeight", "imgWidth", "objects"} <= set(data):
         raise InstSynthError(path, "not a Cityscapes polygons file (needs imgHeight, imgWidth, objects)")
-
-
-def _cityscapes_label(value: int) -> str:
-    lab, index = decode_instance_id(value)
-    name = class_name(lab)
-    return name if index is not None or lab not in THING_LABEL_IDS else name + "group"
-
-
-def polygons_json(instance_ids: np.ndarray, regions: dict[int, tuple]) -> dict:
-    """Cityscapes polygons.json content of an instanceIds map (stuff and things, larger objects first).
-
-    ``regions`` maps each value present to its bounding slices (see :func:`image_regions`).
-    Cityscapes draws objects in order with no holes, so objects are ordered by decreasing area: what
-    fills another object's hole is smaller and is drawn later. Label 0 (unlabeled) has no region.
-    """
-    objects = []
-    for value, sl in regions.items():
-        local = instance_ids[sl] == value
-        area = int(np.count_nonzero(local))
-        offset = np.array([sl[1].start, sl[0].start])
-        for poly in centre_polygons(local):
-            objects.append((area, value, {"label": _cityscapes_label(value), "polygon": (poly + offset).tolist()}))
-    objects.sort(key=lambda o: (-o[0], o[1]))
-    h, w = instance_ids.shape
-    return {"imgHeight": int(h), "imgWidth": int(w), "objects": [o[2] for o in objects]}
 
 
 def image_regions(instance_ids: np.ndarray, path: Path) -> dict[int, tuple]:
@@ -181,7 +149,11 @@ def _convert_image(image: CityscapesImage, options: ConversionOptions) -> dict:
                      "iscrowd": int(crowd), "instance_id": int(value)})
     written = options.write_polygons and not image.gt("polygons").exists()
     if written:
-        write_json(image.gt("polygons"), polygons_json(instance_ids, regions), indent=None)
+        content, differing = polygons_json(instance_ids, regions)
+        if differing:
+            log.warning("%s: %d pixels of the instanceIds map differ in its polygons.json drawing (things that "
+                        "each cover the other)", image.gt("instanceIds"), differing)
+        write_json(image.gt("polygons"), content, indent=None)
     return {"file_name": file_name, "height": int(height), "width": int(width), "annotations": anns,
             "dropped": dropped, "polygons_written": written, "holes_as_rle": holes}
 

@@ -5,8 +5,9 @@ Stage 2 (:mod:`instsynth.stages.integration`) writes every new image with its in
 :func:`drop_color_and_label_ids` reads that file and writes the matching ``_gtFine_labelIds.png`` and
 ``_gtFine_color.png``: the source maps cut with the same box and resized to the same size with the
 same nearest-neighbour rule as the instanceIds (:func:`crop_resize_labels`), so the three label maps
-of a new image always agree. A box covering the whole image at the same size (a panorama) copies the
-source file's bytes. Reruns skip images recorded in ``label_crops_done.json`` (same entry, files
+of a new image always agree. A source without ``_gtFine_color.png`` gets its colours from the cut
+labelIds and cityscapesScripts' label table (:func:`instsynth.labels.colorize`). A box covering the whole
+image at the same size (a panorama) copies the source file's bytes. Reruns skip images recorded in ``label_crops_done.json`` (same entry, files
 present) and rewrite no file whose bytes are already right.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Iterator, Sequence
 from instsynth.formats.cityscapes import COORDINATES_VERSION
 from instsynth.core.imageops import crop_resize_labels, crop_resize_rgb  # noqa: F401 (names of this module too)
 from instsynth.core.parallel import ordered_map
+from instsynth.core.labels import colorize
 from instsynth.core.io import (InstSynthError, default_workers, encode_png, get_logger, progress, read_json, read_png,
                                write_if_changed)
 from instsynth.core.lock import holds_output
@@ -48,11 +50,29 @@ def label_bytes(source: Path, box: Sequence[int], size: tuple[int, int]) -> byte
     labels = read_png(source)
     if is_identity(box, size, labels.shape):
         return source.read_bytes()
+    return encode_png(cut_labels(source, labels, box, size))
+
+
+def cut_labels(source: Path, labels: np.ndarray, box: Sequence[int], size: tuple[int, int]) -> np.ndarray:
+    """``labels`` (read from ``source``) cut with ``box`` and resized to ``size``; a box outside raises InstSynthError."""
     x0, y0, x1, y1 = map(int, box)
     h, w = labels.shape[:2]
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
         raise InstSynthError(source, f"box {list(box)} is not inside the {w}x{h} image")
-    return encode_png(crop_resize_labels(labels, box, size))
+    return crop_resize_labels(labels, box, size)
+
+
+def color_bytes(source: Path, label_ids: Path, box: Sequence[int], size: tuple[int, int]) -> bytes:
+    """The color PNG of a new image: the source color file cut like the labels, or, where the source has
+    none, the cut labelIds in the Cityscapes colours (RGB, as cityscapesScripts' palette)."""
+    if source.is_file():
+        return label_bytes(source, box, size)
+    labels = read_png(label_ids)
+    if labels.ndim != 2:
+        raise InstSynthError(label_ids, f"expected a single-channel labelIds image, found {labels.shape[2]} channels")
+    if not is_identity(box, size, labels.shape):
+        labels = cut_labels(label_ids, labels, box, size)
+    return encode_png(colorize(labels))
 
 
 # --------------------------------------------------------------------------- the coordinates file
@@ -112,8 +132,11 @@ def _write_entry_labels(task: tuple[dict, Path]) -> _LabelResult:
     entry, folder = task
     result = _LabelResult()
     try:
+        box, size = entry["bbox_coordinate"], tuple(entry["size"])
         for kind in STAGE4_KINDS:
-            data = label_bytes(Path(entry["source"][kind]), entry["bbox_coordinate"], tuple(entry["size"]))
+            source = Path(entry["source"][kind])
+            data = (color_bytes(source, Path(entry["source"]["labelIds"]), box, size) if kind == "color"
+                    else label_bytes(source, box, size))
             if write_if_changed(folder / entry["output"][kind], data):
                 result.written += 1
             else:

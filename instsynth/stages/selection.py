@@ -31,6 +31,7 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,9 +69,18 @@ class SelectionParams:
     k_per_class: tuple[tuple[int, int], ...] = ()  # (category id, k) of classes with their own budget
     frequency: tuple[str, ...] | None = None  # LVIS frequencies asked for (recorded in the report)
 
+    @cached_property
+    def selected(self) -> frozenset[int]:
+        """``category_ids`` as a set (1,200 LVIS ids are too many for a tuple lookup per instance)."""
+        return frozenset(self.category_ids)
+
     def k_of(self, category: int) -> int:
         """Instances per image of class ``category``: one of the k_c largest of its image (default k)."""
-        return dict(self.k_per_class).get(category, self.k)
+        return self._k_by_class.get(category, self.k)
+
+    @cached_property
+    def _k_by_class(self) -> dict[int, int]:
+        return dict(self.k_per_class)
 
     def as_json(self, names: dict[int, str] | None = None) -> dict:
         """The report's ``params`` (``names``: category names by id, default the Cityscapes labels)."""
@@ -114,7 +124,7 @@ def rank(instances: Sequence[Instance], params: SelectionParams) -> tuple[list[I
     for inst in instances:
         if inst.crowd:
             skipped["group_region"] += 1
-        elif inst.category_id not in params.category_ids:
+        elif inst.category_id not in params.selected:
             skipped["class_not_selected"] += 1
         elif inst.area < max(params.min_area, 1):
             skipped["below_min_area"] += 1
@@ -175,7 +185,7 @@ def encode_crop(image: np.ndarray) -> bytes:
 
 def class_counts(instances: Sequence[Instance], params: SelectionParams) -> Counter:
     """Non-crowd instances (any area) per selected category id."""
-    return Counter(i.category_id for i in instances if not i.crowd and i.category_id in params.category_ids)
+    return Counter(i.category_id for i in instances if not i.crowd and i.category_id in params.selected)
 
 
 def select_in_image(image: SourceImage, params: SelectionParams, names: dict[int, str], out: Path) -> ImageResult:
@@ -202,17 +212,17 @@ def select_in_image(image: SourceImage, params: SelectionParams, names: dict[int
     return result
 
 
-def _select_task(task: tuple) -> ImageResult:
-    """Worker entry point: bad input becomes ``ImageResult.error`` (the error type does not pickle)."""
+def _select_task(shared: tuple[SelectionParams, dict[int, str], Path], image: SourceImage) -> ImageResult:
+    """Worker entry point (``shared``: params, names, out, sent once per worker): bad input becomes
+    ``ImageResult.error`` (the error type does not pickle)."""
     try:
-        return select_in_image(*task)
+        return select_in_image(image, *shared)
     except InstSynthError as exc:
-        return ImageResult(task[0].stem, error=(str(exc.path), exc.problem))
+        return ImageResult(image.stem, error=(str(exc.path), exc.problem))
 
 
-def _count_task(task: tuple[SourceImage, SelectionParams]) -> Counter | tuple[str, str]:
+def _count_task(params: SelectionParams, image: SourceImage) -> Counter | tuple[str, str]:
     """Worker: the class counts of one image (its labels only), or (path, problem)."""
-    image, params = task
     try:
         return class_counts(image.annotations().instances, params)
     except InstSynthError as exc:
@@ -220,6 +230,11 @@ def _count_task(task: tuple[SourceImage, SelectionParams]) -> Counter | tuple[st
 
 
 # --------------------------------------------------------------------------- the stage
+def task_chunk(tasks: int, workers: int) -> int:
+    """Images per worker round trip: enough to amortise it, small enough to balance (about 16 per worker)."""
+    return max(1, min(32, tasks // (16 * max(1, workers))))
+
+
 def check_params(where: Any, k: int, min_area: int, context: float) -> None:
     """Bad k, min_area or context raise InstSynthError naming ``where`` (the dataset)."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -234,7 +249,7 @@ def split_class_counts(images: list[SourceImage], params: SelectionParams, names
                        skip_bad: bool) -> dict[str, int]:
     """Instances per selected class over the split (reads only the labels)."""
     total = Counter()
-    results = ordered_map(_count_task, [(image, params) for image in images], workers)
+    results = ordered_map(_count_task, images, workers, task_chunk(len(images), workers), shared=params)
     with contextlib.closing(results):
         for result in progress(results, "stage 1: counting classes", len(images)):
             if isinstance(result, tuple):
@@ -291,7 +306,8 @@ def _gather(images: list[SourceImage], params: SelectionParams, names: dict[int,
             skip_bad: bool) -> _Gathered:
     """Run every image; the first bad one raises unless ``skip_bad`` (then it is logged and listed)."""
     got = _Gathered()
-    results = ordered_map(_select_task, [(image, params, names, out) for image in images], workers)
+    shared = params, {i: names[i] for i in params.category_ids}, out
+    results = ordered_map(_select_task, images, workers, task_chunk(len(images), workers), shared=shared)
     with contextlib.closing(results):  # on error, stop the workers before the exception propagates
         for image, result in zip(images, progress(results, "stage 1: selecting", len(images))):
             if result.error is not None:
@@ -454,5 +470,7 @@ def select_coco_instances(coco_json: str | os.PathLike, images_dir: str | os.Pat
     dataset = open_dataset("coco", coco_json, images_dir, skip_bad=skip_bad)
     if not dataset.source.images:
         raise InstSynthError(dataset.where, "no image listed (empty dataset?)")
+    log.info("stage 1: %s is split %r (--split; it names the outputs, e.g. instances_%s_instsynth.json; "
+             "python -m instsynth.data.split makes train and val files of one file)", dataset.where, split, split)
     return select_from_dataset(dataset, split, k, classes, min_area, context, out, workers, skip_bad,
                                frequency=list(frequency or []), **budget_args)

@@ -48,7 +48,7 @@ def train_tiny_mask_model(dataset_root: str | Path, image_ids: Sequence[str], ou
 
     ``opts``: further ``KEY VALUE`` config overrides."""
     from ..config import load_config
-    from ..data.catalog import register_coco_instances
+    from instsynth.data.registry import register_coco_instances
     from ..engine.trainer import run
 
     out = Path(out).resolve()
