@@ -7,7 +7,7 @@ instanceIds. Safe to rerun: files already right are not rewritten. All logic liv
 """
 import argparse
 
-from instsynth.cli import command
+from instsynth.cli import add_max_pixels, apply_max_pixels, command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -15,6 +15,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cropped_region_coordinates_path", required=True,
                    help="OUT/cropped_region_coordinates.json written by inpainted_integration.py")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    add_max_pixels(p)
     p.add_argument("--skip-bad", action="store_true",
                    help="skip images whose source labels are missing or broken (with a warning) instead of stopping")
     return p.parse_args(argv)
@@ -23,6 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @command
 def main(argv=None) -> None:
     args = parse_args(argv)
+    apply_max_pixels(args)
     from instsynth.stages.label_crops import drop_color_and_label_ids
 
     summary = drop_color_and_label_ids(args.cropped_region_coordinates_path, workers=args.workers,

@@ -11,7 +11,7 @@ plus ``OUT/cropped_region_coordinates.json`` (input of drop_color_and_labelIds_c
 """
 import argparse
 
-from instsynth.cli import command
+from instsynth.cli import add_max_pixels, apply_max_pixels, command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a sample failing the quality gate is left out (drop, default) or replaced by the original "
                         "instance (original: the pair is still written, labelled as original)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    add_max_pixels(p)
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad samples or images (listed in integration_report.json) instead of stopping")
     return p.parse_args(argv)
@@ -54,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @command
 def main(argv=None) -> None:
     args = parse_args(argv)
+    apply_max_pixels(args)
     from instsynth.quality.sample_gate import gate_for
     from instsynth.stages.gate_decision import format_gate_counts
     from instsynth.stages.integration import IntegrationParams, integrate_samples

@@ -1,13 +1,13 @@
 """Stage 1 of InstSynth: select the k largest thing instances of every image and cut square crops.
 
 Writes ``metadata.json``, ``cropped_region_coordinates.json``, ``selection_report.json`` and the
-crops (``crops/<split>/<city>_syn/<key>_{rgb,mask}.png``) under ``--out`` (default: the dataset root).
+crops (``crops/<split>/<city>_syn/<key>_{rgb,mask}.png``) under ``--out`` (default: ``<dataset root>_selection_<split>``).
 All logic lives in :mod:`instsynth.stages.selection`.
 """
 import argparse
 
 from instsynth.stages.budget import add_budget_arguments
-from instsynth.cli import command
+from instsynth.cli import add_max_pixels, apply_max_pixels, command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_budget_arguments(parser, "--k_per_class", "instances selected per image", "--k", "truck=6,bus=6")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("--out", default=None,
-                        help="output folder (default: the dataset root; with --coco: <folder of the JSON>/instsynth_<split>)")
+                        help="output folder, outside the dataset (default: <dataset root>_selection_<split> beside it; with --coco: <folder of the JSON>/instsynth_<split>)")
+    add_max_pixels(parser)
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip unreadable or inconsistent images with a warning (listed in selection_report.json)")
     args = parser.parse_args(argv)
@@ -48,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @command
 def main(argv=None) -> None:
     args = parse_args(argv)
+    apply_max_pixels(args)
     from instsynth.formats import open_dataset
     from instsynth.stages.selection import select_coco_instances, select_from_dataset, select_instances
 

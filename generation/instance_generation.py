@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from instsynth.stages.budget import add_budget_arguments
-from instsynth.cli import command
+from instsynth.cli import add_max_pixels, apply_max_pixels, command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto",
                    help="auto = fp16 on CUDA, fp32 on CPU")
     p.add_argument("--attention_slicing", action="store_true", help="enable attention slicing (off by default)")
+    add_max_pixels(p)
     p.add_argument("--skip-bad", action="store_true",
                    help="skip instances with bad input (listed in generation_report.json) instead of stopping")
     return p.parse_args(argv)
@@ -66,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @command
 def main(argv=None) -> None:
     args = parse_args(argv)
+    apply_max_pixels(args)
     from instsynth.generation import GenerationSettings, find_metadata, generate_instances
     from instsynth.generation.common import MODE_ALIASES, parse_pipeline_options, resolve_prompts_path
     from instsynth.core.io import InstSynthError

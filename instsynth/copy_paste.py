@@ -39,7 +39,10 @@ import cv2
 import numpy as np
 
 from instsynth.cli import command
-from instsynth.core.io import InstSynthError, default_workers, get_logger, progress, read_json, write_json
+from instsynth.core.io import (GENERATED_FOLDER_SUFFIXES, InstSynthError, default_workers, get_logger, progress,
+                               read_json, write_json)
+from instsynth.core.lock import stage_output
+from instsynth.core.paths import remove_stale_files
 from instsynth.core.parallel import ordered_map
 from instsynth.core.seeds import stable_seed
 from instsynth.formats import (Annotations, Dataset, DatasetWriter, Instance, NewImage, NewInstance, SourceImage,
@@ -203,10 +206,9 @@ def remove_stale(previous_path: Path, entries: list[dict], out: Path) -> list[st
     except (InstSynthError, KeyError, TypeError):
         return []
     stale = sorted(set(previous) - {e["image_id"] for e in entries})
-    for image_id in stale:
-        for rel in previous[image_id].get("outputs", {}).values():
-            if (out / rel).is_file():
-                (out / rel).unlink()
+    records = [(f"images[{image_id!r}].outputs.{kind}", rel) for image_id in stale
+               for kind, rel in (previous[image_id].get("outputs") or {}).items()]
+    remove_stale_files(out, records, (".png", ".json"), previous_path, GENERATED_FOLDER_SUFFIXES)
     return stale
 
 
@@ -233,6 +235,13 @@ def copy_paste_dataset(dataset: Dataset | str | os.PathLike, out: str | os.PathL
     params.validate(out)
     if num_images < 0:
         raise InstSynthError(out, f"num_images must be >= 0, got {num_images}")
+    with stage_output(out, dataset.input_paths()):  # no overlap with the dataset, one writer, own leftovers gone
+        return _copy_paste(dataset, out, num_images, split, params, workers)
+
+
+def _copy_paste(dataset: Dataset, out: Path, num_images: int, split: str, params: CopyPasteParams,
+                workers: int | None) -> dict:
+    """The body of :func:`copy_paste_dataset`, run while ``out`` is held."""
     writer = dataset.writer(out, split, complete=True)
     tasks = plan_tasks(dataset, split, num_images, params, writer) if num_images else []
     workers = default_workers() if workers is None else max(1, int(workers))

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from instsynth.cli import command
+from instsynth.core.lock import EXPERIMENT_LOCK, WAIT_ENV, output_lock
 from instsynth.stages.coco_conversion import coco_json_path, convert_cityscapes_to_coco
 from instsynth.experiments.dataset import ExperimentDataset, extra_images_file, parse_dataset
 from instsynth.generation.common import MODE_ALIASES, MODE_NAMES
@@ -253,7 +254,7 @@ def run_stage(name: str, script: str, args: list[str], log_path: Path) -> None:
     """Run a stage script of this repository in a fresh process (in the current directory, so relative
     paths in the options mean what they mean to the user); its output goes to ``log_path``."""
     cmd = [sys.executable, str(REPO_ROOT / script), *args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, WAIT_ENV: "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log.info("%s: %s (output in %s)", name, " ".join(cmd[1:]), log_path)
     with open(log_path, "a") as f:
@@ -419,8 +420,9 @@ class Preparer:
         needed = {a.name for a in arms} | {e.baseline}
         needed |= {a.spec["match"] for a in e.arms if a.name in needed and a.spec.get("match")}
         order = sorted((a for a in e.arms if a.name in needed), key=lambda a: a.kind in CONTROLS)
-        for arm in order:
-            self.data[arm.name] = getattr(self, arm.kind)(arm)
+        for arm in order:  # another machine preparing the same arm: wait for it, then reuse its data
+            with output_lock(self.out / "data" / arm.name, wait=True, name=EXPERIMENT_LOCK):
+                self.data[arm.name] = getattr(self, arm.kind)(arm)
         return self.data
 
 

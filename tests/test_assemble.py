@@ -106,7 +106,7 @@ def test_interrupted_copy_leaves_no_partial_file(src, tmp_path, monkeypatch):
 def test_bad_paths(src, tmp_path):
     with pytest.raises(InstSynthError, match="not found"):
         assemble_dataset(tmp_path / "missing", tmp_path / "out")
-    with pytest.raises(InstSynthError, match="inside the source"):
+    with pytest.raises(InstSynthError, match="is inside the input"):
         assemble_dataset(src, src / "gtFine" / "out")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InstSynthError, match="no split folder"):

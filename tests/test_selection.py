@@ -82,8 +82,8 @@ def test_classes_and_min_area_filter(demo_root, tmp_path):
 def test_generated_city_folders_are_skipped(demo_copy, tmp_path):
     city = iter_cityscapes_images(demo_copy, "train")[0].city
     shutil.copytree(demo_copy / "gtFine" / "train" / city, demo_copy / "gtFine" / "train" / f"{city}_syn")
-    run(demo_copy, tmp_path)
-    assert not any(i["city"].endswith("_syn") for i in load_metadata(tmp_path / METADATA_NAME)["instances"])
+    run(demo_copy, tmp_path / "sel")
+    assert not any(i["city"].endswith("_syn") for i in load_metadata(tmp_path / "sel" / METADATA_NAME)["instances"])
 
 
 # --------------------------------------------------------------------------- crops
@@ -200,9 +200,9 @@ DAMAGES = [damage_missing_left, damage_truncated_ids, damage_corrupt_left, damag
 def test_bad_image_is_an_error_naming_the_file(demo_copy, tmp_path, damage):
     bad_path = damage(demo_copy)
     with pytest.raises(InstSynthError) as err:
-        run(demo_copy, tmp_path, workers=2)
+        run(demo_copy, tmp_path / "sel", workers=2)
     assert err.value.path == bad_path and str(bad_path) in str(err.value)
-    assert not (tmp_path / METADATA_NAME).exists()
+    assert not (tmp_path / "sel" / METADATA_NAME).exists()
 
 
 @pytest.mark.parametrize("damage", [damage_truncated_ids, damage_wrong_size_ids], ids=["truncated", "wrong_size"])

@@ -32,10 +32,29 @@ def error_line(exc: BaseException) -> str | None:
 
     if isinstance(exc, (InstSynthError, OutputError)):
         return f"error: {exc}"
+    if isinstance(exc, RecursionError):
+        return "error: input nested too deeply (a hostile or corrupt JSON file?)"
+    if type(exc).__module__ == "cv2":
+        return f"error: OpenCV could not process an image: {str(exc).strip().splitlines()[-1]}"
     if isinstance(exc, OSError):
         text = (exc.strerror or str(exc)).lower()
         return f"error: {exc.filename}: {text}" if exc.filename else f"error: {text}"
     return None
+
+
+def add_max_pixels(parser) -> None:
+    """``--max-pixels N``: the image-size cap every image reader checks from the file header (instsynth.core.io)."""
+    parser.add_argument("--max-pixels", type=float, default=None, metavar="N",
+                        help="refuse (or with --skip-bad skip) images over N pixels, read from the file header "
+                             "before decoding (default 1e8; env INSTSYNTH_MAX_PIXELS)")
+
+
+def apply_max_pixels(args) -> None:
+    """Make ``args.max_pixels`` the cap of this process and its workers (through ``INSTSYNTH_MAX_PIXELS``)."""
+    if getattr(args, "max_pixels", None) is not None:
+        if args.max_pixels < 1:
+            raise SystemExit(f"error: --max-pixels must be >= 1, got {args.max_pixels}")
+        os.environ["INSTSYNTH_MAX_PIXELS"] = str(int(args.max_pixels))
 
 
 def command(main: F) -> F:

@@ -1,2 +1,3 @@
 """Foundations every layer uses: errors and atomic I/O (io), the label table and prompt bank (labels), the
-ordered worker map (parallel), image and mask helpers (imageops) and the generation.json manifest (manifests)."""
+ordered worker map (parallel), image and mask helpers (imageops), the generation.json manifest (manifests),
+confinement of manifest paths (paths) and one writer per output folder (lock)."""

@@ -35,6 +35,9 @@ GT_SUFFIXES = {
 GENERATED_FOLDER_SUFFIXES = ("_syn", "_inpainted")
 """City folders ending in these are written by InstSynth stages and skipped as sources."""
 
+TEMP_PREFIX = ".instsynth-tmp-"
+"""Every temporary file of an atomic write is ``.instsynth-tmp-<name>.<random><suffix>``."""
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _IMAGE_ID = re.compile(r"^(?P<city>.+)_(?P<seq>\d+)_(?P<frame>\d+)$")
@@ -150,7 +153,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=path.suffix, dir=path.parent)
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.close(fd)
         yield Path(tmp)
@@ -201,15 +204,23 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Pat
     return write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode())
 
 
+MAX_JSON_BYTES = int(os.environ.get("INSTSYNTH_MAX_JSON_MB", "4096")) * 2**20
+"""Largest JSON file read (``INSTSYNTH_MAX_JSON_MB``, default 4096): a bigger one is refused unread."""
+
+
 def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file; a missing or malformed file raises InstSynthError naming it."""
+    """Read a JSON file; a missing, malformed, over-deep or over-large file raises InstSynthError naming it."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise InstSynthError(path, f"JSON file over {MAX_JSON_BYTES // 2**20} MB (INSTSYNTH_MAX_JSON_MB)")
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise InstSynthError(path, "file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InstSynthError(path, f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InstSynthError(path, "not valid JSON (nested too deeply)") from None
 
 
 def read_yaml(path: str | os.PathLike, missing: str = "file not found", error: type = InstSynthError) -> Any:
@@ -244,6 +255,45 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     return write_bytes(path, encode_png(image))
 
 
+MAX_PIXELS_ENV = "INSTSYNTH_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 100_000_000
+"""Largest image read (width x height), checked from the file header before decoding: 100 MP, far
+above Cityscapes (2 MP) and LVIS/COCO (< 1 MP); ``--max-pixels`` or ``INSTSYNTH_MAX_PIXELS`` change it."""
+
+
+def max_pixels() -> int:
+    """The image-size cap in pixels (``INSTSYNTH_MAX_PIXELS``, default :data:`DEFAULT_MAX_PIXELS`)."""
+    try:
+        return int(float(os.environ.get(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS)))
+    except ValueError:
+        raise InstSynthError(MAX_PIXELS_ENV, f"not a number: {os.environ[MAX_PIXELS_ENV]!r}") from None
+
+
+def check_image_size(path: str | os.PathLike) -> None:
+    """Refuse an image whose header declares more than :func:`max_pixels` pixels (nothing is decoded)."""
+    from PIL import Image
+
+    cap = max_pixels()
+    with open(path, "rb") as f:
+        head = f.read(24)
+    try:
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":  # PNG: the IHDR chunk, no decoder
+            width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        else:
+            with Image.open(path) as im:
+                width, height = im.size
+    except Image.DecompressionBombError:  # PIL's own limit (2 x MAX_IMAGE_PIXELS): over ours unless raised
+        if Image.MAX_IMAGE_PIXELS is None or cap < 2 * Image.MAX_IMAGE_PIXELS:
+            raise InstSynthError(path, f"image header declares over {cap} pixels (--max-pixels / "
+                                       f"{MAX_PIXELS_ENV}); skipped with --skip-bad") from None
+        return
+    except Exception:  # noqa: BLE001 (unknown or corrupt header: the decoder reports it)
+        return
+    if width * height > cap:
+        raise InstSynthError(path, f"image of {width}x{height} pixels exceeds the cap of {cap} "
+                                   f"(--max-pixels / {MAX_PIXELS_ENV}); skipped with --skip-bad")
+
+
 def read_png(path: str | os.PathLike, *, rgb: bool = False, dtype: Any = None,
              shape: tuple[int, int] | None = None, bgr: bool = False) -> np.ndarray:
     """Read a PNG unchanged (16-bit kept); ``rgb=True`` returns (H, W, 3) RGB.
@@ -257,9 +307,13 @@ def read_png(path: str | os.PathLike, *, rgb: bool = False, dtype: Any = None,
     path = Path(path)
     if not path.is_file():
         raise InstSynthError(path, "file not found")
+    check_image_size(path)
     data = np.fromfile(path, np.uint8)
     flags = cv2.IMREAD_COLOR if rgb else cv2.IMREAD_UNCHANGED
-    image = cv2.imdecode(data, flags) if data.size else None
+    try:
+        image = cv2.imdecode(data, flags) if data.size else None
+    except cv2.error as exc:
+        raise InstSynthError(path, f"cannot decode image ({str(exc).strip().splitlines()[-1]})") from None
     if image is None:
         raise InstSynthError(path, "cannot decode image (corrupt or truncated PNG?)")
     if rgb:

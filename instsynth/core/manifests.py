@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from instsynth.core.io import InstSynthError, read_json, write_json
+from instsynth.core.paths import confined, plain_name, relative_name
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "generation.json"
@@ -47,6 +48,11 @@ def _check_entry(path: Path, key: str, entry: Any) -> None:
         raise InstSynthError(path, f"instance {key!r}: 'samples' and 'sample_seeds' differ in length")
     if not all(isinstance(s, str) for s in entry["samples"]):
         raise InstSynthError(path, f"instance {key!r}: 'samples' must be a list of relative paths")
+    plain_name(path, f"instances[{key!r}].split", entry["split"])
+    plain_name(path, f"instances[{key!r}].image_id", entry["image_id"])
+    relative_name(path, f"instances[{key!r}].city", entry["city"])
+    for s in entry["samples"]:
+        relative_name(path, f"instances[{key!r}].samples", s)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -75,7 +81,7 @@ def load_manifest(path: str | os.PathLike, check_files: bool = False) -> dict:
     path = path.resolve()
     manifest = read_manifest(path)
     for key, entry in manifest["instances"].items():
-        entry["sample_paths"] = [path.parent / s for s in entry["samples"]]
+        entry["sample_paths"] = [confined(path.parent, s, path, f"instances[{key!r}].samples") for s in entry["samples"]]
         if check_files:
             for p in entry["sample_paths"]:
                 if not p.is_file():

@@ -31,6 +31,9 @@ def _worker(local_rank: int, fn: Callable, args: tuple, env: dict, num_gpus: int
 def launch(fn: Callable, num_gpus: int = 1, num_machines: int = 1, machine_rank: int = 0,
            dist_url: str = "auto", args: tuple = ()) -> None:
     """Run ``fn(*args)`` in ``num_gpus`` processes on this machine (one if already distributed)."""
+    if num_gpus < 1 or num_machines < 1 or not 0 <= machine_rank < num_machines:
+        raise InstSynthError("--machine-rank", f"must be in 0 .. {num_machines - 1} with --num-machines {num_machines} "
+                                               f"and --num-gpus >= 1 (got rank {machine_rank}, {num_gpus} GPUs)")
     world = num_gpus * num_machines
     if world <= 1 or "WORLD_SIZE" in os.environ:
         fn(*args)

@@ -250,6 +250,10 @@ class Dataset(ABC):
         """The path bad-input errors about the whole dataset name (root folder or annotation file)."""
         return self.root
 
+    def input_paths(self) -> list[Path]:
+        """The dataset's own files and folders: no stage may write inside them, nor into a folder holding them."""
+        return [self.root, self.where]
+
     @abstractmethod
     def images(self, split: str, include_generated: bool = False) -> list[SourceImage]:
         """The split's images in the order every stage processes them; images InstSynth wrote
@@ -276,6 +280,8 @@ class Dataset(ABC):
         format itself (Cityscapes: labelIds and color too, which stage 4 derives otherwise)."""
 
     # ---- what stage 1 records of the dataset (metadata.json, selection_report.json); each format keeps its own fields
+    plain_folders: ClassVar[bool] = False
+    """True when an image's folder (metadata ``city``) is one plain name (Cityscapes); else sub-folders are allowed."""
     metadata_paths: ClassVar[dict[str, str]] = {}
     """Per-instance metadata fields naming a label file under ``dataset_root`` -> the path field load_metadata adds."""
 

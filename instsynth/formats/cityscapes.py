@@ -155,6 +155,7 @@ class CityscapesDataset(Dataset):
         return CityscapesWriter(out, split, self.root, complete)
 
     # stage 1's records, as the paper's pipeline has them: no format field, thing classes by labelId
+    plain_folders = True
     metadata_paths = {"instance_ids": "instance_ids_path"}
 
     def selection_header(self, split: str) -> dict:

@@ -20,6 +20,7 @@ images and their exact annotations (:func:`merge_coco`). The source JSON and ima
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import Counter
@@ -33,6 +34,7 @@ from pycocotools import mask as mask_utils
 
 from instsynth.core.imageops import crop_resize_labels, segmentation_of
 from instsynth.core.io import InstSynthError, get_logger, read_json, read_png, write_if_changed
+from instsynth.core.paths import confined, relative_name
 from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
                    category_table, check_named_instance, encode_image, output_suffix,
                    painted_masks)
@@ -156,8 +158,8 @@ def load_coco_source(coco_json: str | os.PathLike, images_dir: str | os.PathLike
         name, w, h = img.get("file_name"), img.get("width"), img.get("height")
         if not isinstance(name, str) or not all(isinstance(v, int) and v > 0 for v in (w, h)):
             reject("image", image_id, "needs a string 'file_name' and positive integer 'width' and 'height'")
-        elif PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
-            reject("image", image_id, f"file_name {name!r} must be relative to the images folder")
+        elif (escape := file_name_problem(images_dir, name)) is not None:
+            reject("image", image_id, escape)
         elif check_images and not (images_dir / name).is_file():
             reject("image", image_id, f"image file {images_dir / name} not found")
         else:
@@ -196,6 +198,27 @@ def select_categories(source: CocoSource, classes: Sequence[str] | None = None,
     if not ids:
         raise InstSynthError(source.json_path, "no category matches the chosen classes and frequency")
     return tuple(sorted(ids))
+
+
+def file_name_problem(images_dir: Path, name: str) -> str | None:
+    """Why ``file_name`` leaves the images folder (absolute, ``..``, a symlink out: :mod:`instsynth.core.paths`), or None.
+
+    Folders are resolved once each (cached), so a file of 100k images costs one ``lstat`` per image."""
+    try:
+        relative_name(images_dir, "file_name", name)
+        parent = PurePosixPath(name).parent.as_posix()
+        if not _real_folder(str(images_dir), parent).is_relative_to(_real_folder(str(images_dir), ".")):
+            raise InstSynthError(images_dir, f"field 'file_name': {name!r} resolves outside {images_dir} (symlink?)")
+        if os.path.islink(images_dir / name):
+            confined(images_dir, name, images_dir, "file_name")
+    except InstSynthError as exc:
+        return f"file_name {name!r} must stay inside the images folder ({exc.problem.split(': ', 1)[-1]})"
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(images_dir: str, folder: str) -> Path:
+    return Path(os.path.realpath(os.path.join(images_dir, folder)))
 
 
 def image_location(file_name: str) -> tuple[str, str]:

@@ -18,8 +18,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from instsynth.core.io import InstSynthError, get_logger, progress, read_png, write_json, write_png
+from instsynth.core.io import TEMP_PREFIX, InstSynthError, get_logger, progress, read_json, read_png, write_json, write_png
 from instsynth.core.labels import prompt_bank_with_gaps, render_prompt
+from instsynth.core.lock import holds_output
 from ..stages.metadata import load_metadata
 from .backends import backend_class
 from .common import (Backend, GenerationSettings, SampleJob, choose_prompt, composite,
@@ -102,8 +103,8 @@ def find_metadata(folder: str | os.PathLike) -> Path:
 
 
 def remove_stale_temp_files(mode_dir: Path) -> int:
-    """Delete temporary files of atomic writes left by a killed run (``.<name>.<random>.tmp.<ext>``)."""
-    stale = [p for p in mode_dir.rglob(".*.tmp.*") if p.is_file()] if mode_dir.is_dir() else []
+    """Delete temporary files of atomic writes left by a killed run (``.instsynth-tmp-*``, nothing else)."""
+    stale = [p for p in mode_dir.rglob(TEMP_PREFIX + "*") if p.is_file()] if mode_dir.is_dir() else []
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
@@ -387,6 +388,19 @@ def run_batches(run: _Run) -> None:
         run.write_manifest()
 
 
+def _output_of(args: dict) -> tuple[Path | None, list[Path]]:
+    """(the mode folder, the dataset root) of a generation call: the folder it holds and the tree it may not
+    overlap. Several ranks (``WORLD_SIZE`` > 1) share their folder: no lock then."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None, []
+    meta_path = Path(args["metadata"]).resolve()
+    meta = read_json(meta_path)
+    root = meta.get("dataset_root") if isinstance(meta, dict) else None
+    out = Path(args["out"]).resolve() if args["out"] is not None else meta_path.parent
+    return out / args["settings"].mode_name, [Path(root)] if isinstance(root, str) else []
+
+
+@holds_output(_output_of)
 def generate_instances(metadata: str | os.PathLike, out: str | os.PathLike | None = None,
                        settings: GenerationSettings = GenerationSettings(), skip_bad: bool = False,
                        strict_prompts: bool = False) -> GenerationSummary:

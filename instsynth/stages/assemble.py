@@ -17,6 +17,7 @@ from pathlib import Path
 
 from instsynth.core.io import (InstSynthError, OutputError, atomic_path, get_logger, is_generated_folder, progress,
                                report_generated_images)
+from instsynth.core.lock import holds_output
 
 SPLITS = ("train", "val", "test")
 TOP_FOLDERS = ("leftImg8bit", "gtFine")
@@ -97,6 +98,7 @@ def _check_paths(src: Path, dst: Path) -> None:
             raise InstSynthError(dst, f"destination lies inside the source's {top}/ folder")
 
 
+@holds_output(lambda a: (a["dst"], [a["src"]]))  # no overlap with the source, one writer
 def assemble_dataset(src: str | Path, dst: str | Path, mode: str = "link", splits=SPLITS,
                      include_generated: bool = False) -> dict:
     """Place the original splits of ``src`` under ``dst`` (see module doc); return counts per outcome.

@@ -31,6 +31,7 @@ from instsynth.core.io import (CityscapesImage, InstSynthError, default_workers,
                                progress, read_json, read_png, report_generated_images, write_json)
 from instsynth.core.labels import (EVAL_THING_CLASSES, THING_CLASSES, THING_LABEL_IDS, class_name, decode_instance_id,
                                    label_id)
+from instsynth.core.lock import holds_output
 from instsynth.stages.polygons import polygons_json
 
 FORMATS = ("polygon", "rle")
@@ -218,6 +219,7 @@ def convert_split(datadir: str | Path, split: str, options: ConversionOptions, c
     return out
 
 
+@holds_output(lambda a: (a["datadir"], ()))  # one writer of DIR/annotations and its polygons files
 def convert_cityscapes_to_coco(datadir: str | Path, splits=("train", "val"), fmt: str = "polygon",
                                include_ignored: bool = False, min_area: int = 4, workers: int | None = None,
                                skip_bad: bool = False, write_polygons: bool = True) -> dict[str, Path]:

@@ -39,6 +39,7 @@ import numpy as np
 from instsynth.core.imageops import crop_resize_rgb, resize_image
 from instsynth.core.io import (InstSynthError, default_workers, get_logger, progress, read_json, read_png,
                                write_if_changed)
+from instsynth.core.lock import stage_output
 from instsynth.core.manifests import load_manifest
 from instsynth.core.parallel import ordered_map
 from instsynth.formats import Annotations, Dataset, DatasetWriter, NewImage, SourceImage, open_dataset
@@ -380,6 +381,13 @@ def integrate_samples(inpainting_dir: str | os.PathLike, out: str | os.PathLike,
     gate = GateDecision.accept_all(manifest["instances"]) if gate is None else gate
     check_gate(manifest_path, manifest, gate)
     dataset = metadata_dataset(meta, skip_bad)
+    with stage_output(out, dataset.input_paths()):  # no overlap with the dataset, one writer, own leftovers gone
+        return _integrate(manifest_path, manifest, meta_path, meta, dataset, gate, params, out, workers, skip_bad)
+
+
+def _integrate(manifest_path: Path, manifest: dict, meta_path: Path, meta: dict, dataset: Dataset, gate: GateDecision,
+               params: IntegrationParams, out: Path, workers: int | None, skip_bad: bool) -> IntegrationSummary:
+    """The body of :func:`integrate_samples`, run while ``out`` is held."""
     layout, writer = layout_of(dataset), dataset.writer(out, meta["split"])
     plan = plan_samples(manifest_path, manifest, meta, dataset, writer, gate, params, out, skip_bad)
     extras = layout.prepare(dataset, out) if layout.prepare else {}

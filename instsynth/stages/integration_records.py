@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from instsynth.core.io import InstSynthError, progress, read_json
+from instsynth.core.io import GENERATED_FOLDER_SUFFIXES, InstSynthError, progress, read_json
+from instsynth.core.paths import remove_stale_files
 from instsynth.formats import Dataset, SourceImage
 from instsynth.formats.coco import SYNTHETIC_FOLDER as COCO_SYNTHETIC_FOLDER
 from instsynth.stages.assemble import place_file
@@ -197,9 +198,13 @@ def reusable(layout: Layout, names: list[str], fingerprint_: str, previous: dict
 def remove_stale(layout: Layout, previous: dict[str, dict], entries: list[dict], out: Path) -> list[str]:
     """Delete the files of images an earlier run wrote that this run no longer produces; their names."""
     stale = sorted(set(previous) - {e[layout.name] for e in entries})
+    manifest, records = out / INTEGRATION_NAME, []
     for name in stale:
-        for rel in layout.owned(previous[name]):
-            path = out / rel
-            if path.is_file() and path.resolve().is_relative_to(out):
-                path.unlink()
+        try:
+            owned = layout.owned(previous[name])
+        except (KeyError, TypeError, AttributeError):
+            raise InstSynthError(manifest, f"images[{name!r}]: no outputs recorded; not deleting anything") from None
+        records += [(f"images[{name!r}].outputs", rel) for rel in owned]
+    # only files this manifest recorded, inside OUT, PNGs (and folder sidecars) under a *_syn / instsynth_syn folder
+    remove_stale_files(out, records, (".png", ".json"), manifest, GENERATED_FOLDER_SUFFIXES)
     return stale

@@ -27,6 +27,8 @@ from instsynth.core.parallel import ordered_map
 from instsynth.core.labels import colorize
 from instsynth.core.io import (InstSynthError, default_workers, encode_png, get_logger, progress, read_json, read_png,
                                write_if_changed)
+from instsynth.core.lock import holds_output
+from instsynth.core.paths import confined, within
 
 DONE_NAME = "label_crops_done.json"
 """Hash of every coordinates entry whose labels were written: a rerun skips those (files present)."""
@@ -89,7 +91,19 @@ def check_coordinates(path: Path, data: object) -> list[dict]:
         if not ok:
             raise InstSynthError(path, f"images[{n}] lacks image_id, bbox_coordinate, size or source/output "
                                        f"paths of {', '.join(STAGE4_KINDS)}")
+        for kind in STAGE4_KINDS:  # writes stay in the file's folder, reads in the dataset
+            confined(path.parent, entry["output"][kind], path, f"images[{n}].output.{kind}")
+            if isinstance(data.get("dataset_root"), str):
+                within(data["dataset_root"], entry["source"][kind], path, f"images[{n}].source.{kind}")
     return data["images"]
+
+
+def _output_of(args: dict) -> tuple[Path, list[Path]]:
+    """(the coordinates file's folder, the dataset root it names): stage 4's output and the tree it may not overlap."""
+    path = Path(args["coordinates_path"]).resolve()
+    data = read_json(path)
+    root = data.get("dataset_root") if isinstance(data, dict) else None
+    return path.parent, [Path(root)] if isinstance(root, str) else []
 
 
 def entry_hash(entry: dict) -> str:
@@ -146,6 +160,7 @@ class LabelCropSummary:
     bad: list[dict] = field(default_factory=list)
 
 
+@holds_output(_output_of)
 def drop_color_and_label_ids(coordinates_path: str | os.PathLike, workers: int | None = None,
                              skip_bad: bool = False) -> LabelCropSummary:
     """Write labelIds and color of every image listed in a stage-2 ``cropped_region_coordinates.json``.

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from instsynth.core.paths import confined, plain_name, relative_name
 from ..formats import FORMATS
 from ..formats.base import check_fields
 from instsynth.core.io import InstSynthError, read_json
@@ -47,13 +48,31 @@ def _check_instance(path: Path, n: int, inst: Any, identity) -> None:
     identity(n, inst)
 
 
+def _crop_path(folder: Path, value: str, path: Path, field: str) -> Path:
+    """A crop file: an absolute path (a metadata moved away from its crops; only read) or one confined to ``folder``."""
+    return Path(value) if Path(value).is_absolute() else confined(folder, value, path, field)
+
+
+def _add_paths(path: Path, n: int, inst: dict, root: Path, fmt) -> None:
+    """Check the instance's names (split-like fields plain, files confined to their roots) and add its paths."""
+    where = lambda name: f"instances[{n}].{name}"  # noqa: E731
+    (plain_name if fmt.plain_folders else relative_name)(path, where("city"), inst["city"])
+    plain_name(path, where("image_id"), inst["image_id"])
+    inst.update(image_path=confined(root, inst["image"], path, where("image")),
+                crop_rgb_path=_crop_path(path.parent, inst["crop_rgb"], path, where("crop_rgb")),
+                crop_mask_path=_crop_path(path.parent, inst["crop_mask"], path, where("crop_mask")))
+    inst.update({to: confined(root, inst[name], path, where(name)) for name, to in fmt.metadata_paths.items()})
+
+
 def load_metadata(path: str | os.PathLike, check_files: bool = True) -> dict:
     """Read and validate a stage-1 ``metadata.json``.
 
     Adds absolute :class:`~pathlib.Path` fields ``image_path`` (from ``dataset_root``), the format's label
     file (Cityscapes ``instance_ids_path``, folder ``instances_path``; a COCO file has none) and
     ``crop_rgb_path``, ``crop_mask_path`` (from the metadata folder) to every instance. With
-    ``check_files`` those files must exist. Bad input raises InstSynthError.
+    ``check_files`` those files must exist. ``split``, ``image_id`` and a Cityscapes ``city`` must be
+    plain names; every file must resolve inside its root (:mod:`instsynth.core.paths`). Bad input raises
+    InstSynthError.
     """
     path = Path(path).resolve()
     meta = read_json(path)
@@ -65,17 +84,16 @@ def load_metadata(path: str | os.PathLike, check_files: bool = True) -> dict:
     fmt = FORMATS.get(metadata_format(meta))
     if fmt is None:
         raise InstSynthError(path, f"unknown dataset format {meta['format']!r}; choose from {sorted(FORMATS)}")
+    plain_name(path, "split", meta["split"])
     identity = fmt.metadata_checker(path, meta)
-    root, folder, keys = Path(meta["dataset_root"]), path.parent, set()
+    root, keys = Path(meta["dataset_root"]), set()
     files = ("image_path", *fmt.metadata_paths.values(), "crop_rgb_path", "crop_mask_path")
     for n, inst in enumerate(meta["instances"]):
         _check_instance(path, n, inst, identity)
         if inst["key"] in keys:
             raise InstSynthError(path, f"duplicate instance key {inst['key']!r}")
         keys.add(inst["key"])
-        inst.update(image_path=root / inst["image"], crop_rgb_path=folder / inst["crop_rgb"],
-                    crop_mask_path=folder / inst["crop_mask"])
-        inst.update({to: root / inst[name] for name, to in fmt.metadata_paths.items()})
+        _add_paths(path, n, inst, root, fmt)
         if check_files:
             for name in files:
                 if not inst[name].is_file():

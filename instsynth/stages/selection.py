@@ -38,6 +38,8 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from instsynth.core.lock import stage_output
+from instsynth.core.paths import confined
 from ..formats import Dataset, Instance, SourceImage, open_dataset
 from ..formats.cityscapes import COORDINATES_NAME, map_instances
 from instsynth.core.io import InstSynthError, default_workers, get_logger, progress, read_json, write_if_changed
@@ -342,11 +344,19 @@ def select_from_dataset(dataset: Dataset, split: str = "train", k: int = 3, clas
     names = dataset.category_names()
     params = SelectionParams(k, tuple(ids), int(min_area), float(context),
                              frequency=None if frequency is None else tuple(frequency))
-    out = Path(out).resolve() if out is not None else dataset.root
+    out = Path(out if out is not None else default_out(dataset, split)).resolve()
     images = dataset.images(split)
     if not images:
         raise InstSynthError(dataset.where, f"no image in split {split!r} (empty dataset?)")
     workers = default_workers() if workers is None else max(1, int(workers))
+    with stage_output(out, dataset.input_paths()):  # no overlap with the dataset, one writer, own leftovers gone
+        return _select(dataset, split, params, out, images, workers, skip_bad, budget_args)
+
+
+def _select(dataset: Dataset, split: str, params: SelectionParams, out: Path, images: list[SourceImage],
+            workers: int, skip_bad: bool, budget_args: dict) -> SelectionSummary:
+    """The body of :func:`select_from_dataset`, run while ``out`` is held."""
+    names = dataset.category_names()
     budget = resolve_budget(dataset, images, params, names, workers, skip_bad, budget_args)
     params = apply_budget(params, budget, names)
     got = _gather(images, params, names, out, workers, skip_bad)
@@ -408,10 +418,21 @@ def stale_crops(metadata_path: Path, metadata: dict) -> list[Path]:
     if not same_run:
         log.warning("%s: replacing the metadata of %s split %s", metadata_path, previous["dataset_root"], previous["split"])
         return []
-    crops = (metadata_path.parent / CROPS_DIR).resolve()
     new = {(i["crop_rgb"], i["crop_mask"]) for i in metadata["instances"]}
-    paths = [(metadata_path.parent / rel).resolve() for pair in sorted(old - new) for rel in pair]
-    return [p for p in paths if p.is_relative_to(crops)]
+    return [path for pair in sorted(old - new) for rel in pair
+            if (path := _stale_crop(metadata_path, rel)) is not None]
+
+
+def _stale_crop(metadata_path: Path, rel: Any) -> Path | None:
+    """The crop ``rel`` of a previous metadata.json if stage 1 may delete it: confined to ``crops/``, a PNG."""
+    try:
+        path = confined(metadata_path.parent / CROPS_DIR, str(rel).removeprefix(CROPS_DIR + "/"), metadata_path,
+                        "crop_rgb/crop_mask")
+    except InstSynthError as exc:
+        log.warning("not deleting a stale crop: %s", exc)
+        return None
+    ok = str(rel).startswith(CROPS_DIR + "/") and path.suffix == ".png" and not path.is_symlink()
+    return path if ok else None
 
 
 # --------------------------------------------------------------------------- the three formats' entry points
@@ -428,9 +449,14 @@ def select_instances(dataset_root: str | os.PathLike, split: str = "train", k: i
     return select_from_dataset(dataset, split, k, classes, min_area, context, out, workers, skip_bad, **budget_args)
 
 
-def default_out(coco_json: str | os.PathLike, split: str) -> Path:
-    """Default output folder of stage 1 on a COCO file: ``<folder of the JSON>/instsynth_<split>``."""
-    return Path(coco_json).resolve().parent / f"instsynth_{split}"
+def default_out(dataset: Dataset | str | os.PathLike, split: str) -> Path:
+    """Default output folder of stage 1, never inside the dataset: on a COCO file (or its path)
+    ``<folder of the JSON>/instsynth_<split>``; on a tree (Cityscapes, folder) ``<root>_selection_<split>`` beside it."""
+    if not isinstance(dataset, Dataset):
+        return Path(dataset).resolve().parent / f"instsynth_{split}"
+    if dataset.where != dataset.root:  # the annotation file of a COCO dataset
+        return default_out(dataset.where, split)
+    return dataset.root.parent / f"{dataset.root.name}_selection_{split}"
 
 
 def select_coco_instances(coco_json: str | os.PathLike, images_dir: str | os.PathLike, split: str = "train",
@@ -444,7 +470,6 @@ def select_coco_instances(coco_json: str | os.PathLike, images_dir: str | os.Pat
     dataset = open_dataset("coco", coco_json, images_dir, skip_bad=skip_bad)
     if not dataset.source.images:
         raise InstSynthError(dataset.where, "no image listed (empty dataset?)")
-    out = out if out is not None else default_out(dataset.where, split)
     log.info("stage 1: %s is split %r (--split; it names the outputs, e.g. instances_%s_instsynth.json; "
              "python -m instsynth.data.split makes train and val files of one file)", dataset.where, split, split)
     return select_from_dataset(dataset, split, k, classes, min_area, context, out, workers, skip_bad,
