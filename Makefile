@@ -35,6 +35,7 @@ demo: $(STAMP)
 	DEMO_DIR=$(DEMO_DIR) PYTHON=$(abspath $(PY)) bash scripts/demo.sh
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports  # the layers and no-cycle contracts of .importlinter
 	INSTSYNTH_NO_PROGRESS=1 $(PY) -m pytest -q tests
 
 clean:

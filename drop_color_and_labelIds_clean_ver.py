@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @command
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from instsynth.label_crops import drop_color_and_label_ids
+    from instsynth.stages.label_crops import drop_color_and_label_ids
 
     summary = drop_color_and_label_ids(args.cropped_region_coordinates_path, workers=args.workers,
                                        skip_bad=args.skip_bad)

@@ -26,7 +26,7 @@ def parse_args(argv=None):
 @command
 def main(argv=None):
     args = parse_args(argv)
-    from instsynth.assemble import assemble_dataset
+    from instsynth.stages.assemble import assemble_dataset
 
     report = assemble_dataset(args.src_path, args.des_path, mode=args.mode, splits=tuple(args.splits),
                               include_generated=args.include_generated)

@@ -6,7 +6,7 @@ All logic lives in :mod:`instsynth.stages.selection`.
 """
 import argparse
 
-from instsynth.budget import add_budget_arguments
+from instsynth.stages.budget import add_budget_arguments
 from instsynth.cli import command
 
 

@@ -36,5 +36,5 @@ setup(
         "fvcore>=0.1.5",  # CfgNode and the _BASE_ loader, as Detectron2
     ],
     # shapely: Detectron2's gtFine_polygons.json loader, used by tests/test_detectron2.py
-    extras_require={"test": ["pytest>=7.4", "pytest-timeout>=2.2", "shapely>=2.0"]},
+    extras_require={"test": ["pytest>=7.4", "pytest-timeout>=2.2", "shapely>=2.0", "import-linter>=2.0"]},
 )

@@ -20,7 +20,7 @@ def reference_loop(root: Path, split: str) -> int:
     import numpy as np
     from pycocotools import mask as mask_utils
 
-    from instsynth.io import iter_cityscapes_images, read_png
+    from instsynth.core.io import iter_cityscapes_images, read_png
 
     n = 0
     for image in iter_cityscapes_images(root, split, include_generated=True):
@@ -60,9 +60,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timings per variant")
     args = parser.parse_args(argv)
     os.environ.setdefault("INSTSYNTH_NO_PROGRESS", "1")
-    from instsynth.coco import convert_cityscapes_to_coco
+    from instsynth.stages.coco_conversion import convert_cityscapes_to_coco
     from instsynth.demo import write_demo_dataset
-    from instsynth.io import default_workers, get_logger
+    from instsynth.core.io import default_workers, get_logger
 
     get_logger().setLevel("WARNING")
     workers = args.workers or default_workers()

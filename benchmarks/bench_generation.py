@@ -112,7 +112,8 @@ def paper_way(pipe, jobs, size: int, steps: int) -> list:
     import torch
     from PIL import Image
 
-    from instsynth.generation.common import composite, resize_image, resize_mask
+    from instsynth.generation.common import composite
+    from instsynth.core.imageops import resize_image, resize_mask
 
     pipe.enable_attention_slicing()
     outs = []

@@ -24,7 +24,7 @@ def reference_loop(gen_dir: Path, out: Path, crops: int, seed: int = 1) -> int:
     import numpy as np
 
     from instsynth.generation import load_manifest
-    from instsynth.io import CityscapesImage, read_png, write_png
+    from instsynth.core.io import CityscapesImage, read_png, write_png
     from instsynth.stages.selection import load_metadata
 
     manifest = load_manifest(gen_dir)
@@ -88,8 +88,8 @@ def main(argv=None):
     from instsynth.demo import write_demo_dataset
     from instsynth.generation import GenerationSettings, generate_instances
     from instsynth.integration import IntegrationParams, integrate_samples
-    from instsynth.io import default_workers, get_logger
-    from instsynth.label_crops import drop_color_and_label_ids
+    from instsynth.core.io import default_workers, get_logger
+    from instsynth.stages.label_crops import drop_color_and_label_ids
     from instsynth.stages.selection import select_instances
 
     get_logger().setLevel("WARNING")

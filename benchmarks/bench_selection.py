@@ -64,7 +64,7 @@ def _decode_pair(image) -> int:
     """Decode only: both PNGs to arrays in the decoder's native channel order (no colour conversion)."""
     import numpy as np
 
-    from instsynth.io import read_png
+    from instsynth.core.io import read_png
 
     ids = read_png(image.gt("instanceIds"), dtype=np.uint16)
     return int(ids.size + read_png(image.left, rgb=True, bgr=True).size)
@@ -72,8 +72,8 @@ def _decode_pair(image) -> int:
 
 def decode_floor(root: Path, workers: int) -> int:
     """Decode every train image's instanceIds and leftImg8bit PNG with the stage's worker pool."""
-    from instsynth.io import iter_cityscapes_images
-    from instsynth.parallel import ordered_map
+    from instsynth.core.io import iter_cityscapes_images
+    from instsynth.core.parallel import ordered_map
 
     return sum(ordered_map(_decode_pair, iter_cityscapes_images(root, "train"), workers))
 
@@ -104,7 +104,7 @@ def main() -> None:
     os.environ.setdefault("INSTSYNTH_NO_PROGRESS", "1")
     os.environ.setdefault("INSTSYNTH_LOG_LEVEL", "WARNING")
     from instsynth.demo import write_demo_dataset
-    from instsynth.io import default_workers
+    from instsynth.core.io import default_workers
     from instsynth.stages.selection import select_instances
 
     workers = args.workers or default_workers()

@@ -39,7 +39,7 @@ def parse_args(argv=None):
 @command
 def main(argv=None):
     args = parse_args(argv)
-    import instsynth.coco as coco
+    import instsynth.stages.coco_conversion as coco
 
     outputs = coco.convert_cityscapes_to_coco(args.datadir, splits=tuple(args.splits), fmt=args.fmt,
                                               include_ignored=args.include_ignored, min_area=args.min_area,

@@ -28,7 +28,7 @@ def parse_args(argv=None):
 
 @command
 def main(argv=None) -> None:
-    from instsynth.quality import evaluate_generation, format_table
+    from instsynth.quality.runs import evaluate_generation, format_table
 
     args = parse_args(argv)
     result = evaluate_generation(args.manifest, inception=args.inception, clip=args.clip, out=args.out,

@@ -22,8 +22,8 @@ from instsynth.cli import command
 
 
 def parse_args(argv=None):
-    from instsynth.mask_gate import DEFAULT_MIN_SCORE
-    from instsynth.quality import DEFAULT_THRESHOLDS, DEFAULT_TOP_FRACTIONS
+    from instsynth.quality.mask_gate import DEFAULT_MIN_SCORE
+    from instsynth.quality.gate import DEFAULT_THRESHOLDS, DEFAULT_TOP_FRACTIONS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True, help="generation.json of a run (or its folder)")
@@ -56,7 +56,7 @@ def parse_args(argv=None):
 
 @command
 def main(argv=None) -> None:
-    from instsynth.quality import format_gate_table, score_generation
+    from instsynth.quality.gate import format_gate_table, score_generation
 
     args = parse_args(argv)
     report = score_generation(args.manifest, clip=args.clip, prompts=args.prompts, device=args.device,

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from instsynth.budget import add_budget_arguments
+from instsynth.stages.budget import add_budget_arguments
 from instsynth.cli import command
 
 
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from instsynth.generation import GenerationSettings, find_metadata, generate_instances
     from instsynth.generation.common import MODE_ALIASES, parse_pipeline_options, resolve_prompts_path
-    from instsynth.io import InstSynthError
+    from instsynth.core.io import InstSynthError
 
     args.mode = MODE_ALIASES.get(args.mode, args.mode)
     if args.mode is None and args.model_path is not None:

@@ -30,22 +30,21 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from .assemble import place_file
+from instsynth.stages.assemble import place_file
 from .formats.coco import (LVIS_IMAGE_FIELDS, SYNTHETIC_FOLDER, CocoSource, annotation_mask,  # noqa: F401 (names kept)
                            crop_annotations, exact_segmentation, instance_map, mask_bbox, merge_coco, merged_json_path,
                            panorama_annotations, synthetic_file_name)
 from .formats.coco import load_coco_source
-from .io import InstSynthError, encode_png, get_logger, progress, read_json, read_png, write_if_changed
+from instsynth.core.io import InstSynthError, encode_png, get_logger, progress, read_json, read_png, write_if_changed
 from .integration import (INTEGRATION_NAME, INTEGRATION_VERSION, REPORT_NAME, ContextCrop, IntegrationSummary,
                           SampleResult, SampleTask, _json_bytes, _Plan, choose_context_crop, crop_seed, load_sample,
                           paste, run_samples, sample_fingerprint)
-from .label_crops import crop_resize_labels, crop_resize_rgb
+from instsynth.stages.label_crops import crop_resize_rgb
 
 log = get_logger("instsynth.coco_output")
 

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from fvcore.common.config import BASE_KEY
 from fvcore.common.config import CfgNode as _FvcoreCfgNode
 
-from instsynth.io import InstSynthError, read_yaml
+from instsynth.core.io import InstSynthError, read_yaml
 
 OUTPUT_ROOT = "output"
 """Parent of the automatic OUTPUT_DIR (relative to the working directory)."""
@@ -319,6 +319,6 @@ def load_config(path: str | os.PathLike | None = None, opts: Iterable[str] = ())
 
 def dump_config(cfg: CN, path: str | os.PathLike) -> Path:
     """Write the merged config as YAML (atomically) so that a run can be reproduced from it."""
-    from instsynth.io import write_bytes
+    from instsynth.core.io import write_bytes
 
     return write_bytes(path, cfg.dump().encode())

@@ -29,13 +29,13 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .cli import command
-from .generation.common import stable_seed
-from .integration import new_image_id, output_paths
-from .io import (CityscapesImage, InstSynthError, default_workers, encode_png, get_logger, iter_cityscapes_images,
-                 progress, read_json, read_png, write_if_changed, write_json)
-from .labels import INSTANCE_ID_OFFSET, THING_LABEL_IDS, colorize, instance_ids_to_label_ids
-from .parallel import ordered_map
+from instsynth.cli import command
+from instsynth.core.seeds import stable_seed
+from instsynth.integration import new_image_id, output_paths
+from instsynth.core.io import (CityscapesImage, InstSynthError, default_workers, encode_png, get_logger,
+                               iter_cityscapes_images, progress, read_json, read_png, write_if_changed, write_json)
+from instsynth.core.labels import INSTANCE_ID_OFFSET, THING_LABEL_IDS, colorize, instance_ids_to_label_ids
+from instsynth.core.parallel import ordered_map
 
 COPY_PASTE_NAME = "copy_paste.json"
 REPORT_NAME = "copy_paste_report.json"

@@ -25,8 +25,8 @@ from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 from cityscapesscripts.preparation.json2labelImg import createLabelImage
 from PIL import Image, ImageDraw
 
-from .cli import command
-from .io import CityscapesImage, progress, write_json, write_png
+from instsynth.cli import command
+from instsynth.core.io import CityscapesImage, progress, write_json, write_png
 
 CITY_NAMES = ("ashford", "bellmont", "corvallis", "dunmore", "eastwick", "fairhaven", "glenrock", "halden")
 SPLITS = ("train", "val")
@@ -377,9 +377,9 @@ def export_coco(cityscapes_root: str | Path, out: str | Path, workers: int | Non
     id; exact pixel-edge polygons, compressed RLE for instances with holes, ``iscrowd`` RLE for group
     regions), the tree's own stage-5 conversion with file names relative to ``out/images/<split>``.
     """
-    from .assemble import place_file
-    from .coco import convert_cityscapes_to_coco
-    from .io import LEFT_SUFFIX, read_json
+    from instsynth.stages.assemble import place_file
+    from instsynth.stages.coco_conversion import convert_cityscapes_to_coco
+    from instsynth.core.io import LEFT_SUFFIX, read_json
 
     root, out = Path(cityscapes_root), Path(out)
     converted = convert_cityscapes_to_coco(root, splits=SPLITS, include_ignored=True, workers=workers)

@@ -30,8 +30,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.datasets.cityscapes import load_cityscapes_instances
 
-from instsynth.io import InstSynthError
-from instsynth.labels import EVAL_THING_CLASSES, name2label
+from instsynth.core.io import InstSynthError
+from instsynth.core.labels import EVAL_THING_CLASSES, name2label
 
 CITYSCAPES_COCO = "annotations/instancesonly_filtered_gtFine_{split}.json"
 INSTSYNTH_COCO = "annotations/instances_{split}_instsynth.json"

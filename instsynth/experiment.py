@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from .cli import command
-from .coco import coco_json_path, convert_cityscapes_to_coco
-from .generation.common import MODE_ALIASES, MODE_NAMES
-from .io import InstSynthError, get_logger, progress, read_json, read_yaml, write_bytes, write_json
-from .labels import REPO_ROOT
-from .summary import coco_stats, run_metrics
+from instsynth.cli import command
+from instsynth.stages.coco_conversion import coco_json_path, convert_cityscapes_to_coco
+from instsynth.generation.common import MODE_ALIASES, MODE_NAMES
+from instsynth.core.io import InstSynthError, get_logger, progress, read_json, read_yaml, write_bytes, write_json
+from instsynth.core.labels import REPO_ROOT
+from instsynth.reports.summary import coco_stats, run_metrics
 
 log = get_logger("instsynth.experiment")
 
@@ -280,7 +280,7 @@ class Preparer:
         return done if ok else None
 
     def baseline(self, arm: Arm) -> ArmData:
-        from .assemble import assemble_dataset
+        from instsynth.stages.assemble import assemble_dataset
 
         e = self.exp
         root = self.out / "data" / arm.name
@@ -294,7 +294,7 @@ class Preparer:
         return self._finish(arm.name, fp, None, None, root)
 
     def instsynth(self, arm: Arm) -> ArmData:
-        from .label_crops import drop_color_and_label_ids
+        from instsynth.stages.label_crops import drop_color_and_label_ids
 
         e, spec = self.exp, arm.spec
         root = self.out / "data" / arm.name
@@ -426,14 +426,14 @@ class RunSpec:
     train_names: tuple[str, ...]
 
     def cfg(self):
-        from .config import load_config
+        from instsynth.config import load_config
 
         return load_config(self.config, [*self.opts, "DATASETS.TRAIN", self.train_names, "DATASETS.TEST", (TEST_NAME,),
                                          "SEED", self.seed, "OUTPUT_DIR", str(self.output_dir)])
 
 
 def register(spec: RunSpec) -> None:
-    from .data.catalog import register_coco_instances
+    from instsynth.data.catalog import register_coco_instances
 
     for name, (json_file, image_root, dataset_root) in spec.datasets.items():
         register_coco_instances(name, json_file, image_root, dataset_root)
@@ -441,7 +441,7 @@ def register(spec: RunSpec) -> None:
 
 def train_run(spec: RunSpec) -> None:
     """Register the run's datasets and train + evaluate it (resuming from its last checkpoint if any)."""
-    from .engine.trainer import run
+    from instsynth.engine.trainer import run
 
     register(spec)
     try:
@@ -465,7 +465,7 @@ def baseline_metrics_path(exp: Experiment) -> Path:
 
 def run_specs(exp: Experiment, arms: list[Arm], data: dict[str, ArmData]) -> list[RunSpec]:
     """A RunSpec per (arm, seed): baseline train set + the arm's extra images, tested on the original test split."""
-    from .config import load_config
+    from instsynth.config import load_config
 
     root = data[exp.baseline].dataset_root
     common = {TEST_NAME: (coco_json_path(root, exp.test_split), root / "leftImg8bit" / exp.test_split, root),
@@ -508,7 +508,7 @@ def run_state(spec: RunSpec) -> dict:
 
 def train_all(exp: Experiment, specs: list[RunSpec], data: dict[str, ArmData]) -> dict[str, int]:
     """Train every run that is not finished; counts of runs trained and skipped."""
-    from .engine.launch import launch
+    from instsynth.engine.launch import launch
 
     base = data[exp.baseline]
     counts = {"trained": 0, "skipped": 0}

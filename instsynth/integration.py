@@ -47,12 +47,13 @@ import numpy as np
 
 from .formats.cityscapes import (MAX_CROPS_PER_SAMPLE, MAX_SAMPLE_INDEX, coordinates_entry,  # noqa: F401
                                  new_image_id, output_paths)
-from .generation.common import resize_image, stable_seed
-from .generation.manifest import load_manifest
-from .parallel import ordered_map
-from .io import (CityscapesImage, InstSynthError, default_workers, encode_png, get_logger, progress,
-                 read_json, read_png, split_image_id, write_if_changed)
-from .label_crops import COORDINATES_VERSION, crop_resize_labels, crop_resize_rgb
+from instsynth.core.imageops import resize_image
+from instsynth.core.seeds import stable_seed
+from instsynth.core.manifests import load_manifest
+from instsynth.core.parallel import ordered_map
+from instsynth.core.io import (CityscapesImage, InstSynthError, default_workers, encode_png, get_logger, progress,
+                               read_json, read_png, write_if_changed)
+from instsynth.stages.label_crops import COORDINATES_VERSION, crop_resize_labels, crop_resize_rgb
 from .formats.cityscapes import COORDINATES_NAME
 from .stages.metadata import load_metadata
 
@@ -270,7 +271,7 @@ def gate_samples(instances: dict[str, dict], min_clip_score: float | None = None
     ``stats`` holds the counts of integration_report.json: samples failing each criterion, accepted,
     fallen back, dropped and the accept rate.
     """
-    from .quality import GATE_CRITERIA, gate_failures
+    from instsynth.quality.gate import GATE_CRITERIA, gate_failures
 
     if fallback not in FALLBACKS:
         raise InstSynthError(where, f"fallback must be one of {FALLBACKS}, got {fallback!r}")

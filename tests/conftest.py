@@ -54,8 +54,8 @@ def folder_root(demo_root, tmp_path_factory) -> Path:
     """The demo train split as a folder dataset: encoded values (category * 1000 + k), group regions dropped."""
     import numpy as np
 
-    from instsynth.io import iter_cityscapes_images, read_png, write_json, write_png
-    from instsynth.labels import THING_CLASSES, THING_LABEL_IDS
+    from instsynth.core.io import iter_cityscapes_images, read_png, write_json, write_png
+    from instsynth.core.labels import THING_CLASSES, THING_LABEL_IDS
 
     root = tmp_path_factory.mktemp("folder")
     for im in iter_cityscapes_images(demo_root, "train"):

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from conftest import REPO
-from instsynth import assemble
-from instsynth.assemble import assemble_dataset
-from instsynth.io import InstSynthError, OutputError
+from instsynth.stages import assemble
+from instsynth.stages.assemble import assemble_dataset
+from instsynth.core.io import InstSynthError, OutputError
 
 
 def _tree(root):

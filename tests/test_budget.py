@@ -1,8 +1,8 @@
 """Per-class budgets: rare classes get more instances per image (stage 1) and more samples (generation)."""
 import pytest
 
-from instsynth.budget import balance_factors, class_budget, parse_class_values
-from instsynth.io import InstSynthError, read_json
+from instsynth.stages.budget import balance_factors, class_budget, parse_class_values
+from instsynth.core.io import InstSynthError, read_json
 
 
 def test_inverse_frequency_factors_and_budgets():
@@ -50,7 +50,7 @@ def test_balanced_stage1_selects_more_instances_of_rare_classes(selections):
 def test_generation_budget_gives_rare_classes_more_samples_and_summary_shows_it(selections):
     from instsynth.generation.common import GenerationSettings
     from instsynth.generation.runner import generate_instances
-    from instsynth.summary import format_summary, run_summary
+    from instsynth.reports.summary import format_summary, run_summary
 
     out, _, balanced, _ = selections
     work = out / "balanced"
@@ -112,7 +112,7 @@ def test_budget_flags_of_stage1_and_generation_clis(demo_root, tmp_path):
 def test_rank_instances_keeps_an_instance_among_the_k_c_largest_of_its_image():
     import numpy as np
 
-    from instsynth.labels import label_id
+    from instsynth.core.labels import label_id
     from instsynth.stages.selection import SelectionParams, rank_instances
 
     car, truck = label_id("car"), label_id("truck")
@@ -141,7 +141,7 @@ def _metrics(path, segm=None, cityscapes=None):
 
 
 def test_ap_factors_favour_the_classes_a_baseline_gets_wrong(tmp_path):
-    from instsynth.budget import ap_factors, read_class_ap
+    from instsynth.stages.budget import ap_factors, read_class_ap
 
     assert ap_factors({"car": 40.0, "truck": 10.0, "train": 2.5}, power=0.5) == {"car": 1.0, "truck": 2.0, "train": 4.0}
     assert ap_factors({"car": 40.0, "bus": 0.0, "train": None}) == {"car": 1.0, "bus": 8.0}  # no AP: left out
@@ -176,7 +176,7 @@ def test_bad_baseline_metrics_name_the_file(tmp_path, content, problem):
 
 def test_ap_budget_in_stage1_and_generation_clis(demo_root, tmp_path):
     """Stage 1 and generation read the same baseline AP: the class with the lowest AP gets the largest budget."""
-    from instsynth.summary import run_summary
+    from instsynth.reports.summary import run_summary
 
     metrics = _metrics(tmp_path / "baseline" / "inference" / "metrics.json",
                        segm={"AP": 20.0, "AP-car": 36.0, "AP-person": 36.0, "AP-truck": 4.0, "AP-bus": 9.0})

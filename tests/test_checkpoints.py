@@ -152,7 +152,7 @@ def test_detectron2_r50_pkl_loads_into_the_backbone(source, images, tmp_path):
 
 def test_caffe2_pickles_and_unsafe_pickles_are_refused(tmp_path, source):
     from instsynth.engine.checkpoint import load_model_weights
-    from instsynth.io import InstSynthError
+    from instsynth.core.io import InstSynthError
 
     blobs = {"conv1_w": np.zeros((64, 3, 7, 7), np.float32), "res_conv1_bn_s": np.ones(64, np.float32),
              "res2_0_branch2a_w": np.zeros((64, 64, 1, 1), np.float32)}
@@ -174,7 +174,7 @@ def test_caffe2_pickles_and_unsafe_pickles_are_refused(tmp_path, source):
 
 def test_convert_tool_writes_this_projects_checkpoint(source, images, tmp_path, capsys):
     from instsynth.engine.checkpoint import load_model_weights
-    from instsynth.modeling.convert import main
+    from instsynth.cli.convert import main
 
     official = official_checkpoint(source, tmp_path / "official.pth")
     assert main([str(tmp_path / "official.pth"), str(tmp_path / "ours.pth")]) == 0

@@ -16,11 +16,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conftest import REPO
-from instsynth.coco import (centre_polygons, coco_json_path, convert_cityscapes_to_coco, corner_polygons,
-                            report_path, rle_encode)
+from instsynth.stages.coco_conversion import (centre_polygons, coco_json_path, convert_cityscapes_to_coco,
+                                              corner_polygons, report_path, rle_encode)
 from instsynth.data.coco import load_coco_categories, load_coco_json
-from instsynth.io import InstSynthError, iter_cityscapes_images, read_png, write_png
-from instsynth.labels import EVAL_THING_CLASSES, instance_ids_to_label_ids, label_id
+from instsynth.core.io import InstSynthError, iter_cityscapes_images, read_png, write_png
+from instsynth.core.labels import EVAL_THING_CLASSES, instance_ids_to_label_ids, label_id
 
 SCRIPT = REPO / "cityscapes-to-coco-conversion" / "main_defined_clean_ver.py"
 

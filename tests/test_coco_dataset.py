@@ -17,9 +17,9 @@ from instsynth.stages.selection import select_coco_instances
 from instsynth.coco_output import merged_json_path
 from instsynth.generation import GenerationSettings, generate_instances, load_manifest
 from instsynth.integration import IntegrationParams, integrate_samples
-from instsynth.io import InstSynthError, read_json, read_png
-from instsynth.label_crops import crop_resize_labels
-from instsynth.labels import complete_prompt_bank, generated_prompts, load_prompt_bank
+from instsynth.core.io import InstSynthError, read_json, read_png
+from instsynth.stages.label_crops import crop_resize_labels
+from instsynth.core.labels import complete_prompt_bank, generated_prompts, load_prompt_bank
 from instsynth.stages.selection import METADATA_NAME, load_metadata, select_instances
 
 CROPS = 1
@@ -277,7 +277,8 @@ def test_lvis_rare_categories_and_generated_prompts(lvis, demo_coco, tmp_path, c
     texts = {e["class"]: e["text"] for e in manifest["instances"].values()}
     assert texts["school_bus"] in [f"a photo of {p}" for p in generated_prompts("school_bus", ["school_bus"])]
     assert texts["school_bus"].endswith(" school bus") and texts["truck"] in ("a photo of a red truck", "a photo of a green truck")
-    from instsynth.quality import SampleRef, other_prompts  # the quality gate's margin sees the same prompts
+    from instsynth.quality.runs import SampleRef
+    from instsynth.quality.gate import other_prompts  # the quality gate's margin sees the same prompts
     key, entry = next((k, e) for k, e in manifest["instances"].items() if e["class"] == "school_bus")
     ref = SampleRef(key, 0, Path(), "", Path(), Path(), "school_bus", entry["prompt"], entry["text"])
     assert len(other_prompts(manifest)(ref)) == len(generated_prompts("school_bus", ["school_bus"]))

@@ -6,9 +6,9 @@ import sys
 import cv2
 import numpy as np
 
-from instsynth import labels
+from instsynth.core import labels
 from instsynth.demo import write_demo_dataset
-from instsynth.io import iter_cityscapes_images, read_png
+from instsynth.core.io import iter_cityscapes_images, read_png
 
 from conftest import DEMO_KW
 
@@ -122,8 +122,8 @@ def test_demo_cli(tmp_path):
 def test_domain_shift_paints_each_split_in_its_own_colours(tmp_path):
     """--domain-shift: the same scenes and labels, objects in the split's colours (val: the prompts' colours)."""
     from instsynth.demo import SHIFT_PAINT
-    from instsynth.io import read_png
-    from instsynth.labels import INSTANCE_ID_OFFSET
+    from instsynth.core.io import read_png
+    from instsynth.core.labels import INSTANCE_ID_OFFSET
 
     kw = dict(cities=1, images_per_city=2, size=(512, 256), seed=0)
     plain = write_demo_dataset(tmp_path / "plain", **kw)

@@ -8,7 +8,7 @@ import yaml
 
 from instsynth.experiment import (Preparer, cli_flags, gain_interval, load_experiment, main, mean_std, run_experiment,
                                   run_specs)
-from instsynth.io import InstSynthError, read_json, read_png
+from instsynth.core.io import InstSynthError, read_json, read_png
 
 from conftest import REPO
 
@@ -212,8 +212,8 @@ def test_no_information_names_the_reason():
 
 def test_copy_paste_pastes_whole_source_instances_over_the_target(demo_root, tmp_path):
     from instsynth.copy_paste import CopyPasteParams, copy_paste_dataset
-    from instsynth.io import CityscapesImage
-    from instsynth.labels import colorize, instance_ids_to_label_ids
+    from instsynth.core.io import CityscapesImage
+    from instsynth.core.labels import colorize, instance_ids_to_label_ids
 
     report = copy_paste_dataset(demo_root, tmp_path, 8, params=CopyPasteParams(seed=5), workers=1)
     entries = read_json(tmp_path / "copy_paste.json")["images"]

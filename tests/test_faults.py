@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from instsynth.coco import convert_cityscapes_to_coco
+from instsynth.stages.coco_conversion import convert_cityscapes_to_coco
 from instsynth.generation import GenerationSettings, generate_instances
 from instsynth.integration import integrate_samples
-from instsynth.io import InstSynthError, OutputError, atomic_path, output_error, read_json, write_bytes, write_json
-from instsynth.label_crops import drop_color_and_label_ids
+from instsynth.core.io import (InstSynthError, OutputError, atomic_path, output_error, read_json, write_bytes,
+                               write_json)
+from instsynth.stages.label_crops import drop_color_and_label_ids
 from instsynth.stages.selection import select_instances
 
 from conftest import REPO

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 
 from instsynth.stages.selection import select_coco_instances
-from instsynth.demo import export_coco
 from instsynth.formats import (CityscapesDataset, CocoDataset, FolderDataset, NewImage, NewInstance, dataset_from_args,
                                open_dataset)
-from instsynth.imageops import crop_resize_labels, crop_resize_rgb
+from instsynth.core.imageops import crop_resize_labels, crop_resize_rgb
 from instsynth.integration import new_image_id
-from instsynth.io import InstSynthError, iter_cityscapes_images, read_json, read_png, write_json, write_png
+from instsynth.core.io import InstSynthError, iter_cityscapes_images, read_json, read_png, write_json, write_png
 from instsynth.coco_output import synthetic_file_name
-from instsynth.labels import THING_CLASSES, THING_LABEL_IDS
+from instsynth.core.labels import THING_CLASSES, THING_LABEL_IDS
 from instsynth.stages.selection import select_instances, square_crop_box
 
 

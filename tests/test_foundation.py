@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from instsynth import labels
-from instsynth.io import (InstSynthError, atomic_path, image_id_of, read_json, read_png, split_image_id,
-                          write_json, write_png)
+from instsynth.core import labels
+from instsynth.core.io import (InstSynthError, atomic_path, image_id_of, read_json, read_png, split_image_id,
+                               write_json, write_png)
 
 
 def test_stack_imports_and_torchvision_nms_runs():
@@ -132,7 +132,7 @@ def _square_or_fail(x):
 
 
 def test_ordered_map_keeps_order_for_any_worker_count():
-    from instsynth.parallel import ordered_map
+    from instsynth.core.parallel import ordered_map
 
     tasks = [5, 3, 9, 1, 4, 8]
     assert list(ordered_map(_square_or_fail, tasks, 1)) == list(ordered_map(_square_or_fail, tasks, 2)) \

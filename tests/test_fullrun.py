@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from instsynth.demo import write_demo_dataset
-from instsynth.io import read_json
-from instsynth.summary import coco_stats, original_subset
+from instsynth.core.io import read_json
+from instsynth.reports.summary import coco_stats, original_subset
 
 from conftest import REPO
 
@@ -91,8 +91,8 @@ def test_original_subset_drops_generated_folders():
 
 
 def test_ap_table_shows_gains_over_the_baseline(tmp_path):
-    from instsynth.io import InstSynthError, write_json
-    from instsynth.summary import ap_table
+    from instsynth.core.io import InstSynthError, write_json
+    from instsynth.reports.summary import ap_table
 
     def run(name, coco_ap, cs_ap):
         write_json(tmp_path / name / "inference" / "metrics.json",

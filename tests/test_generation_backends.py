@@ -12,9 +12,10 @@ import pytest
 
 from conftest import REPO
 from instsynth.generation import GenerationSettings, generate_instances, load_manifest
-from instsynth.generation.common import SampleJob, composite, resize_image, resize_mask
+from instsynth.generation.common import SampleJob, composite
+from instsynth.core.imageops import resize_image, resize_mask
 from instsynth.generation.runner import _RunState, generate_with_oom_halving
-from instsynth.io import InstSynthError, read_png
+from instsynth.core.io import InstSynthError, read_png
 from instsynth.stages.selection import load_metadata, select_instances
 
 torch = pytest.importorskip("torch")

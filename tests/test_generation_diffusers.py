@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO
 from instsynth.generation import GenerationSettings, generate_instances, load_manifest
-from instsynth.io import InstSynthError, read_png
+from instsynth.core.io import InstSynthError, read_png
 from instsynth.stages.selection import load_metadata, select_instances
 
 torch = pytest.importorskip("torch")

@@ -13,10 +13,10 @@ from instsynth.generation import GenerationSettings, generate_instances, load_ma
 from instsynth.integration import (INTEGRATION_NAME, REPORT_NAME, IntegrationParams, as_rgb_sample,
                                    aspect_box_area, choose_context_crop, feather_alpha, integrate_samples,
                                    new_image_id, paste, select_samples)
-from instsynth.io import (CityscapesImage, InstSynthError, iter_cityscapes_images, read_json, read_png,
-                          split_image_id, write_json, write_png)
-from instsynth.label_crops import crop_resize_labels, drop_color_and_label_ids
-from instsynth.labels import colorize, instance_ids_to_label_ids
+from instsynth.core.io import (CityscapesImage, InstSynthError, iter_cityscapes_images, read_json, read_png,
+                               split_image_id, write_json, write_png)
+from instsynth.stages.label_crops import crop_resize_labels, drop_color_and_label_ids
+from instsynth.core.labels import colorize, instance_ids_to_label_ids
 from instsynth.stages.selection import COORDINATES_NAME, METADATA_NAME, select_instances
 
 CROPS = 2

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from instsynth.io import InstSynthError, read_json, read_png, write_png
+from instsynth.core.io import InstSynthError, read_json, read_png, write_png
 
 MIN_IOU = 0.5
 
@@ -48,7 +48,7 @@ def gate_run(demo_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scored(gate_run):
-    from instsynth.quality import score_generation
+    from instsynth.quality.gate import score_generation
 
     report = score_generation(gate_run["manifest"], mask_model=str(gate_run["model"]), device="cpu")
     return report, read_json(gate_run["manifest"])
@@ -68,7 +68,7 @@ def test_untouched_sample_passes_and_background_fails(scored):
 
 
 def test_rescoring_with_the_same_model_does_nothing(gate_run, scored):
-    from instsynth.quality import score_generation
+    from instsynth.quality.gate import score_generation
 
     before = gate_run["manifest"].read_bytes()
     again = score_generation(gate_run["manifest"], mask_model=str(gate_run["model"]), device="cpu")
@@ -136,7 +136,7 @@ def test_oneformer_config_with_weights_loads_as_mask_model(tmp_path):
     """A config YAML plus --mask_weights works too, and OneFormer's classes come from its config."""
     from instsynth.config import load_config
     from instsynth.engine.checkpoint import save_checkpoint
-    from instsynth.mask_gate import best_match, load_mask_model
+    from instsynth.quality.mask_gate import best_match, load_mask_model
     from instsynth.modeling import build_model
 
     config = REPO / "configs" / "quick_schedules" / "oneformer_quick.yaml"
@@ -152,7 +152,7 @@ def test_oneformer_config_with_weights_loads_as_mask_model(tmp_path):
 
 
 def test_sheet_captions_show_the_mask_gate_scores():
-    from instsynth.viz import _sample_caption
+    from instsynth.reports.viz import _sample_caption
 
     entry = {"prompt": "a red car", "scores": [{"clip_prompt": 0.251, "mask_iou": 0.834, "mask_class_ok": True},
                                                {"mask_iou": 0.12, "mask_class": "bus", "mask_class_ok": False}]}

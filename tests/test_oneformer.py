@@ -11,10 +11,10 @@ import torch
 
 from conftest import REPO
 from instsynth.engine.checkpoint import maybe_load_weights
-from instsynth.engine.cityscapes_eval import evaluate_cityscapes
-from instsynth.engine.coco_eval import instances_to_coco
-from instsynth.io import InstSynthError, iter_cityscapes_images, read_png
-from instsynth.labels import EVAL_THING_CLASSES, label_id
+from instsynth.evaluation.cityscapes_eval import evaluate_cityscapes
+from instsynth.evaluation.coco_eval import instances_to_coco
+from instsynth.core.io import InstSynthError, iter_cityscapes_images, read_png
+from instsynth.core.labels import EVAL_THING_CLASSES, label_id
 from instsynth.modeling import build_model
 from instsynth.modeling.oneformer import CLASS_HEAD, instance_texts
 from instsynth.testing.tiny_oneformer import build_tiny_oneformer, tiny_oneformer, tiny_oneformer_cfg

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from instsynth.io import InstSynthError, read_json, read_png, write_png
+from instsynth.core.io import InstSynthError, read_json, read_png, write_png
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def sam_run(demo_root, tmp_path_factory):
 
 
 def test_sam_gate_scores_every_sample_and_rescoring_does_nothing(sam_run):
-    from instsynth.quality import score_generation
+    from instsynth.quality.gate import score_generation
 
     spec = f"sam:{sam_run['sam']}"
     report = score_generation(sam_run["manifest"], mask_model=spec, device="cpu", mask_min_score=-1.0)
@@ -57,7 +57,7 @@ def test_sam_gate_scores_every_sample_and_rescoring_does_nothing(sam_run):
 def test_sam_prediction_lies_in_the_crop_window_and_follows_the_prompt(sam_run):
     import torch
 
-    from instsynth.sam_gate import inner_point, load_sam_gate, mask_box, window_of
+    from instsynth.quality.sam_gate import inner_point, load_sam_gate, mask_box, window_of
 
     mask = np.zeros((60, 100), bool)
     mask[10:30, 40:70] = True
@@ -76,7 +76,7 @@ def test_sam_prediction_lies_in_the_crop_window_and_follows_the_prompt(sam_run):
 
 
 def test_sam_specs_give_clear_errors(sam_run, tmp_path):
-    from instsynth.mask_gate import load_mask_model
+    from instsynth.quality.mask_gate import load_mask_model
     from instsynth.testing.tiny_eval_models import build_tiny_clip
 
     with pytest.raises(InstSynthError, match="SAM model folder not found.*huggingface-cli download"):
@@ -109,7 +109,7 @@ def test_filter_cli_with_sam_then_integration_gate(sam_run, tmp_path, capsys):
 def test_trained_tiny_sam_separates_untouched_instances_from_background(sam_run, demo_root, tmp_path):
     """A tiny SAM fitted for 800 steps on the demo train split (box in, mask out; never the gate's samples):
     measured IoU 0.85 / 0.86 / 0.77 untouched vs 0.27 / 0.15 / 0.00 replaced by background."""
-    from instsynth.quality import score_generation
+    from instsynth.quality.gate import score_generation
     from instsynth.testing.tiny_sam import train_tiny_sam
 
     import shutil

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from instsynth.io import InstSynthError, iter_cityscapes_images, read_json, read_png, write_json, write_png
+from instsynth.core.io import InstSynthError, iter_cityscapes_images, read_json, read_png, write_json, write_png
 from instsynth.stages.selection import (COORDINATES_NAME, METADATA_NAME, REPORT_NAME, SelectionParams, load_metadata,
                                  rank_instances, select_instances, square_crop_box)
 

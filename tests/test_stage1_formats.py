@@ -1,16 +1,13 @@
 """Stage 1 written once: every format selects, crops and records through one module (issue 17.1)."""
-import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from conftest import REPO
-from instsynth.demo import export_coco
 from instsynth.formats import open_dataset
-from instsynth.io import InstSynthError, iter_cityscapes_images, read_json, read_png, write_json, write_png
-from instsynth.labels import THING_CLASSES, THING_LABEL_IDS
+from instsynth.core.io import InstSynthError, read_json, read_png, write_json
+from instsynth.core.labels import THING_CLASSES
 from instsynth.stages.metadata import load_metadata
 from instsynth.stages.selection import select_coco_instances, select_from_dataset, select_instances
 

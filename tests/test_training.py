@@ -185,7 +185,7 @@ def test_base_chain_and_opts_override(tmp_path):
 def test_unknown_dataset_and_model_names_list_registered(monkeypatch):
     from instsynth.config import load_config
     from instsynth.data.catalog import get_dataset_dicts
-    from instsynth.io import InstSynthError
+    from instsynth.core.io import InstSynthError
     from instsynth.modeling import build_model
 
     with pytest.raises(InstSynthError) as err:
@@ -280,7 +280,7 @@ def test_torchvision_resnet_weights_load_into_backbone(tmp_path):
 
     from instsynth.config import load_config
     from instsynth.engine.checkpoint import maybe_load_weights
-    from instsynth.io import InstSynthError
+    from instsynth.core.io import InstSynthError
     from instsynth.modeling import build_model
 
     torch.manual_seed(1)
@@ -297,7 +297,7 @@ def test_class_count_mismatch_is_a_clear_error(demo_cache):
     from types import SimpleNamespace
 
     from instsynth.engine.trainer import check_num_classes
-    from instsynth.io import InstSynthError
+    from instsynth.core.io import InstSynthError
 
     check_num_classes(SimpleNamespace(num_classes=8), ["cityscapes_demo_instance_seg_val"])
     with pytest.raises(InstSynthError, match="has 8 categories .*person.* predicts 10 classes"):

@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from instsynth import viz
-from instsynth.io import read_png
+from instsynth.reports import viz
+from instsynth.core.io import read_png
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def recolor_run(demo_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def coco_root(demo_root, tmp_path_factory):
     """A copy of the demo tree converted to COCO (train and val)."""
-    from instsynth.coco import convert_cityscapes_to_coco
+    from instsynth.stages.coco_conversion import convert_cityscapes_to_coco
 
     root = tmp_path_factory.mktemp("viz_coco") / "cityscapes"
     shutil.copytree(demo_root, root)
@@ -135,7 +135,7 @@ def test_visualize_cli(recolor_run, coco_root, tmp_path, capsys):
 def test_overlays_use_the_files_category_names_and_find_out_images(tmp_path):
     """A COCO output (OUT/images, OUT/annotations/instances_<split>_instsynth.json) with its own category
     ids and names: found without --image-root, labelled with its names (not Cityscapes label 1, "ego vehicle")."""
-    from instsynth.io import write_png
+    from instsynth.core.io import write_png
 
     out = tmp_path / "OUT"
     write_png(out / "images" / "instsynth_syn" / "a.png", np.full((64, 96, 3), 90, np.uint8))

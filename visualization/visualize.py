@@ -45,8 +45,8 @@ def parse_args(argv=None):
 
 @command
 def main(argv=None) -> None:
-    from instsynth import viz
-    from instsynth.io import InstSynthError
+    from instsynth.reports import viz
+    from instsynth.core.io import InstSynthError
 
     args = parse_args(argv)
     try:

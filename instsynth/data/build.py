@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from instsynth.data.catalog import get_dataset_dicts, get_metadata
 from instsynth.data.mapper import DatasetMapper
-from instsynth.io import InstSynthError, get_logger
+from instsynth.core.io import InstSynthError, get_logger
 
 log = get_logger("instsynth.data")
 

@@ -23,8 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from instsynth.cli import command
-from instsynth.io import InstSynthError, get_logger, read_yaml
+from instsynth.core.io import InstSynthError, get_logger, read_yaml
 
 log = get_logger("instsynth.data")
 
@@ -77,14 +76,14 @@ def register_coco_instances(name: str, json_file: str | os.PathLike, image_root:
 
 def cityscapes_spec(name: str, root: Path, split: str, prepare=None) -> DatasetSpec:
     """Spec of one split of a Cityscapes tree with its converted COCO file."""
-    from instsynth.coco import coco_json_path
+    from instsynth.stages.coco_conversion import coco_json_path
 
     return DatasetSpec(name, coco_json_path(root, split), root / "leftImg8bit" / split, root, split, prepare)
 
 
 def _prepare_demo() -> None:
     """Write the demo tree and its COCO files if they are missing (idempotent)."""
-    from instsynth.coco import coco_json_path, convert_cityscapes_to_coco
+    from instsynth.stages.coco_conversion import coco_json_path, convert_cityscapes_to_coco
     from instsynth.demo import write_demo_dataset
 
     root = demo_root()
@@ -211,7 +210,7 @@ def add_to_catalog(catalog: str | os.PathLike, name: str, json_file: str | os.Pa
     """Add (or replace) dataset ``name`` in a YAML catalog file, keeping its other entries; absolute paths."""
     import yaml
 
-    from instsynth.io import write_bytes
+    from instsynth.core.io import write_bytes
 
     catalog = Path(catalog)
     entries = {}
@@ -222,27 +221,7 @@ def add_to_catalog(catalog: str | os.PathLike, name: str, json_file: str | os.Pa
     return write_bytes(catalog, yaml.safe_dump(entries, sort_keys=True).encode())
 
 
-@command
-def main(argv=None) -> None:
-    """``python -m instsynth.data.catalog add CATALOG NAME JSON IMAGE_ROOT`` / ``list``."""
-    import argparse
+if __name__ == "__main__":  # python -m instsynth.data.catalog: the command line is instsynth.cli.catalog
+    from instsynth.cli.catalog import main
 
-    p = argparse.ArgumentParser(prog="python -m instsynth.data.catalog",
-                                description="Register COCO datasets by name for train_net.py ($INSTSYNTH_CATALOG).")
-    sub = p.add_subparsers(dest="command", required=True)
-    add = sub.add_parser("add", help="add or replace a dataset in a catalog YAML file")
-    add.add_argument("catalog", help="catalog YAML file (created if missing); point $INSTSYNTH_CATALOG at it")
-    add.add_argument("name", help="dataset name for DATASETS.TRAIN / DATASETS.TEST")
-    add.add_argument("json_file", help="COCO instances JSON")
-    add.add_argument("image_root", help="folder the JSON's file_name entries are relative to")
-    sub.add_parser("list", help="print every registered dataset name")
-    args = p.parse_args(argv)
-    if args.command == "add":
-        path = add_to_catalog(args.catalog, args.name, args.json_file, args.image_root)
-        print(f"{args.name} -> {path}")
-    else:
-        print("\n".join(registered_names()))
-
-
-if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from ..io import InstSynthError, read_json
+from instsynth.core.io import InstSynthError, read_json
 
 BBOX_MODE_XYWH_ABS = "XYWH_ABS"
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from instsynth.io import InstSynthError
+from instsynth.core.io import InstSynthError
 
 CROP_TYPES = ("absolute", "relative", "relative_range", "absolute_range")
 

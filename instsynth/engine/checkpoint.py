@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from instsynth.io import InstSynthError, atomic_path, get_logger, write_bytes
+from instsynth.core.io import InstSynthError, get_logger, save_torch, write_bytes
+from instsynth.modeling.convert import CHECKPOINT_SUFFIXES
 
 log = get_logger("instsynth.engine")
 LAST_CHECKPOINT = "last_checkpoint"
@@ -41,15 +42,6 @@ def set_rng_state(state: dict) -> None:
 def checkpoint_name(iteration: int) -> str:
     """File name of the checkpoint saved after ``iteration`` (0-based) iterations' updates."""
     return f"model_{iteration:07d}.pth"
-
-
-def save_torch(data, path: str | Path) -> Path:
-    """``torch.save(data)`` to ``path`` atomically; a full disk is reported as such by
-    :func:`~instsynth.io.atomic_path` (torch's error has no errno)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(data, tmp)
-    return path
 
 
 def save_checkpoint(output_dir: str | Path, name: str, model: nn.Module, optimizer=None, scheduler=None,
@@ -106,9 +98,6 @@ def read_checkpoint(path: str | Path) -> dict:
     from instsynth.modeling.convert import read_weights
 
     return read_weights(path)
-
-
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pkl")
 
 
 def maybe_load_weights(model: nn.Module, weights: str) -> bool:

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 import torch.multiprocessing as mp
 
-from instsynth.io import InstSynthError
+from instsynth.core.io import InstSynthError
 
 
 def free_port() -> int:

@@ -24,9 +24,9 @@ from instsynth.data.build import build_test_loader, build_train_loader
 from instsynth.data.catalog import get_metadata
 from instsynth.engine.checkpoint import (CheckpointKeeper, checkpoint_name, last_checkpoint, load_model_weights,
                                          maybe_load_weights, read_checkpoint, save_checkpoint, set_rng_state)
-from instsynth.engine.coco_eval import evaluate_coco, format_table, instances_to_coco
+from instsynth.evaluation.coco_eval import evaluate_coco, format_table, instances_to_coco
 from instsynth.engine.visualize import save_training_visual
-from instsynth.io import InstSynthError, get_logger, write_json
+from instsynth.core.io import InstSynthError, get_logger, write_json
 from instsynth.modeling import build_model
 
 log = get_logger("instsynth.engine")
@@ -281,9 +281,9 @@ def _duration(seconds: float) -> str:
 def _cityscapes_evaluator():
     """``evaluate_cityscapes`` from instsynth.engine.cityscapes_eval when that module is available."""
     try:
-        from instsynth.engine.cityscapes_eval import evaluate_cityscapes
+        from instsynth.evaluation.cityscapes_eval import evaluate_cityscapes
     except ModuleNotFoundError as exc:
-        if exc.name != "instsynth.engine.cityscapes_eval":
+        if exc.name != "instsynth.evaluation.cityscapes_eval":
             raise
         return None
     return evaluate_cityscapes

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instsynth.io import write_png
+from instsynth.core.io import write_png
 
 PALETTE = np.random.default_rng(0).integers(40, 256, size=(256, 3))
 

@@ -18,8 +18,8 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import cv2
 import numpy as np
 
-from ..io import InstSynthError, write_if_changed
-from ..labels import INSTANCE_ID_OFFSET
+from instsynth.core.io import InstSynthError, write_if_changed
+from instsynth.core.labels import INSTANCE_ID_OFFSET
 
 Box = tuple[int, int, int, int]
 """Half-open pixel box ``(x0, y0, x1, y1)``."""

@@ -14,10 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..imageops import crop_resize_labels
-from ..io import (CityscapesImage, InstSynthError, encode_png, image_id_of, iter_cityscapes_images, read_png,
-                  split_image_id, write_json)
-from ..labels import INSTANCE_ID_OFFSET, THING_CLASSES, THING_LABEL_IDS, class_name, label_id
+from instsynth.core.imageops import crop_resize_labels
+from instsynth.core.io import (CityscapesImage, InstSynthError, encode_png, image_id_of, iter_cityscapes_images,
+                               read_png, split_image_id, write_json)
+from instsynth.core.labels import INSTANCE_ID_OFFSET, THING_CLASSES, THING_LABEL_IDS, class_name, label_id
 from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
                    check_fields, fresh_instance_ids)
 

@@ -28,8 +28,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..imageops import crop_resize_labels, segmentation_of
-from ..io import InstSynthError, encode_png, get_logger, read_json, read_png, write_if_changed
+from instsynth.core.imageops import crop_resize_labels, segmentation_of
+from instsynth.core.io import InstSynthError, encode_png, get_logger, read_json, read_png, write_if_changed
 from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
                    category_table, check_named_instance,
                    painted_masks)

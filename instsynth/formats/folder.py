@@ -26,9 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..imageops import crop_resize_labels
-from ..io import InstSynthError, encode_png, read_json, read_png, read_yaml, write_json
-from ..labels import INSTANCE_ID_OFFSET
+from instsynth.core.imageops import crop_resize_labels
+from instsynth.core.io import InstSynthError, encode_png, read_json, read_png, read_yaml, write_json
+from instsynth.core.labels import INSTANCE_ID_OFFSET
 from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
                    fresh_instance_ids)
 

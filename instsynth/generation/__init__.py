@@ -7,7 +7,7 @@ inpainting). :func:`generate_instances` runs one of them over a stage-1 ``metada
 ``OUT/<ModeName>/generation.json`` (read it back with :func:`load_manifest`).
 """
 from .common import DEFAULT_MODELS, MODE_NAMES, GenerationSettings, SampleJob, sample_seed
-from .manifest import MANIFEST_NAME, REPORT_NAME, load_manifest
+from instsynth.core.manifests import MANIFEST_NAME, REPORT_NAME, load_manifest
 from .runner import GenerationSummary, find_metadata, generate_instances
 
 __all__ = ["DEFAULT_MODELS", "MODE_NAMES", "MANIFEST_NAME", "REPORT_NAME", "GenerationSettings", "GenerationSummary",

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from ..io import InstSynthError
+from instsynth.core.io import InstSynthError
 from .common import SampleJob
 from .models import DiffusionBackend, generators
 

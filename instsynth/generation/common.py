@@ -7,16 +7,16 @@ drives every random draw of that sample (its own CPU ``torch.Generator`` for dif
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar, Sequence
 
-import cv2
 import numpy as np
 
-from ..labels import DEFAULT_PROMPTS
+from instsynth.core.imageops import resize_image
+from instsynth.core.labels import DEFAULT_PROMPTS
+from instsynth.core.seeds import stable_seed
 
 MODE_NAMES = {"recolor": "Recolor", "diffinpainting": "DiffPainting", "bld": "BlendedDiff", "gligen": "gligen",
               "diffusers": "Diffusers"}
@@ -127,10 +127,6 @@ RESERVED_CALL_ARGUMENTS = {"prompt", "image", "mask_image", "height", "width", "
 
 
 # --------------------------------------------------------------------------- seeds and prompts
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from a SHA-256 of the parts (independent of Python's hash randomisation)."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
 def instance_seed(seed: int, key: str) -> int:
@@ -175,30 +171,6 @@ class SampleJob:
 
 
 # --------------------------------------------------------------------------- resizing, compositing
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an RGB uint8 image to (height, width): INTER_AREA to shrink, INTER_CUBIC to enlarge."""
-    h, w = size
-    if image.shape[:2] == (h, w):
-        return image.copy()
-    shrink = h * w < image.shape[0] * image.shape[1]
-    out = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
-    return out  # uint8 input: OpenCV saturates cubic overshoot
-
-
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a boolean mask to (height, width); a shrunk pixel is inside if any source pixel was.
-
-    Shrinking uses the covered fraction (INTER_AREA) so thin parts survive; enlarging thresholds a
-    bilinear resize at 0.5. The generated region thus covers the instance; the final composite uses
-    the original-resolution mask anyway.
-    """
-    h, w = size
-    m = mask.astype(np.float32)
-    if m.shape[:2] == (h, w):
-        return mask.astype(bool)
-    if h * w < m.shape[0] * m.shape[1]:
-        return cv2.resize(m, (w, h), interpolation=cv2.INTER_AREA) > 1e-3
-    return cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
 
 
 def composite(source: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -227,23 +199,6 @@ class Backend:
     def generate(self, jobs: Sequence[SampleJob]) -> list[np.ndarray]:
         """One RGB uint8 image per job, at the job's crop size (composited by the caller)."""
         raise NotImplementedError
-
-
-def backend_class(mode: str) -> type[Backend]:
-    """The backend class of a mode (imported lazily: recolor needs neither torch nor diffusers)."""
-    if mode == "recolor":
-        from .recolor import RecolorBackend as cls
-    elif mode == "diffinpainting":
-        from .diffinpainting import DiffInpaintingBackend as cls
-    elif mode == "bld":
-        from .bld import BlendedLatentDiffusionBackend as cls
-    elif mode == "gligen":
-        from .gligen import GligenBackend as cls
-    elif mode == "diffusers":
-        from .auto_inpaint import DiffusersInpaintBackend as cls
-    else:
-        raise ValueError(f"unknown mode {mode!r}; choose from {sorted(MODE_NAMES)}")
-    return cls
 
 
 def resolve_prompts_path(path: str | Path | None) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..io import InstSynthError
+from instsynth.core.io import InstSynthError
 from .bld import LatentDiffusionBackend
 from .common import GLIGEN_NEGATIVE_PROMPT, SampleJob
 from .models import generators, sample_noise

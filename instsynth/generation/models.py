@@ -18,8 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..io import InstSynthError, get_logger
-from .common import Backend, GenerationSettings, SampleJob, resize_image, resize_mask
+from instsynth.core.io import InstSynthError, get_logger
+from instsynth.generation.common import Backend, GenerationSettings, SampleJob
+from instsynth.core.imageops import resize_image, resize_mask
 
 log = get_logger("instsynth.generation")
 

@@ -18,13 +18,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..io import InstSynthError, get_logger, progress, read_png, write_json, write_png
-from ..labels import prompt_bank_with_gaps, render_prompt
+from instsynth.core.io import InstSynthError, get_logger, progress, read_png, write_json, write_png
+from instsynth.core.labels import prompt_bank_with_gaps, render_prompt
 from ..stages.metadata import load_metadata
-from .common import (Backend, GenerationSettings, SampleJob, backend_class, choose_prompt, composite,
+from .backends import backend_class
+from .common import (Backend, GenerationSettings, SampleJob, choose_prompt, composite,
                      instance_seed, sample_seed)
-from .manifest import (MANIFEST_NAME, MANIFEST_VERSION, REPORT_NAME, add_sample, existing_entries,
-                       read_manifest, sample_relpath, shard_files, shard_name, write_manifest)
+from instsynth.core.manifests import (MANIFEST_NAME, MANIFEST_VERSION, REPORT_NAME, add_sample, existing_entries,
+                                      read_manifest, sample_relpath, shard_files, shard_name, write_manifest)
 
 log = get_logger("instsynth.generation")
 
@@ -176,7 +177,7 @@ def sample_budget(settings: GenerationSettings, meta: dict, where: Path) -> dict
     per-class AP of ``settings.baseline_metrics``."""
     from collections import Counter
 
-    from ..budget import class_budget
+    from instsynth.stages.budget import class_budget
 
     counts = None
     if settings.balance == "inverse_freq":
@@ -197,7 +198,7 @@ def plan_instances(instances: list[dict], split: str, settings: GenerationSettin
                    skip_bad: bool, where: Path, budget: dict | None = None) -> list[InstancePlan]:
     """Entry and missing sample indices of every instance (unknown classes raise or are skipped);
     ``budget``: samples per instance by class (default ``settings.num_samples``)."""
-    from ..budget import budget_of
+    from instsynth.stages.budget import budget_of
 
     plans = []
     for inst in instances:

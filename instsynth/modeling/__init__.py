@@ -22,7 +22,7 @@ from typing import Callable
 
 from torch import nn
 
-from instsynth.io import InstSynthError
+from instsynth.core.io import InstSynthError
 
 _MODELS: dict[str, Callable] = {}
 _MODEL_MODULES = ("instsynth.modeling.fastinst", "instsynth.modeling.oneformer")

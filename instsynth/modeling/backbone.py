@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from instsynth.io import InstSynthError
+from instsynth.core.io import InstSynthError
 
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 _STAGES = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}

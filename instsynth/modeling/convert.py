@@ -37,7 +37,6 @@ Detectron2's MSRA / Caffe2 pickles (``res2_0_branch2a_w``) are refused: see :dat
 """
 from __future__ import annotations
 
-import argparse
 import pickle
 import re
 from pathlib import Path
@@ -45,8 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instsynth.cli import command
-from instsynth.io import InstSynthError, get_logger
+from instsynth.core.io import InstSynthError, get_logger
 
 log = get_logger("instsynth.modeling")
 
@@ -88,6 +86,7 @@ KEY_MAP: tuple[tuple[str, str], ...] = (
 )
 """``(this project's name template, official name template)`` rows; see the module docstring."""
 
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pkl")  # weight files MODEL.WEIGHTS may name
 DROPPED_OFFICIAL_KEYS = ("criterion.empty_weight",)
 TORCHVISION_RESNET_KEYS = ("conv1.weight", "layer1.0.conv1.weight")
 D2_RESNET_KEYS = ("stem.conv1.weight", "res2.0.conv1.weight")
@@ -256,28 +255,13 @@ def convert(src: str | Path, dst: str | Path, to: str = "instsynth") -> tuple[Pa
         state = to_official(state)
     elif to != "instsynth":
         raise InstSynthError("--to", f"must be instsynth or official, got {to!r}")
-    from instsynth.engine.checkpoint import save_torch
+    from instsynth.core.io import save_torch
 
     dst = save_torch({"model": state, "__author__": f"instsynth (converted from {Path(src).name}, {fmt})"}, dst)
     return dst, fmt, len(state)
 
 
-@command
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m instsynth.modeling.convert",
-        description="Convert an official FastInst checkpoint (.pth), Detectron2's torchvision-converted R-50.pkl "
-                    "or a torchvision ResNet to this project's checkpoint for MODEL.WEIGHTS (or back to the "
-                    "official names with --to official).")
-    p.add_argument("input", help="weights file: .pth / .pkl")
-    p.add_argument("output", help="checkpoint to write (.pth)")
-    p.add_argument("--to", choices=("instsynth", "official"), default="instsynth",
-                   help="names of the written checkpoint (default: this project's)")
-    args = p.parse_args(argv)
-    dst, fmt, n = convert(args.input, args.output, args.to)
-    print(f"{args.input} ({fmt}) -> {dst}: {n} tensors")
-    return 0
+if __name__ == "__main__":  # python -m instsynth.modeling.convert: the command line is instsynth.cli.convert
+    from instsynth.cli.convert import main
 
-
-if __name__ == "__main__":
     raise SystemExit(main())

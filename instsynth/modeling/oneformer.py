@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instsynth.engine.checkpoint import CHECKPOINT_SUFFIXES
-from instsynth.io import InstSynthError, get_logger
+from instsynth.modeling.convert import CHECKPOINT_SUFFIXES
+from instsynth.core.io import InstSynthError, get_logger
 from instsynth.modeling import register_model
 
 log = get_logger("instsynth.oneformer")
@@ -61,7 +61,7 @@ CLASS_HEAD = "model.transformer_module.decoder.class_embed."
 # --------------------------------------------------------------------------- texts
 def class_names(cfg) -> tuple[str, ...]:
     """Class names of the contiguous classes (``CLASS_NAMES``, or the 8 evaluated Cityscapes things)."""
-    from instsynth.labels import EVAL_THING_CLASSES
+    from instsynth.core.labels import EVAL_THING_CLASSES
 
     names = tuple(cfg.MODEL.ONE_FORMER.CLASS_NAMES) or EVAL_THING_CLASSES
     if len(names) != cfg.MODEL.ONE_FORMER.NUM_CLASSES:

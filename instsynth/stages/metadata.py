@@ -12,7 +12,7 @@ from typing import Any
 
 from ..formats import FORMATS
 from ..formats.base import check_fields
-from ..io import InstSynthError, read_json
+from instsynth.core.io import InstSynthError, read_json
 
 METADATA_VERSION = 1
 METADATA_NAME = "metadata.json"

@@ -39,9 +39,9 @@ import numpy as np
 
 from ..formats import Dataset, Instance, SourceImage, open_dataset
 from ..formats.cityscapes import COORDINATES_NAME, map_instances
-from ..io import InstSynthError, default_workers, get_logger, progress, read_json, write_if_changed
-from ..labels import THING_LABEL_IDS, class_name
-from ..parallel import ordered_map
+from instsynth.core.io import InstSynthError, default_workers, get_logger, progress, read_json, write_if_changed
+from instsynth.core.labels import THING_LABEL_IDS, class_name
+from instsynth.core.parallel import ordered_map
 from .metadata import METADATA_NAME, METADATA_VERSION, load_metadata  # noqa: F401 (names kept)
 
 REPORT_NAME = "selection_report.json"
@@ -255,7 +255,7 @@ def apply_budget(params: SelectionParams, budget: dict | None, names: dict[int, 
 def resolve_budget(dataset: Dataset, images: list[SourceImage], params: SelectionParams, names: dict[int, str],
                    workers: int, skip_bad: bool, budget_args: dict) -> dict | None:
     """The resolved per-class budget of ``budget_args`` (k_per_class, balance, balance_power, max_factor)."""
-    from ..budget import DEFAULT_MAX_FACTOR, DEFAULT_POWER, class_budget
+    from instsynth.stages.budget import DEFAULT_MAX_FACTOR, DEFAULT_POWER, class_budget
 
     balance = budget_args.get("balance") or "none"
     counts = split_class_counts(images, params, names, workers, skip_bad) if balance == "inverse_freq" else None

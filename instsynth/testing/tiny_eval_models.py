@@ -65,8 +65,8 @@ def build_tiny_inception(out: str | Path, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from instsynth.io import write_json
-    from instsynth.quality import build_feature_network
+    from instsynth.core.io import write_json
+    from instsynth.quality.fid import build_feature_network
 
     out = Path(out)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():

@@ -17,9 +17,9 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from ..coco import ConversionOptions, coco_categories, convert_image
-from ..io import InstSynthError, iter_cityscapes_images, write_json
-from ..labels import REPO_ROOT
+from instsynth.stages.coco_conversion import ConversionOptions, coco_categories, convert_image
+from instsynth.core.io import InstSynthError, iter_cityscapes_images, write_json
+from instsynth.core.labels import REPO_ROOT
 
 QUICK_CONFIG = REPO_ROOT / "configs" / "quick_schedules" / "fastinst_R50_quick.yaml"
 

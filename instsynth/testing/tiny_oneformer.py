@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from instsynth.labels import REPO_ROOT
+from instsynth.core.labels import REPO_ROOT
 
 QUICK_CONFIG = REPO_ROOT / "configs" / "quick_schedules" / "oneformer_quick.yaml"
 

@@ -60,10 +60,10 @@ def build_tiny_sam(out: str | Path, seed: int = 0, model=None) -> Path:
 def _examples(dataset_root: Path, split: str, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(window RGB, window target mask) pairs: every thing instance in its crop window, and as many
     object-free windows (target empty)."""
-    from ..io import iter_cityscapes_images, read_png
-    from ..labels import THING_LABEL_IDS
+    from instsynth.core.io import iter_cityscapes_images, read_png
+    from instsynth.core.labels import THING_LABEL_IDS
     from ..stages.selection import square_crop_box
-    from ..sam_gate import mask_box
+    from instsynth.quality.sam_gate import mask_box
 
     for image in iter_cityscapes_images(dataset_root, split):
         rgb = read_png(image.left, rgb=True, dtype=np.uint8)
@@ -105,7 +105,7 @@ def train_tiny_sam(dataset_root: str | Path, out: str | Path, split: str = "trai
     import torch.nn.functional as F
     from transformers import SamModel
 
-    from ..sam_gate import mask_box
+    from instsynth.quality.sam_gate import mask_box
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)

@@ -15,8 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .io import (InstSynthError, OutputError, atomic_path, get_logger, is_generated_folder, progress,
-                 report_generated_images)
+from instsynth.core.io import (InstSynthError, OutputError, atomic_path, get_logger, is_generated_folder, progress,
+                               report_generated_images)
 
 SPLITS = ("train", "val", "test")
 TOP_FOLDERS = ("leftImg8bit", "gtFine")

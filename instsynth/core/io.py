@@ -168,6 +168,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise error from exc
 
 
+def save_torch(data, path: str | os.PathLike) -> Path:
+    """``torch.save(data)`` to ``path`` atomically; a full disk is reported as such by :func:`atomic_path`
+    (torch's error has no errno)."""
+    import torch
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
+    return path
+
+
 def write_if_changed(path: str | os.PathLike, data: bytes) -> bool:
     """Write ``data`` to ``path`` atomically unless the file already holds exactly it; True if written."""
     path = Path(path)

@@ -93,3 +93,29 @@ def segmentation_of(local: np.ndarray, top: int, left: int, height: int, width: 
             return [(p + (left, top)).ravel().astype(float).tolist() for p in polys], False
         return rle_encode(local, top, left, height, width), True
     return rle_encode(local, top, left, height, width), False
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an RGB uint8 image to (height, width): INTER_AREA to shrink, INTER_CUBIC to enlarge."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image.copy()
+    shrink = h * w < image.shape[0] * image.shape[1]
+    out = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    return out  # uint8 input: OpenCV saturates cubic overshoot
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a boolean mask to (height, width); a shrunk pixel is inside if any source pixel was.
+
+    Shrinking uses the covered fraction (INTER_AREA) so thin parts survive; enlarging thresholds a
+    bilinear resize at 0.5. The generated region thus covers the instance; the final composite uses
+    the original-resolution mask anyway.
+    """
+    h, w = size
+    m = mask.astype(np.float32)
+    if m.shape[:2] == (h, w):
+        return mask.astype(bool)
+    if h * w < m.shape[0] * m.shape[1]:
+        return cv2.resize(m, (w, h), interpolation=cv2.INTER_AREA) > 1e-3
+    return cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5

@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .io import InstSynthError, progress, read_png
-from .labels import EVAL_THING_CLASSES, THING_CLASSES
+from instsynth.core.io import InstSynthError, progress, read_png
+from instsynth.core.labels import EVAL_THING_CLASSES, THING_CLASSES
 
 
 MASK_SCORE_NAMES = ("mask_iou", "mask_class", "mask_class_ok", "mask_score")
@@ -75,7 +75,7 @@ class MaskModel:
 
 def _config_and_weights(spec: Path, weights: str | None) -> tuple[Path, str]:
     """(config.yaml, checkpoint) of a train_net.py OUTPUT_DIR, a checkpoint beside its config.yaml, or a config."""
-    from .engine.checkpoint import last_checkpoint
+    from instsynth.engine.checkpoint import last_checkpoint
 
     if spec.is_dir():
         config = spec / "config.yaml"
@@ -97,7 +97,7 @@ def model_classes(cfg, model, where: str) -> tuple[str, ...]:
     """Class names of a model's contiguous outputs: OneFormer's ``CLASS_NAMES``, otherwise the COCO
     converter's categories (sorted by label id) of the model's number of classes."""
     if cfg.MODEL.META_ARCHITECTURE == "OneFormer":
-        from .modeling.oneformer import class_names
+        from instsynth.modeling.oneformer import class_names
 
         return tuple(class_names(cfg))
     num_classes = int(getattr(model, "num_classes", 0))
@@ -121,10 +121,10 @@ def load_mask_model(spec: str | os.PathLike, weights: str | None = None, device:
         if weights:
             raise InstSynthError(spec, "--mask_weights is for FastInst / OneFormer configs, not for sam: models")
         return load_sam_gate(spec, device)
-    from .config import load_config
-    from .data.mapper import DatasetMapper
-    from .engine.checkpoint import maybe_load_weights
-    from .modeling import build_model
+    from instsynth.config import load_config
+    from instsynth.data.mapper import DatasetMapper
+    from instsynth.engine.checkpoint import maybe_load_weights
+    from instsynth.modeling import build_model
 
     path = Path(spec).expanduser()
     if not path.exists():
@@ -167,8 +167,8 @@ def best_match(prediction: dict, mask: np.ndarray, class_name: str, min_score: f
 
 def pasted_image(source: np.ndarray, sample: np.ndarray, mask: np.ndarray, crop_box: Sequence[int]) -> np.ndarray:
     """The full source image with ``sample`` (crop-sized RGB, resized if not) pasted hard through ``mask``."""
-    from .generation.common import resize_image
-    from .integration import paste
+    from instsynth.core.imageops import resize_image
+    from instsynth.integration import paste
 
     x0, y0, x1, y1 = crop_box
     if sample.shape[:2] != (y1 - y0, x1 - x0):
@@ -184,7 +184,7 @@ def score_instances(groups: dict[str, list], instances: dict[str, dict], model,
     read once per instance and scored untouched, then with each of its samples pasted in. ``model``:
     a :class:`MaskModel` or a :class:`~instsynth.sam_gate.SamGate` (prompted with the instance).
     """
-    from .quality import read_sample
+    from instsynth.quality.runs import read_sample
 
     by_sample, by_instance, image = {}, {}, (None, None, None)
     for key, refs in progress(groups.items(), "scoring (mask model)", len(groups)):

@@ -28,7 +28,7 @@ def debug() -> bool:
 
 def error_line(exc: BaseException) -> str | None:
     """``error: <path>: <problem>`` for an error a user can fix, None for a bug (keeps its traceback)."""
-    from .io import InstSynthError, OutputError
+    from instsynth.core.io import InstSynthError, OutputError
 
     if isinstance(exc, (InstSynthError, OutputError)):
         return f"error: {exc}"

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..io import InstSynthError, read_json, write_json
+from instsynth.core.io import InstSynthError, read_json, write_json
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "generation.json"

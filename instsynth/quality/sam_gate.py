@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .io import InstSynthError
+from instsynth.core.io import InstSynthError
 
 SAM_PREFIX = "sam:"
 PROMPTS = ("box", "box+point")

@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from instsynth.io import get_logger, write_json
+from instsynth.core.io import get_logger, write_json
 
 log = get_logger("instsynth.eval")
 

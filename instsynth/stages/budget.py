@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .io import InstSynthError, read_json
-from .labels import THING_CLASSES
+from instsynth.core.io import InstSynthError, read_json
+from instsynth.core.labels import THING_CLASSES
 
 BALANCES = ("none", "inverse_freq", "ap")
 AP_FAMILIES = ("segm", "cityscapes")

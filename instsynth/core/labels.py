@@ -22,7 +22,7 @@ EVAL_THING_CLASSES: tuple[str, ...] = tuple(n for n in THING_CLASSES if not name
 
 THING_LABEL_IDS: tuple[int, ...] = tuple(name2label[n].id for n in THING_CLASSES)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPTS = REPO_ROOT / "configs" / "prompts.yaml"
 
 

@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 
-from .formats.cityscapes import COORDINATES_VERSION
-from .imageops import crop_resize_labels, crop_resize_rgb  # noqa: F401 (names of this module too)
-from .parallel import ordered_map
-from .io import (InstSynthError, default_workers, encode_png, get_logger, progress, read_json, read_png,
-                 write_if_changed)
+from instsynth.formats.cityscapes import COORDINATES_VERSION
+from instsynth.core.imageops import crop_resize_labels, crop_resize_rgb  # noqa: F401 (names of this module too)
+from instsynth.core.parallel import ordered_map
+from instsynth.core.io import (InstSynthError, default_workers, encode_png, get_logger, progress, read_json, read_png,
+                               write_if_changed)
 
 DONE_NAME = "label_crops_done.json"
 """Hash of every coordinates entry whose labels were written: a rerun skips those (files present)."""

@@ -25,12 +25,12 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from .imageops import corner_polygons, rle_encode, segmentation_of  # noqa: F401 (names of this module too)
-from .parallel import ordered_map
-from .io import (CityscapesImage, InstSynthError, default_workers, get_logger, iter_cityscapes_images,
-                 progress, read_json, read_png, report_generated_images, write_json)
-from .labels import (EVAL_THING_CLASSES, THING_CLASSES, THING_LABEL_IDS, class_name,
-                     decode_instance_id, label_id)
+from instsynth.core.imageops import (corner_polygons, rle_encode, segmentation_of)  # noqa: F401 (names of this module too)
+from instsynth.core.parallel import ordered_map
+from instsynth.core.io import (CityscapesImage, InstSynthError, default_workers, get_logger, iter_cityscapes_images,
+                               progress, read_json, read_png, report_generated_images, write_json)
+from instsynth.core.labels import (EVAL_THING_CLASSES, THING_CLASSES, THING_LABEL_IDS, class_name, decode_instance_id,
+                                   label_id)
 
 FORMATS = ("polygon", "rle")
 MIN_THING_VALUE = min(THING_LABEL_IDS)

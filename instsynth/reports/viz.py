@@ -20,8 +20,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .io import InstSynthError, get_logger, progress, read_json, read_png, write_png
-from .labels import class_name
+from instsynth.core.io import InstSynthError, get_logger, progress, read_json, read_png, write_png
+from instsynth.core.labels import class_name
 
 log = get_logger("instsynth.viz")
 
@@ -140,8 +140,8 @@ def instance_row(key: str, entry: dict, crop_rgb: np.ndarray, crop_mask: np.ndar
 def instance_sheets(manifest: str | os.PathLike, out: str | os.PathLike, per_page: int = 8,
                     cell: int = CELL_SIZE, max_pages: int | None = None) -> list[Path]:
     """Write ``sheet_<page:03d>.png`` pages (``per_page`` instances each) of a generation run to ``out``."""
-    from .generation.manifest import load_manifest
-    from .stages.metadata import load_metadata
+    from instsynth.core.manifests import load_manifest
+    from instsynth.stages.metadata import load_metadata
 
     if per_page < 1 or cell < 32:
         raise ValueError(f"per_page must be >= 1 and cell >= 32, got {per_page}, {cell}")
@@ -274,7 +274,7 @@ def coco_overlays(coco_json: str | os.PathLike, image_root: str | os.PathLike | 
     ``image_root`` as in :func:`resolve_image_root`; ``match`` keeps only images whose file name
     contains it (e.g. ``_syn`` for synthetic ones).
     """
-    from .data.coco import load_coco_json
+    from instsynth.data.coco import load_coco_json
 
     root = resolve_image_root(coco_json, image_root)
     records = sorted(load_coco_json(coco_json, root), key=lambda r: r["file_name"])
@@ -343,7 +343,7 @@ def class_stats_chart(coco_jsons: Sequence[str | os.PathLike], out: str | os.Pat
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     out = Path(out)
-    from .io import atomic_path
+    from instsynth.core.io import atomic_path
 
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from instsynth.io import (InstSynthError, default_workers, gt_path, image_id_of, progress, write_bytes, write_json,
-                          write_png)
-from instsynth.labels import class_name
-from instsynth.parallel import ordered_map
+from instsynth.core.io import (InstSynthError, default_workers, gt_path, image_id_of, progress, write_bytes, write_json,
+                               write_png)
+from instsynth.core.labels import class_name
+from instsynth.core.parallel import ordered_map
 
 PREDICTION_FOLDER = "cityscapes_instances"
 RESULTS_FILE = "cityscapes_instance_results.json"

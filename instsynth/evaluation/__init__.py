@@ -1,0 +1,1 @@
+"""Metrics of trained models: COCO AP (pycocotools) and Cityscapes AP (cityscapesscripts)."""
