@@ -149,7 +149,7 @@ def test_domain_shift_paints_each_split_in_its_own_colours(tmp_path):
 def test_simple_layout_draws_two_or_three_large_objects(tmp_path):
     """--layout simple: 2-3 large cars, buses or persons per image (none in the empty one), shifted colours."""
     from instsynth.demo import SIMPLE_CLASSES
-    from instsynth.labels import INSTANCE_ID_OFFSET
+    from instsynth.core.labels import INSTANCE_ID_OFFSET
 
     ids_of = {24: "person", 26: "car", 28: "bus"}
     assert set(ids_of.values()) == set(SIMPLE_CLASSES)
