@@ -1,6 +1,7 @@
 """Built-in demo dataset: synthetic street scenes in the Cityscapes format.
 
-``python -m instsynth.demo OUT [--cities N] [--images-per-city M] [--size 2048x1024] [--seed S]``
+``python -m instsynth.demo OUT [--cities N] [--images-per-city M] [--size 2048x1024] [--seed S]
+[--domain-shift] [--layout street|simple]``
 
 Each scene is a list of polygons in drawing order (back to front), exactly like a Cityscapes
 ``_gtFine_polygons.json``. The label PNGs are rasterised from that file with ``cityscapesscripts``
@@ -8,6 +9,8 @@ Each scene is a list of polygons in drawing order (back to front), exactly like 
 Scenes contain cars, trucks, buses, persons, riders on bicycles and motorcycles, occlusions, a car
 split in two by a pole, a bus with a hole (a person in front of it), group regions, objects cut by
 the image border, tiny objects and, in the first city of each split, one image with no instances.
+``--layout simple`` draws instead two or three large cars, buses and persons side by side (a scene
+a small model learns from quickly; the CPU experiment's dataset).
 """
 from __future__ import annotations
 
@@ -136,7 +139,13 @@ def _two_wheeler(x, yb, w, h):
 
 
 # --------------------------------------------------------------------------- scene layout
-def _layout(scene: Scene, index_in_city: int, empty: bool) -> None:
+LAYOUTS = ("street", "simple")
+SIMPLE_CLASSES = ("car", "bus", "person")
+"""Thing classes of the simple layout."""
+
+
+def _background(scene: Scene) -> int:
+    """Sky, skyline, tree, road and sidewalks; returns the horizon row."""
     W, H, rng = scene.width, scene.height, scene.rng
     horizon = int(H * rng.uniform(.38, .46))
     scene.add("sky", _box(0, 0, W - 1, horizon))
@@ -150,6 +159,32 @@ def _layout(scene: Scene, index_in_city: int, empty: bool) -> None:
     scene.add("road", _box(0, horizon, W - 1, H - 1))
     scene.add("sidewalk", [(0, horizon), (.12 * W, horizon), (0, .75 * H)])
     scene.add("sidewalk", [(W - 1, horizon), (.88 * W, horizon), (W - 1, .75 * H)])
+    return horizon
+
+
+def _simple_layout(scene: Scene, empty: bool) -> None:
+    """Two or three large objects of :data:`SIMPLE_CLASSES`, one per equal slot of the width, barely overlapping."""
+    W, H, rng = scene.width, scene.height, scene.rng
+    _background(scene)
+    if empty:
+        return
+    n = int(rng.integers(2, 4))
+    slot = W / n
+    for i in range(n):
+        label = SIMPLE_CLASSES[int(rng.integers(len(SIMPLE_CLASSES)))]
+        yb = rng.uniform(.8 * H, H - 2)
+        if label == "person":
+            h = rng.uniform(.5, .8) * H
+            scene.add(label, _person((i + rng.uniform(.35, .65)) * slot, yb, h))
+            continue
+        w = min(slot * rng.uniform(.75, .95), (.45 if label == "car" else .6) * W)
+        x = i * slot + rng.uniform(0, slot - w)
+        scene.add(label, _car(x, yb, w, .45 * w) if label == "car" else _bus(x, yb, w, .5 * w))
+
+
+def _layout(scene: Scene, index_in_city: int, empty: bool) -> None:
+    W, H, rng = scene.width, scene.height, scene.rng
+    horizon = _background(scene)
     if empty:
         scene.add("pole", _box(.5 * W, horizon - .25 * H, .5 * W + 8, H * .8))
         return
@@ -262,10 +297,16 @@ def _render_rgb(scene: Scene, rng: np.random.Generator, paint: dict) -> np.ndarr
 
 
 # --------------------------------------------------------------------------- dataset
-def make_scene(width: int, height: int, seed: int, index_in_city: int = 0, empty: bool = False) -> Scene:
-    """Lay out one scene deterministically from ``seed``."""
+def make_scene(width: int, height: int, seed: int, index_in_city: int = 0, empty: bool = False,
+               layout: str = "street") -> Scene:
+    """Lay out one scene deterministically from ``seed`` (``layout``: one of :data:`LAYOUTS`)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     scene = Scene(width, height, np.random.default_rng(seed))
-    _layout(scene, index_in_city, empty)
+    if layout == "simple":
+        _simple_layout(scene, empty)
+    else:
+        _layout(scene, index_in_city, empty)
     return scene
 
 
@@ -298,12 +339,13 @@ def demo_images(root: Path, cities: int, images_per_city: int) -> list[tuple[Cit
 
 def write_demo_dataset(out: str | Path, cities: int = 2, images_per_city: int = 3,
                        size: tuple[int, int] = (2048, 1024), seed: int = 0,
-                       domain_shift: bool = False) -> list[CityscapesImage]:
+                       domain_shift: bool = False, layout: str = "street") -> list[CityscapesImage]:
     """Write a complete demo Cityscapes tree under ``out`` (train and val); return its images.
 
     Idempotent: an image whose four files already exist is not rewritten. The first city of each
     split has one image without instances (its last image, when it has two or more). ``domain_shift``
     paints each split's objects with its own colours (:data:`SHIFT_PAINT`); the layouts are unchanged.
+    ``layout``: ``street`` (the default scenes) or ``simple`` (see :func:`_simple_layout`).
     """
     out, (width, height) = Path(out), size
     images = demo_images(out, cities, images_per_city)
@@ -316,7 +358,7 @@ def write_demo_dataset(out: str | Path, cities: int = 2, images_per_city: int = 
             continue
         empty = images_per_city >= 2 and i == images_per_city - 1 and img.city in (CITY_NAMES[0], CITY_NAMES[cities])
         image_seed = seed * 1_000_003 + n
-        scene = make_scene(width, height, image_seed, i, empty)
+        scene = make_scene(width, height, image_seed, i, empty, layout)
         paint = SHIFT_PAINT[img.split] if domain_shift else None
         for kind, array in render_scene(scene, image_seed, paint).items():
             write_png(files[kind], array)
@@ -357,9 +399,9 @@ def export_coco(cityscapes_root: str | Path, out: str | Path, workers: int | Non
 
 def write_demo_coco_dataset(out: str | Path, cities: int = 2, images_per_city: int = 3,
                             size: tuple[int, int] = (2048, 1024), seed: int = 0,
-                            domain_shift: bool = False) -> dict[str, Path]:
+                            domain_shift: bool = False, layout: str = "street") -> dict[str, Path]:
     """The demo dataset in COCO format: the Cityscapes tree in ``out/cityscapes`` and its :func:`export_coco`."""
-    write_demo_dataset(Path(out) / "cityscapes", cities, images_per_city, size, seed, domain_shift)
+    write_demo_dataset(Path(out) / "cityscapes", cities, images_per_city, size, seed, domain_shift, layout)
     return export_coco(Path(out) / "cityscapes", out)
 
 
@@ -383,16 +425,19 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--domain-shift", action="store_true",
                         help="train and val objects in disjoint colours: val wears the prompts' colours, train does not")
+    parser.add_argument("--layout", choices=LAYOUTS, default="street",
+                        help="street (default): crowded street scenes; simple: 2-3 large cars, buses and persons")
     parser.add_argument("--format", choices=COCO_FORMATS, default="cityscapes",
                         help="cityscapes (default) or coco: OUT/images/<split>/, OUT/annotations/instances_<split>.json "
                              "(and the Cityscapes tree in OUT/cityscapes)")
     args = parser.parse_args(argv)
     if args.format == "coco":
         jsons = write_demo_coco_dataset(args.out, args.cities, args.images_per_city, args.size, args.seed,
-                                        args.domain_shift)
+                                        args.domain_shift, args.layout)
         print(f"demo COCO dataset: {', '.join(str(p) for p in jsons.values())} (images under {Path(args.out) / 'images'})")
         return
-    images = write_demo_dataset(args.out, args.cities, args.images_per_city, args.size, args.seed, args.domain_shift)
+    images = write_demo_dataset(args.out, args.cities, args.images_per_city, args.size, args.seed, args.domain_shift,
+                                args.layout)
     print(f"demo dataset: {len(images)} images under {args.out}")
 
 

@@ -144,3 +144,32 @@ def test_domain_shift_paints_each_split_in_its_own_colours(tmp_path):
     assert votes["right"] >= 15 and votes["wrong"] <= 1, votes
     for name in SHIFT_PAINT["train"]:
         assert not set(SHIFT_PAINT["train"][name]) & set(SHIFT_PAINT["val"][name])
+
+
+def test_simple_layout_draws_two_or_three_large_objects(tmp_path):
+    """--layout simple: 2-3 large cars, buses or persons per image (none in the empty one), shifted colours."""
+    from instsynth.demo import SIMPLE_CLASSES
+    from instsynth.core.labels import INSTANCE_ID_OFFSET
+
+    ids_of = {24: "person", 26: "car", 28: "bus"}
+    assert set(ids_of.values()) == set(SIMPLE_CLASSES)
+    images = write_demo_dataset(tmp_path / "d", cities=1, images_per_city=6, size=(256, 128), domain_shift=True,
+                                layout="simple")
+    counts, seen = [], set()
+    for img in images:
+        inst = read_png(img.gt("instanceIds"))
+        values = [int(v) for v in np.unique(inst) if v >= INSTANCE_ID_OFFSET]
+        seen |= {ids_of[v // INSTANCE_ID_OFFSET] for v in values}
+        assert all((inst == v).sum() >= 300 for v in values)  # large: at least ~1% of the image each
+        counts.append(len(values))
+    assert sorted(counts)[:2] == [0, 0] and {c for c in counts if c} <= {2, 3}  # one empty image per split
+    assert seen == set(SIMPLE_CLASSES)
+    again = write_demo_dataset(tmp_path / "e", cities=1, images_per_city=6, size=(256, 128), domain_shift=True,
+                               layout="simple")
+    assert all((read_png(a.left) == read_png(b.left)).all() for a, b in zip(images, again))  # deterministic
+
+
+def test_demo_cli_refuses_an_unknown_layout(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "instsynth.demo", str(tmp_path / "d"), "--layout", "maze"],
+                         capture_output=True)
+    assert bad.returncode == 2 and b"simple" in bad.stderr
