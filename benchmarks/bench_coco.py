@@ -61,7 +61,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.environ.setdefault("INSTSYNTH_NO_PROGRESS", "1")
     from instsynth.stages.coco_conversion import convert_cityscapes_to_coco
-    from instsynth.demo import write_demo_dataset
+    from instsynth.stages.demo_dataset import write_demo_dataset
     from instsynth.core.io import default_workers, get_logger
 
     get_logger().setLevel("WARNING")

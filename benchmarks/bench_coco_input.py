@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("INSTSYNTH_NO_PROGRESS", "1")
     os.environ.setdefault("INSTSYNTH_LOG_LEVEL", "WARNING")
     from instsynth.stages.selection import select_coco_instances
-    from instsynth.demo import write_demo_coco_dataset
+    from instsynth.stages.demo_dataset import write_demo_coco_dataset
     from instsynth.stages.selection import select_instances
 
     with tempfile.TemporaryDirectory() as tmp:

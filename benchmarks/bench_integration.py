@@ -85,7 +85,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     args = parser.parse_args(argv)
     os.environ.setdefault("INSTSYNTH_NO_PROGRESS", "1")
-    from instsynth.demo import write_demo_dataset
+    from instsynth.stages.demo_dataset import write_demo_dataset
     from instsynth.generation import GenerationSettings, generate_instances
     from instsynth.stages.integration import IntegrationParams, integrate_samples
     from instsynth.core.io import default_workers, get_logger

@@ -103,7 +103,7 @@ def main() -> None:
     import os
     os.environ.setdefault("INSTSYNTH_NO_PROGRESS", "1")
     os.environ.setdefault("INSTSYNTH_LOG_LEVEL", "WARNING")
-    from instsynth.demo import write_demo_dataset
+    from instsynth.stages.demo_dataset import write_demo_dataset
     from instsynth.core.io import default_workers
     from instsynth.stages.selection import select_instances
 

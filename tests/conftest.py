@@ -26,7 +26,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """A read-only-by-convention 512x256 demo tree (2 cities x 3 images per split). Copy before modifying."""
-    from instsynth.demo import write_demo_dataset
+    from instsynth.stages.demo_dataset import write_demo_dataset
 
     root = tmp_path_factory.mktemp("demo") / "cityscapes"
     write_demo_dataset(root, **DEMO_KW)
@@ -45,7 +45,7 @@ def demo_copy(demo_root, tmp_path) -> Path:
 def coco_files(demo_root, tmp_path_factory) -> dict:
     """The demo tree exported as COCO files (instsynth.demo.export_coco), per test module. The export runs
     stage 5 inside the tree it reads, so it reads a copy: the session's demo tree stays untouched."""
-    from instsynth.demo import export_coco
+    from instsynth.stages.demo_dataset import export_coco
 
     tree = tmp_path_factory.mktemp("coco_source") / "cityscapes"
     shutil.copytree(demo_root, tree)

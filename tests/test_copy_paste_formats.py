@@ -5,7 +5,8 @@ import shutil
 import numpy as np
 import pytest
 
-from instsynth.copy_paste import CopyPasteParams, copy_paste_dataset, main
+from instsynth.cli.copy_paste import main
+from instsynth.experiments.copy_paste import CopyPasteParams, copy_paste_dataset
 from instsynth.formats import open_dataset
 from instsynth.formats.coco import annotation_mask
 from instsynth.core.io import InstSynthError, read_json, read_png, write_json, write_png

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 
 from instsynth.core import labels
-from instsynth.demo import write_demo_dataset
+from instsynth.stages.demo_dataset import write_demo_dataset
 from instsynth.core.io import iter_cityscapes_images, read_png
 
 from conftest import DEMO_KW
@@ -121,7 +121,7 @@ def test_demo_cli(tmp_path):
 
 def test_domain_shift_paints_each_split_in_its_own_colours(tmp_path):
     """--domain-shift: the same scenes and labels, objects in the split's colours (val: the prompts' colours)."""
-    from instsynth.demo import SHIFT_PAINT
+    from instsynth.stages.demo_dataset import SHIFT_PAINT
     from instsynth.core.io import read_png
     from instsynth.core.labels import INSTANCE_ID_OFFSET
 
@@ -148,7 +148,7 @@ def test_domain_shift_paints_each_split_in_its_own_colours(tmp_path):
 
 def test_simple_layout_draws_two_or_three_large_objects(tmp_path):
     """--layout simple: 2-3 large cars, buses or persons per image (none in the empty one), shifted colours."""
-    from instsynth.demo import SIMPLE_CLASSES
+    from instsynth.stages.demo_dataset import SIMPLE_CLASSES
     from instsynth.core.labels import INSTANCE_ID_OFFSET
 
     ids_of = {24: "person", 26: "car", 28: "bus"}

@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 import yaml
 
-from instsynth.experiment import (Preparer, cli_flags, gain_interval, load_experiment, main, mean_std, run_experiment,
-                                  run_specs)
+from instsynth.experiments.arms import Preparer, cli_flags
+from instsynth.experiments.table import gain_interval, mean_std
+from instsynth.experiments.config import load_experiment
+from instsynth.cli.experiment import main
+from instsynth.experiments.harness import run_experiment
+from instsynth.experiments.runs import run_specs
 from instsynth.core.io import InstSynthError, read_json, read_png
 
 from conftest import REPO
@@ -200,7 +204,7 @@ def test_gain_interval_keeps_the_hand_written_implementation_values():
 
 
 def test_no_information_names_the_reason():
-    from instsynth.experiment import no_information, used_images
+    from instsynth.experiments.table import no_information, used_images
 
     assert no_information([0.0, 0.0, 0.0]) == "every value is 0 (3 seeds)"
     assert no_information([1.5, 1.5]) == "no variance over 2 seeds (every value 1.50)"
@@ -211,7 +215,7 @@ def test_no_information_names_the_reason():
 
 
 def test_copy_paste_pastes_whole_source_instances_over_the_target(demo_root, tmp_path):
-    from instsynth.copy_paste import CopyPasteParams, copy_paste_dataset
+    from instsynth.experiments.copy_paste import CopyPasteParams, copy_paste_dataset
     from instsynth.core.io import CityscapesImage
     from instsynth.core.labels import colorize, instance_ids_to_label_ids
 

@@ -2,7 +2,9 @@
 import pytest
 import yaml
 
-from instsynth.experiment import BASELINE_NAME, TEST_NAME, load_experiment, run_experiment, run_specs
+from instsynth.experiments.config import BASELINE_NAME, TEST_NAME, load_experiment
+from instsynth.experiments.harness import run_experiment
+from instsynth.experiments.runs import run_specs
 from instsynth.core.io import InstSynthError, read_json
 
 from conftest import REPO
@@ -55,7 +57,7 @@ def test_every_arm_prepares_its_coco_train_file_without_conversion(coco_files, t
 
 
 def Preparer_load(tmp_path, arm):
-    from instsynth.experiment import ArmData
+    from instsynth.experiments.arms import ArmData
 
     return ArmData.load(arm, tmp_path / "out" / "data" / arm / "prepared.json")
 

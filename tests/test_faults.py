@@ -187,7 +187,7 @@ def test_cli_prints_one_line_without_traceback_and_exit_code_1(demo_root, tmp_pa
 def test_wrapper_stops_at_the_failing_stage_with_its_error(tmp_path):
     fs = Tmpfs(tmp_path / "fs", "32k")
     try:
-        from instsynth.demo import write_demo_dataset
+        from instsynth.stages.demo_dataset import write_demo_dataset
 
         write_demo_dataset(tmp_path / "cityscapes", cities=1, images_per_city=2, size=(256, 128))
         env = dict(PYTHON=sys.executable, DATASET_PATH=str(tmp_path / "cityscapes"),

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from instsynth.demo import write_demo_dataset
+from instsynth.stages.demo_dataset import write_demo_dataset
 from instsynth.core.io import read_json
 from instsynth.reports.summary import coco_stats, original_subset
 

@@ -69,7 +69,7 @@ def stage1(demo_copy, tmp_path):
 @pytest.fixture(scope="module")
 def coco_export(demo_root, tmp_path_factory) -> dict:
     """The demo tree exported as COCO files, from a private copy (the export converts its source tree in place)."""
-    from instsynth.demo import export_coco
+    from instsynth.stages.demo_dataset import export_coco
 
     base = tmp_path_factory.mktemp("coco_export")
     shutil.copytree(demo_root, base / "cityscapes")

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from instsynth.data.split import choose_val, split_coco
+from instsynth.data.coco_split import choose_val, split_coco
 from instsynth.core.io import InstSynthError, read_json, write_json
 
 

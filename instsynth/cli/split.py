@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from instsynth.cli import command
-from instsynth.data.split import SPLITS, split_coco
+from instsynth.data.coco_split import SPLITS, split_coco
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -84,7 +84,7 @@ def cityscapes_spec(name: str, root: Path, split: str, prepare=None) -> DatasetS
 def _prepare_demo() -> None:
     """Write the demo tree and its COCO files if they are missing (idempotent)."""
     from instsynth.stages.coco_conversion import coco_json_path, convert_cityscapes_to_coco
-    from instsynth.demo import write_demo_dataset
+    from instsynth.stages.demo_dataset import write_demo_dataset
 
     root = demo_root()
     if all(coco_json_path(root, s).is_file() for s in ("train", "val")):

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
+
 
 from instsynth.formats.cityscapes import COORDINATES_VERSION
 from instsynth.core.imageops import crop_resize_labels, crop_resize_rgb  # noqa: F401 (names of this module too)
