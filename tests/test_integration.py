@@ -1,4 +1,5 @@
 """Stages 2 and 4 (integration, label crops): what downstream stages and users rely on."""
+import logging
 import shutil
 import subprocess
 import sys
@@ -377,7 +378,8 @@ def test_stage4_missing_source_labels_is_an_error_or_a_listed_skip(small_pipelin
     integrate_samples(small_pipeline, out, workers=1, params=IntegrationParams(crops_per_sample=1))
     images = read_json(out / COORDINATES_NAME)["images"]
     victim = Path(images[0]["source"]["labelIds"])
-    victim.unlink()
+    victim.unlink()  # and the instanceIds it could be read from
+    victim.with_name(victim.name.replace("_labelIds.png", "_instanceIds.png")).unlink()
     with pytest.raises(InstSynthError, match=f"{victim.name}: file not found"):
         drop_color_and_label_ids(out / COORDINATES_NAME, workers=1)
     summary = drop_color_and_label_ids(out / COORDINATES_NAME, workers=1, skip_bad=True)
@@ -400,6 +402,29 @@ def test_stage4_without_color_files_derives_the_colours_from_label_ids(pipeline,
         color = read_png(out / e["outputs"]["color"], rgb=True)
         assert np.array_equal(color, colorize(read_png(out / e["outputs"]["labelIds"]))), e["image_id"]
         assert np.array_equal(color, read_png(pipeline["out"] / e["outputs"]["color"], rgb=True)), e["image_id"]
+
+
+def test_stage4_reads_missing_label_ids_from_instance_ids(pipeline, demo_copy, tmp_path, caplog):
+    """A source tree of only leftImg8bit and instanceIds: stage 1 says what each later stage will do without the
+    other gtFine files, and stage 4 writes labelIds and color pixel-equal to those of the complete tree."""
+    removed = [p for p in demo_copy.glob("gtFine/*/*/*") if not p.name.endswith("_instanceIds.png")]
+    assert any(p.name.endswith("_labelIds.png") for p in removed)
+    for path in removed:
+        path.unlink()
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="instsynth"):
+        gen_dir = run_pipeline(demo_copy, tmp_path / "stage1", num_samples=2)
+    n = len(list(demo_copy.glob("gtFine/train/*/*_instanceIds.png")))
+    for line in (f"instanceIds {n}/{n} (stages 1-5)", f"labelIds 0/{n} (stage 4; where absent, read from instanceIds)",
+                 f"color 0/{n} (stage 4", f"polygons 0/{n} (stage 5"):
+        assert line in caplog.text
+    integrate(gen_dir, out)
+    entries = read_json(out / INTEGRATION_NAME)["images"]
+    assert [e["image_id"] for e in entries] == [e["image_id"] for e in pipeline["integration"]["images"]]
+    for e in entries:
+        for kind in ("labelIds", "color"):
+            assert np.array_equal(read_png(out / e["outputs"][kind]), read_png(pipeline["out"] / e["outputs"][kind])), \
+                (e["image_id"], kind)
 
 
 def test_gate_fallback_original_keeps_failing_samples_as_originals():

@@ -297,6 +297,11 @@ class Dataset(ABC):
         """Report fields after ``images_with_fewer_than_k``: instances per class in the split and selected."""
         return {"instances_per_class": class_counts, "selected_per_class": selected}
 
+    def stage_inputs(self, images: Sequence[SourceImage]) -> list[str]:
+        """Lines stage 1 logs: the files of ``images`` each later stage reads, and what it does where one is missing."""
+        return [f"inputs of the later stages: integration reads these {len(images)} images and their "
+                f"annotations again, nothing else of the dataset"]
+
     def selection_extras(self) -> dict:
         """Report fields after ``bad_images`` (e.g. what opening the dataset left out)."""
         return {}

@@ -168,6 +168,15 @@ class CityscapesDataset(Dataset):
     def metadata_checker(cls, path: Path, meta: dict):
         return lambda n, inst: check_identity(path, n, inst)
 
+    def stage_inputs(self, images: Sequence[CityscapesSource]) -> list[str]:
+        """leftImg8bit + instanceIds are every stage's input; labelIds, color and polygons are optional (counted)."""
+        found = {kind: sum(im.cityscapes.gt(kind).is_file() for im in images) for kind in ("labelIds", "color", "polygons")}
+        n = len(images)
+        return [f"inputs: leftImg8bit + gtFine instanceIds {n}/{n} (stages 1-5)",
+                f"inputs: gtFine labelIds {found['labelIds']}/{n} (stage 4; where absent, read from instanceIds)",
+                f"inputs: gtFine color {found['color']}/{n} (stage 4; where absent, colours come from labelIds)",
+                f"inputs: gtFine polygons {found['polygons']}/{n} (stage 5 writes them from instanceIds where absent)"]
+
 
 def check_identity(path: Path, n: int, inst: dict) -> None:
     """key, label_id, class and file names must agree with instance_id and image_id, as stage 1 writes

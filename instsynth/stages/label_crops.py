@@ -6,7 +6,8 @@ Stage 2 (:mod:`instsynth.stages.integration`) writes every new image with its in
 ``_gtFine_color.png``: the source maps cut with the same box and resized to the same size with the
 same nearest-neighbour rule as the instanceIds (:func:`crop_resize_labels`), so the three label maps
 of a new image always agree. A source without ``_gtFine_color.png`` gets its colours from the cut
-labelIds and cityscapesScripts' label table (:func:`instsynth.labels.colorize`). A box covering the whole
+labelIds and cityscapesScripts' label table (:func:`instsynth.labels.colorize`); a source without
+``_gtFine_labelIds.png`` gets its labels from its instanceIds, which hold them. A box covering the whole
 image at the same size (a panorama) copies the source file's bytes. Reruns skip images recorded in ``label_crops_done.json`` (same entry, files
 present) and rewrite no file whose bytes are already right.
 """
@@ -26,8 +27,8 @@ import numpy as np
 from instsynth.formats.cityscapes import COORDINATES_VERSION
 from instsynth.core.imageops import crop_resize_labels, crop_resize_rgb  # noqa: F401 (names of this module too)
 from instsynth.core.parallel import ordered_map
-from instsynth.core.labels import colorize
-from instsynth.core.io import (InstSynthError, default_workers, encode_png, get_logger, progress, read_json, read_png,
+from instsynth.core.labels import INSTANCE_ID_OFFSET, colorize, instance_ids_to_label_ids
+from instsynth.core.io import (GT_SUFFIXES, InstSynthError, default_workers, encode_png, get_logger, progress, read_json, read_png,
                                write_if_changed)
 from instsynth.core.lock import holds_output
 from instsynth.core.paths import confined, within
@@ -48,11 +49,24 @@ def is_identity(box: Sequence[int], size: tuple[int, int], source_shape: tuple[i
 
 
 def label_bytes(source: Path, box: Sequence[int], size: tuple[int, int]) -> bytes:
-    """PNG bytes of a source label file cut with ``box`` and resized to ``size`` (the source bytes if unchanged)."""
-    labels = read_png(source)
+    """PNG bytes of a source label file cut with ``box`` and resized to ``size`` (the source bytes if unchanged);
+    a labelIds file the source lacks is derived from its instanceIds (:func:`read_label_ids`)."""
+    labels = read_label_ids(source) if source.name.endswith(GT_SUFFIXES["labelIds"]) else read_png(source)
     if is_identity(box, size, labels.shape):
-        return source.read_bytes()
+        return source.read_bytes() if source.is_file() else encode_png(labels)
     return encode_png(cut_labels(source, labels, box, size))
+
+
+def read_label_ids(path: Path) -> np.ndarray:
+    """A labelIds map: the file, or where the source has none, its instanceIds map read as labels (Cityscapes
+    encodes a thing instance as ``labelId * 1000 + k`` and every other pixel as its labelId)."""
+    ids_path = path.with_name(path.name.removesuffix(GT_SUFFIXES["labelIds"]) + GT_SUFFIXES["instanceIds"])
+    if path.is_file() or not ids_path.is_file():
+        return read_png(path)
+    ids = read_png(ids_path)
+    if ids.ndim != 2 or int(ids.max(initial=0)) // INSTANCE_ID_OFFSET > 255:
+        raise InstSynthError(ids_path, "not a Cityscapes instanceIds map (single channel, labelId * 1000 + k)")
+    return instance_ids_to_label_ids(ids)
 
 
 def cut_labels(source: Path, labels: np.ndarray, box: Sequence[int], size: tuple[int, int]) -> np.ndarray:
@@ -69,7 +83,7 @@ def color_bytes(source: Path, label_ids: Path, box: Sequence[int], size: tuple[i
     none, the cut labelIds in the Cityscapes colours (RGB, as cityscapesScripts' palette)."""
     if source.is_file():
         return label_bytes(source, box, size)
-    labels = read_png(label_ids)
+    labels = read_label_ids(label_ids)
     if labels.ndim != 2:
         raise InstSynthError(label_ids, f"expected a single-channel labelIds image, found {labels.shape[2]} channels")
     if not is_identity(box, size, labels.shape):

@@ -357,6 +357,8 @@ def _select(dataset: Dataset, split: str, params: SelectionParams, out: Path, im
             workers: int, skip_bad: bool, budget_args: dict) -> SelectionSummary:
     """The body of :func:`select_from_dataset`, run while ``out`` is held."""
     names = dataset.category_names()
+    for line in dataset.stage_inputs(images):
+        log.info("stage 1: %s", line)
     budget = resolve_budget(dataset, images, params, names, workers, skip_bad, budget_args)
     params = apply_budget(params, budget, names)
     got = _gather(images, params, names, out, workers, skip_bad)
