@@ -324,3 +324,30 @@ def test_arm_budgeted_from_the_baseline_ap_is_prepared_after_the_baseline_traine
     generation = read_json(works[0].parent.parent / "generation" / "Recolor" / "generation.json")
     assert generation["params"]["budget"]["balance"] == "ap"
     assert (out / "runs" / "ap" / "seed_1" / "inference" / "metrics.json").is_file()
+
+
+def test_two_harnesses_sharing_an_output_prepare_each_arm_once(demo_root, tmp_path):
+    """The multi-machine recipe: two harnesses on one output folder at the same time. The second waits for the
+    arm data the first is preparing and reuses it: every stage runs once, and the data equals a lone run's."""
+    import os
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path / "exp.yaml", demo_root, tmp_path / "out", {"baseline": {}, "recolor": RECOLOR},
+                          seeds=(1,))
+    env = dict(os.environ, PYTHONPATH=str(REPO), INSTSYNTH_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "instsynth.experiment", "--config", str(config), "--prepare_only", "--arms", "recolor"]
+    runs = [subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    logs = [run.communicate(timeout=600)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], logs
+    for stage in ("selection", "generation", "integration"):  # each stage's command is logged as it starts
+        assert sum(log.count(f"INFO arm recolor: {stage}: ") for log in logs) == 1, (stage, logs)
+    assert any("waiting for it" in log for log in logs), logs  # the second run waited for the first
+    lone = write_config(tmp_path / "lone.yaml", demo_root, tmp_path / "lone", {"baseline": {}, "recolor": RECOLOR},
+                        seeds=(1,))
+    main(["--config", str(lone), "--prepare_only", "--arms", "recolor"])
+    shared, alone = tmp_path / "out" / "data" / "recolor", tmp_path / "lone" / "data" / "recolor"
+    files = sorted(p.relative_to(alone) for p in alone.rglob("*") if p.is_file() and p.suffix == ".png")
+    assert files and files == sorted(p.relative_to(shared) for p in shared.rglob("*") if p.is_file() and p.suffix == ".png")
+    assert all((shared / f).read_bytes() == (alone / f).read_bytes() for f in files)

@@ -351,6 +351,74 @@ def test_second_integration_gets_one_line(stage1):
         holder.wait()
 
 
+def test_quality_filter_and_reports_are_refused_while_their_folder_is_written(stage1, tmp_path):
+    """The quality filter rewrites generation.json: it shares the run folder's lock with generation. Sheets,
+    overlays and the summary's --write-before folder take the lock of the folder they write."""
+    mode_dir = stage1["gen"]
+    holder = hold(mode_dir)
+    try:
+        before = tree_hash(mode_dir)
+        res = cli(REPO / "generation/filter_generation.py", "--manifest", mode_dir, "--clip", tmp_path / "no-model")
+        one_error(res, f"{mode_dir} is being written by another InstSynth run (pid {holder.pid})")
+        assert tree_hash(mode_dir) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    reports = {"sheets": ["visualization/visualize.py", "sheets", "--manifest", mode_dir / "generation.json", "--out"],
+               "before": ["-m", "instsynth.summary", "run", "--work_dir", stage1["sel"], "--output", stage1["sel"],
+                          "--write-before"]}
+    for name, command in reports.items():
+        out = tmp_path / name
+        holder = hold(out)
+        try:
+            one_error(cli(*[REPO / c if c.endswith(".py") else c for c in command[:1]], *command[1:], out),
+                      f"{out} is being written by another InstSynth run")
+            assert sorted(p.name for p in out.iterdir()) == [".instsynth-lock"]
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+    res = cli(REPO / "visualization/visualize.py", "sheets", "--manifest", mode_dir / "generation.json", "--out",
+              tmp_path / "sheets")
+    assert res.returncode == 0 and not (tmp_path / "sheets" / ".instsynth-lock").exists(), res.stderr
+
+
+def test_overlays_are_not_written_into_their_images(coco_export):
+    images = coco_images(coco_export)
+    before = tree_hash(images)
+    res = cli(REPO / "visualization/visualize.py", "overlay", "--coco", coco_export["train"], "--image-root", images,
+              "--out", images / "viz")
+    one_error(res, "is inside the input")
+    assert tree_hash(images) == before
+
+
+def test_torchrun_generation_is_refused_by_rank_0_for_every_rank(stage1):
+    """Several ranks share one run folder: rank 0 holds its lock for all of them, so a second run of any size
+    is refused and changes nothing."""
+    mode_dir = stage1["gen"]
+    launcher = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    gen = [REPO / "generation/instance_generation.py", "--mode", "recolor", "--folder", stage1["sel"], "--device", "cpu"]
+    holder = hold(mode_dir)
+    try:
+        before = tree_hash(mode_dir)
+        res = subprocess.run([*launcher, *map(str, gen), "--seed", "2"], capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, PYTHONPATH=str(REPO), INSTSYNTH_NO_PROGRESS="1", OMP_NUM_THREADS="1"))
+        assert res.returncode != 0
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+        assert errors == [f"error: {mode_dir} is being written by another InstSynth run (pid {holder.pid}); "
+                          "wait for it or choose another output folder"], res.stderr[-3000:]
+        assert str(REPO / "instsynth") not in res.stderr  # torchrun reports the failed rank, with no frame of ours
+        assert tree_hash(mode_dir) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    res = subprocess.run([*launcher, *map(str, gen), "--num_samples", "2"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(REPO), INSTSYNTH_NO_PROGRESS="1", OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not (mode_dir / ".instsynth-lock").exists()  # released once every rank finished
+    manifest = read_json(mode_dir / "generation.json")
+    assert all(len(e["samples"]) == 2 for e in manifest["instances"].values())
+
+
 def test_lock_waits_when_asked(tmp_path):
     code = f"from instsynth.core.lock import output_lock\nwith output_lock({str(tmp_path)!r}): pass"
     with output_lock(tmp_path):

@@ -8,6 +8,7 @@ manifest (or a shard of an interrupted run) records it and its PNG exists.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -20,7 +21,7 @@ import numpy as np
 
 from instsynth.core.io import TEMP_PREFIX, InstSynthError, get_logger, progress, read_json, read_png, write_json, write_png
 from instsynth.core.labels import prompt_bank_with_gaps, render_prompt
-from instsynth.core.lock import holds_output
+from instsynth.core.lock import stage_output
 from ..stages.metadata import load_metadata
 from .backends import backend_class
 from .common import (Backend, GenerationSettings, SampleJob, choose_prompt, composite,
@@ -46,6 +47,14 @@ class Shard:
     def barrier(self) -> None:
         if self.state is not None:
             self.state.wait_for_everyone()
+
+    def from_rank0(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a picklable object)."""
+        if self.state is None:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]
 
 
 def current_shard(device: str = "auto") -> Shard:
@@ -339,7 +348,7 @@ def log_generated_prompts(generated: list[str], instances: list[dict], prompts: 
 
 
 def prepare_run(metadata: str | os.PathLike, out: str | os.PathLike | None, settings: GenerationSettings,
-                skip_bad: bool, strict_prompts: bool = False) -> _Run:
+                skip_bad: bool, strict_prompts: bool = False, shard: Shard | None = None) -> _Run:
     """Validate inputs and settings, read what earlier runs recorded, plan this shard's samples."""
     meta_path = Path(metadata).resolve()
     meta = load_metadata(meta_path, check_files=False)
@@ -347,7 +356,7 @@ def prepare_run(metadata: str | os.PathLike, out: str | os.PathLike | None, sett
     validate_settings(settings, meta_path)
     template, bank, generated = prompt_bank_with_gaps(meta, settings.prompts, strict_prompts)
     log_generated_prompts(generated, meta["instances"], settings.prompts)
-    shard = current_shard(settings.device)
+    shard = shard or current_shard(settings.device)
     header = manifest_header(settings, meta, meta_path, template)
     budget = sample_budget(settings, meta, meta_path)
     if budget:
@@ -388,19 +397,41 @@ def run_batches(run: _Run) -> None:
         run.write_manifest()
 
 
-def _output_of(args: dict) -> tuple[Path | None, list[Path]]:
-    """(the mode folder, the dataset root) of a generation call: the folder it holds and the tree it may not
-    overlap. Several ranks (``WORLD_SIZE`` > 1) share their folder: no lock then."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return None, []
-    meta_path = Path(args["metadata"]).resolve()
+def output_of(metadata: str | os.PathLike, out: str | os.PathLike | None,
+              settings: GenerationSettings) -> tuple[Path, list[Path]]:
+    """(the mode folder, the dataset root) of a generation call: the folder it holds and the tree it may not overlap."""
+    meta_path = Path(metadata).resolve()
     meta = read_json(meta_path)
     root = meta.get("dataset_root") if isinstance(meta, dict) else None
-    out = Path(args["out"]).resolve() if args["out"] is not None else meta_path.parent
-    return out / args["settings"].mode_name, [Path(root)] if isinstance(root, str) else []
+    folder = Path(out).resolve() if out is not None else meta_path.parent
+    return folder / settings.mode_name, [Path(root).resolve()] if isinstance(root, str) else []
 
 
-@holds_output(_output_of)
+@contextlib.contextmanager
+def run_output(shard: Shard, folder: Path, inputs: list[Path]) -> Iterator[None]:
+    """:func:`~instsynth.core.lock.stage_output` for every process of a run: alone, the process holds the
+    folder's lock; under ``torchrun`` rank 0 holds it for all ranks (the run's last barrier keeps it held
+    until every rank is done) and tells them whether it got it. When it did not, rank 0 raises the one-line
+    error and the other ranks exit with status 1 without repeating it."""
+    if shard.world == 1:
+        with stage_output(folder, inputs):
+            yield
+        return
+    with contextlib.ExitStack() as held:
+        failure = None
+        if shard.rank == 0:
+            try:
+                held.enter_context(stage_output(folder, inputs))
+            except InstSynthError as exc:
+                failure = exc
+        refused = shard.from_rank0(failure is not None)
+        if failure is not None:
+            raise failure
+        if refused:
+            raise SystemExit(1)
+        yield
+
+
 def generate_instances(metadata: str | os.PathLike, out: str | os.PathLike | None = None,
                        settings: GenerationSettings = GenerationSettings(), skip_bad: bool = False,
                        strict_prompts: bool = False) -> GenerationSummary:
@@ -414,7 +445,14 @@ def generate_instances(metadata: str | os.PathLike, out: str | os.PathLike | Non
     ``strict_prompts`` (then an error lists them).
     """
     started = time.time()
-    run = prepare_run(metadata, out, settings, skip_bad, strict_prompts)
+    shard = current_shard(settings.device)
+    with run_output(shard, *output_of(metadata, out, settings)):
+        return _generate(metadata, out, settings, skip_bad, strict_prompts, shard, started)
+
+
+def _generate(metadata, out, settings: GenerationSettings, skip_bad: bool, strict_prompts: bool, shard: Shard,
+              started: float) -> GenerationSummary:
+    run = prepare_run(metadata, out, settings, skip_bad, strict_prompts, shard)
     run_batches(run)
     if run.shard.world > 1:
         run.write_manifest()  # also when this shard had nothing to do: it carries its skips and counts

@@ -9,6 +9,7 @@ import numpy as np
 
 from instsynth.core.io import InstSynthError, get_logger, read_json, write_json
 from instsynth.core.labels import render_prompt
+from instsynth.core.lock import holds_output
 from instsynth.quality.clip import load_clip, resolve_device
 from instsynth.quality.pixel import json_number, read_number
 from instsynth.quality.runs import (SampleRef, _by_instance, _jsonable, clip_similarities, load_run, manifest_file,
@@ -244,6 +245,7 @@ def mask_scores(refs: Sequence[SampleRef], run: dict, mask_model: str, mask_weig
     return _jsonable(by_sample), _jsonable(by_instance)
 
 
+@holds_output(lambda args: (manifest_file(args["manifest"]).parent, []))  # the run's folder: one writer with generation
 def score_generation(manifest: str | os.PathLike, clip: str | None = None, prompts: str | os.PathLike | None = None,
                      device: str | None = "auto", batch_size: int = 16, force: bool = False, workers: int | None = None,
                      thresholds: Sequence[float] = DEFAULT_THRESHOLDS,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from instsynth.formats.coco import SYNTHETIC_FOLDER, merged_json_path
 from instsynth.core.io import InstSynthError, is_generated_folder, read_json, write_json
+from instsynth.core.lock import holds_output
 from instsynth.stages.gate_decision import format_gate_counts
 
 COCO_NAME = "instancesonly_filtered_gtFine_{}.json"
@@ -45,6 +46,7 @@ def _report(path: Path, *keys: str) -> dict:
     return {k: data[k] for k in keys if k in data} or data
 
 
+@holds_output(lambda args: (args["write_before"], []))  # no folder (None): nothing to hold
 def run_summary(work_dir: str | Path, output: str | Path, mode_name: str = "Recolor",
                 splits=("train", "val"), write_before: str | Path | None = None) -> dict:
     """Collect the stage reports and COCO statistics of a run into one dict."""

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from instsynth.core.io import InstSynthError, get_logger, progress, read_json, read_png, write_png
+from instsynth.core.lock import holds_output
 from instsynth.core.labels import class_name
 
 log = get_logger("instsynth.viz")
@@ -137,6 +138,7 @@ def instance_row(key: str, entry: dict, crop_rgb: np.ndarray, crop_mask: np.ndar
     return row
 
 
+@holds_output(lambda args: (args["out"], []))
 def instance_sheets(manifest: str | os.PathLike, out: str | os.PathLike, per_page: int = 8,
                     cell: int = CELL_SIZE, max_pages: int | None = None) -> list[Path]:
     """Write ``sheet_<page:03d>.png`` pages (``per_page`` instances each) of a generation run to ``out``."""
@@ -267,6 +269,7 @@ def resolve_image_root(coco_json: str | os.PathLike, image_root: str | os.PathLi
     return root
 
 
+@holds_output(lambda args: (args["out"], [resolve_image_root(args["coco_json"], args["image_root"])]))
 def coco_overlays(coco_json: str | os.PathLike, image_root: str | os.PathLike | None, out: str | os.PathLike,
                   max_images: int | None = 8, match: str | None = None) -> list[Path]:
     """Write ``<image stem>_overlay.png`` (``0.jpg`` -> ``0_overlay.png``) for up to ``max_images`` images of a COCO file (sorted by name).
