@@ -206,3 +206,32 @@ def test_trained_tiny_sam2_separates_untouched_instances_from_background(sam_run
         untouched, background = entry["scores"]
         assert untouched["mask_iou"] >= 0.7 and background["mask_iou"] < 0.35, (key, entry["scores"])
     assert [row["samples_kept"] for row in report["min_mask_iou"] if row["threshold"] == 0.5] == [3]
+
+
+@pytest.mark.parametrize("fmt", ["folder", "coco"])
+def test_mask_gate_reads_every_dataset_format(fmt, sam_run, demo_root, folder_root, coco_files, tmp_path):
+    """The mask gate reads source images and instance masks through the dataset's format: the demo train split
+    as a folder dataset or as a COCO file scores exactly as the Cityscapes tree it was made from."""
+    from instsynth.formats import open_dataset
+    from instsynth.generation import GenerationSettings, generate_instances
+    from instsynth.quality.gate import score_generation
+    from instsynth.stages.selection import METADATA_NAME, select_coco_instances, select_from_dataset, select_instances
+
+    if fmt == "folder":
+        select_from_dataset(open_dataset("folder", folder_root), k=1, out=tmp_path / "s1", workers=1)
+    else:
+        path = coco_files["train"]
+        select_coco_instances(path, path.parent.parent / "images/train", k=1, out=tmp_path / "s1", workers=1)
+    select_instances(demo_root, "train", k=1, out=tmp_path / "cs", workers=1)
+    scores = {}
+    for name in ("s1", "cs"):
+        generate_instances(tmp_path / name / METADATA_NAME, settings=GenerationSettings(mode="recolor"))
+        manifest = tmp_path / name / "Recolor" / "generation.json"
+        score_generation(manifest, mask_model=f"sam:{sam_run['sam']}", device="cpu", mask_min_score=-1.0)
+        meta = {i["key"]: i for i in read_json(tmp_path / name / METADATA_NAME)["instances"]}
+        scores[name] = {(meta[k]["image"].rsplit("/", 1)[-1].split(".")[0].replace("_leftImg8bit", ""),
+                         meta[k]["class"]): e["mask_gate_source"]["mask_iou_source"]
+                        for k, e in read_json(manifest)["instances"].items()}
+        assert all(0.0 <= v <= 1.0 for v in scores[name].values()), scores
+    assert len(scores["cs"]) >= 4  # k=1 in each non-empty train image
+    assert scores["s1"] == scores["cs"]  # the same images and instance pixels: the same scores
