@@ -69,7 +69,9 @@ trap 'echo "error: stage ${STAGE:-setup} failed (exit $?); fix the cause above a
 
 stage "1/7 instance selection"
 if [ -n "$COCO_JSON" ]; then
-  "$PYTHON" process_clean_ver.py --coco "$COCO_JSON" --images "$COCO_IMAGES" --k "$K" --out "$SEL_DIR"
+  "$PYTHON" process_clean_ver.py --coco "$COCO_JSON" --images "$COCO_IMAGES" --k "$K" --out "$SEL_DIR" \
+    ${BALANCE:+--balance "$BALANCE"} ${BASELINE_METRICS:+--baseline_metrics "$BASELINE_METRICS"} \
+    ${K_PER_CLASS:+--k_per_class "$K_PER_CLASS"}
 else
   "$PYTHON" process_clean_ver.py --train_folder "$DATASET_PATH" --k "$K" --out "$SEL_DIR" \
     ${BALANCE:+--balance "$BALANCE"} ${BASELINE_METRICS:+--baseline_metrics "$BASELINE_METRICS"} \

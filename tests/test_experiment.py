@@ -351,3 +351,33 @@ def test_two_harnesses_sharing_an_output_prepare_each_arm_once(demo_root, tmp_pa
     files = sorted(p.relative_to(alone) for p in alone.rglob("*") if p.is_file() and p.suffix == ".png")
     assert files and files == sorted(p.relative_to(shared) for p in shared.rglob("*") if p.is_file() and p.suffix == ".png")
     assert all((shared / f).read_bytes() == (alone / f).read_bytes() for f in files)
+
+
+def test_arm_with_a_diffusers_backend_and_the_sam_gate_is_prepared(demo_root, tmp_path):
+    """An InstSynth arm can use ``mode: diffusers`` (a tiny FLUX-Fill folder, pipeline options as a mapping), the
+    zero-shot ``sam:`` mask gate in ``filter`` and its threshold with a fallback in ``integration``."""
+    from instsynth.testing.tiny_models import build_tiny_model
+    from instsynth.testing.tiny_sam import build_tiny_sam
+
+    flux, sam = build_tiny_model("flux-fill", tmp_path / "models"), build_tiny_sam(tmp_path / "sam")
+    arm = {"selection": {"k": 1, "workers": 1},
+           "generation": {"mode": "diffusers", "model_path": str(flux), "steps": 2, "resolution": 32,
+                          "guidance_scale": 30, "pipeline_options": {"max_sequence_length": 16}},
+           "filter": {"mask_model": f"sam:{sam}", "mask_min_score": -1, "device": "cpu", "workers": 1},
+           "integration": {"crops_per_sample": 0, "min_mask_iou": 0.3, "fallback": "original", "workers": 1}}
+    config = write_config(tmp_path / "exp.yaml", demo_root, tmp_path / "out", {"baseline": {}, "flux": arm},
+                          seeds=(1,))
+    main(["--config", str(config), "--prepare_only"])
+    out = tmp_path / "out"
+    (manifest_path,) = (out / "work").glob("*/generation/Diffusers/generation.json")
+    manifest = read_json(manifest_path)
+    assert manifest["backend"] == "diffusers" and manifest["model_id"] == str(flux)
+    assert manifest["params"]["guidance_scale"] == 30.0
+    assert manifest["quality_filter"]["mask_model"] == f"sam:{sam}"
+    scores = [s for e in manifest["instances"].values() for s in e["scores"]]
+    assert scores and all(0.0 <= s["mask_iou"] <= 1.0 for s in scores)
+    report = read_json(out / "data" / "flux" / "integration_report.json")
+    gate = report["gate"]
+    assert gate["samples"] == len(scores) and gate["accepted"] + gate["fallen_back"] == len(scores)
+    assert gate["accepted"] == sum(s["mask_iou"] >= 0.3 for s in scores)
+    assert read_json(out / "data" / "flux" / "prepared.json")["stats"]["images"] == report["new_images"] > 0

@@ -133,3 +133,41 @@ def test_wrapper_with_diffusers_backend_sam_gate_and_ap_budget(tmp_path):
     assert manifest["params"]["budget"]["per_class"] == {"car": 1, "person": 2}  # sqrt(40 / 10)
     assert manifest["quality_filter"]["mask_model"].startswith("sam:")
     assert all("mask_iou" in s for e in manifest["instances"].values() for s in e["scores"])
+
+
+def test_wrapper_on_a_coco_file_budgets_stage_1_from_the_baseline_ap_and_gates_with_sam(tmp_path):
+    """``run_instsynth.sh --coco`` with BALANCE=ap BASELINE_METRICS=..., MASK_MODEL=sam:FOLDER (a tiny SAM 2 where
+    transformers has it) and CLIP_MODEL + MIN_CLIP_MARGIN: stage 1 and generation are both budgeted from the
+    baseline's per-class AP, and the class-and-shape gate scores every sample."""
+    import json
+
+    from instsynth.testing.tiny_eval_models import build_tiny_clip
+    from instsynth.testing.tiny_sam import build_tiny_sam, build_tiny_sam2, has_sam2
+
+    data = tmp_path / "demo_coco"
+    subprocess.run([sys.executable, "-m", "instsynth.demo", str(data), "--format", "coco", "--cities", "1",
+                    "--images-per-city", "3", "--size", "512x256"], cwd=REPO, check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    metrics = tmp_path / "baseline" / "inference" / "metrics.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(json.dumps({"segm": {"AP": 10.0, "AP-car": 40.0, "AP-person": 10.0}}))
+    env = dict(os.environ, PYTHON=sys.executable, OUTPUT_DATASET_PATH=str(tmp_path / "out"),
+               WORK_DIR=str(tmp_path / "work"), MODE="recolor", K="1", BALANCE="ap", BASELINE_METRICS=str(metrics),
+               MASK_MODEL=f"sam:{(build_tiny_sam2 if has_sam2() else build_tiny_sam)(tmp_path / 'sam')}",
+               MIN_MASK_IOU="0", CLIP_MODEL=str(build_tiny_clip(tmp_path / "clip")), MIN_CLIP_SCORE="-1",
+               MIN_CLIP_MARGIN="-2", FALLBACK="original")
+    res = subprocess.run(["bash", str(REPO / "scripts/run_instsynth.sh"), "--coco",
+                          str(data / "annotations/instances_train.json"), "--images", str(data / "images/train")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    budget = read_json(tmp_path / "work" / "selection" / "metadata.json")["class_budget"]
+    assert budget["balance"] == "ap" and budget["baseline_metrics"] == str(metrics)
+    assert budget["per_class"]["car"] == 1 and budget["per_class"]["person"] == 2  # sqrt(40 / 10)
+    manifest = read_json(tmp_path / "work" / "generation" / "Recolor" / "generation.json")
+    assert manifest["params"]["budget"]["balance"] == "ap"
+    assert manifest["quality_filter"]["mask_model"].startswith("sam:")
+    scores = [s for e in manifest["instances"].values() for s in e["scores"]]
+    assert scores and all("mask_iou" in s and "clip_margin" in s for s in scores)
+    gate = read_json(tmp_path / "out" / "integration_report.json")["gate"]
+    assert gate["criteria"] == {"min_clip_margin": -2.0, "min_clip_score": -1.0, "min_mask_iou": 0.0}
+    assert gate["samples"] == len(scores)

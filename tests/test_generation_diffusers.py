@@ -17,8 +17,10 @@ torch = pytest.importorskip("torch")
 
 N_INSTANCES = 3
 STEPS = 2
-PIPELINES = {"sdxl-inpaint": "StableDiffusionXLInpaintPipeline", "flux-fill": "FluxFillPipeline"}
-EXTRA = {"sdxl-inpaint": {}, "flux-fill": {"resolution": 32, "pipeline_options": {"max_sequence_length": 16}}}
+PIPELINES = {"sdxl-inpaint": "StableDiffusionXLInpaintPipeline", "flux-fill": "FluxFillPipeline",
+             "kandinsky-inpaint": "KandinskyV22InpaintCombinedPipeline"}
+EXTRA = {"sdxl-inpaint": {}, "flux-fill": {"resolution": 32, "pipeline_options": {"max_sequence_length": 16}},
+         "kandinsky-inpaint": {"pipeline_options": {"prior_guidance_scale": 4, "prior_num_inference_steps": 2}}}
 
 
 @pytest.fixture(scope="module")

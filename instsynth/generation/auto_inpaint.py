@@ -23,6 +23,9 @@ from .models import DiffusionBackend, generators
 
 FILL_CLASSES = ("FluxFillPipeline",)
 """``_class_name`` values loaded with their own class instead of AutoPipelineForInpainting."""
+ONE_IMAGE_CLASSES = ("KandinskyV22InpaintPipeline", "KandinskyV22InpaintCombinedPipeline")
+"""Pipelines whose call keeps only the first image of a batch outside the mask (Kandinsky 2.2's
+denoising loop blends ``image[:1]`` into every row): called one sample at a time."""
 
 
 def model_class_name(model_id: str) -> str | None:
@@ -95,7 +98,9 @@ class DiffusersInpaintBackend(DiffusionBackend):
     def native_size(self) -> int:
         """Pixels per side the model was trained at (UNet sample size, or FLUX's default sample size)."""
         pipe = self.pipe
-        scale = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "movq_scale_factor", None) or 8
+        decoder = getattr(pipe, "decoder_pipe", None)  # a combined prior + decoder pipeline (Kandinsky)
+        scale = (getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "movq_scale_factor", None)
+                 or getattr(decoder, "movq_scale_factor", None) or 8)
         unet = getattr(pipe, "unet", None)
         if unet is not None and isinstance(unet.config.sample_size, int):
             return unet.config.sample_size * scale
@@ -123,6 +128,8 @@ class DiffusersInpaintBackend(DiffusionBackend):
         return {**super().describe(), "call_options": self.call_options()}
 
     def generate(self, jobs: Sequence[SampleJob]) -> list[np.ndarray]:
+        if len(jobs) > 1 and type(self.pipe).__name__ in ONE_IMAGE_CLASSES:
+            return [out for job in jobs for out in self.generate([job])]
         images = [Image.fromarray(image) for image in self.working_images(jobs)]
         masks = [Image.fromarray(mask.astype(np.uint8) * 255) for mask in self.working_masks(jobs)]
         kwargs = {"prompt": [job.text for job in jobs], "image": images, "mask_image": masks, "height": self.size,

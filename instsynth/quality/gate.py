@@ -240,8 +240,8 @@ def mask_scores(refs: Sequence[SampleRef], run: dict, mask_model: str, mask_weig
     from instsynth.stages.metadata import load_metadata
 
     model = load_mask_model(mask_model, mask_weights, device)
-    instances = {i["key"]: i for i in load_metadata(run["metadata"], check_files=False)["instances"]}
-    by_sample, by_instance = score_instances(_by_instance(refs), instances, model, min_score, batch_size)
+    meta = load_metadata(run["metadata"], check_files=False)
+    by_sample, by_instance = score_instances(_by_instance(refs), meta, model, min_score, batch_size)
     return _jsonable(by_sample), _jsonable(by_instance)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from instsynth.core.io import InstSynthError, progress, read_png
+from instsynth.core.io import InstSynthError, progress
 from instsynth.core.labels import EVAL_THING_CLASSES, THING_CLASSES
 
 
@@ -176,26 +176,51 @@ def pasted_image(source: np.ndarray, sample: np.ndarray, mask: np.ndarray, crop_
     return paste(source, sample, mask[y0:y1, x0:x1], crop_box, "hard")
 
 
-def score_instances(groups: dict[str, list], instances: dict[str, dict], model,
+class SourceReader:
+    """Full source images and instance masks of a stage-1 metadata's instances, read through the
+    dataset's own format (a Cityscapes tree, a COCO / LVIS file or a folder), one image at a time."""
+
+    def __init__(self, meta: dict):
+        from instsynth.stages.integration import image_index, metadata_dataset
+
+        self.dataset = metadata_dataset(meta)
+        self.images, self.fields = image_index(self.dataset, meta["split"])
+        self.current: tuple[Any, Any, np.ndarray | None] = (None, None, None)
+
+    def __call__(self, inst: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(RGB uint8 image, bool mask of the whole image) of a metadata instance entry."""
+        image = self.images.get((inst["image"], *(inst[f] for f in self.fields)))
+        if image is None:
+            raise InstSynthError(self.dataset.where, f"image {inst['image']} of {inst['key']} is not (or no longer) "
+                                                     "in the dataset")
+        if self.current[0] is not image:  # instances of one image follow each other: read it once
+            ann = image.annotations()
+            self.current = (image, ann, image.read_pixels(shape=(ann.height, ann.width)))
+        _, ann, source = self.current
+        found = ann.by_id.get(inst["instance_id"])
+        mask = None if found is None else found.mask()
+        if mask is None or not mask.any():
+            raise InstSynthError(image.path, f"instance {inst['instance_id']} ({inst['key']}) has no pixel")
+        return source, mask
+
+
+def score_instances(groups: dict[str, list], meta: dict, model,
                     min_score: float = DEFAULT_MIN_SCORE, batch_size: int = 4) -> tuple[dict, dict]:
     """Mask-gate scores ``({(key, index): scores}, {key: source scores})`` of sample refs grouped by instance.
 
-    ``instances`` maps keys to stage-1 metadata entries (with absolute paths); each source image is
-    read once per instance and scored untouched, then with each of its samples pasted in. ``model``:
-    a :class:`MaskModel` or a :class:`~instsynth.sam_gate.SamGate` (prompted with the instance).
+    ``meta``: the stage-1 metadata (:func:`~instsynth.stages.metadata.load_metadata`); each source image
+    is read once per instance through its dataset's format and scored untouched, then with each of its
+    samples pasted in. ``model``: a :class:`MaskModel` or a :class:`~instsynth.quality.sam_gate.SamGate`
+    (prompted with the instance).
     """
     from instsynth.quality.runs import read_sample
 
-    by_sample, by_instance, image = {}, {}, (None, None, None)
+    instances = {i["key"]: i for i in meta["instances"]}
+    read_source = SourceReader(meta)
+    by_sample, by_instance = {}, {}
     for key, refs in progress(groups.items(), "scoring (mask model)", len(groups)):
         inst = instances[key]
-        if image[0] != inst["image_path"]:  # instances of one image follow each other: read it once
-            source = read_png(inst["image_path"], rgb=True, dtype=np.uint8)
-            image = (inst["image_path"], source, read_png(inst["instance_ids_path"], shape=source.shape[:2]))
-        _, source, ids = image
-        mask = ids == inst["instance_id"]
-        if not mask.any():
-            raise InstSynthError(inst["instance_ids_path"], f"instance {inst['instance_id']} ({key}) has no pixel")
+        source, mask = read_source(inst)
         images = [source] + [pasted_image(source, read_sample(ref), mask, inst["crop_box"]) for ref in refs]
         predictions = []
         for start in range(0, len(images), max(1, batch_size)):

@@ -97,7 +97,8 @@ class SamGate:
         return results
 
     def post_process(self, pred_masks, inputs) -> list:
-        """Binary masks at each crop's size (SAM: the processor undoes resizing and padding)."""
+        """Binary masks at each crop's size: SAM's processor undoes its resizing and padding (it needs
+        ``reshaped_input_sizes``), SAM 2's its plain square resize (``original_sizes`` only)."""
         post = self.processor.post_process_masks
         if "reshaped_input_sizes" in inputs:
             return post(pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])

@@ -14,10 +14,11 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-TINY_NAMES = ("sd-inpaint", "sd", "sdxl", "gligen", "sdxl-inpaint", "flux-fill")
+TINY_NAMES = ("sd-inpaint", "sd", "sdxl", "gligen", "sdxl-inpaint", "flux-fill", "kandinsky-inpaint")
 """sd-inpaint: StableDiffusionInpaintPipeline (diffinpainting); sd / sdxl: StableDiffusionPipeline /
 StableDiffusionXLPipeline (bld); gligen: StableDiffusionGLIGENPipeline (gligen); sdxl-inpaint /
-flux-fill: StableDiffusionXLInpaintPipeline / FluxFillPipeline (diffusers)."""
+flux-fill / kandinsky-inpaint: StableDiffusionXLInpaintPipeline / FluxFillPipeline /
+KandinskyV22InpaintCombinedPipeline (diffusers)."""
 
 IMAGE_SIZE = 32
 TEXT_DIM = 32
@@ -142,6 +143,40 @@ def build_flux_fill():
         tokenizer_2=tiny_t5_tokenizer(), transformer=transformer)
 
 
+def build_kandinsky_inpaint():
+    """Kandinsky 2.2 inpainting as AutoPipelineForInpainting loads it: the prior (CLIP text encoder ->
+    PriorTransformer -> image embedding; a CLIP vision encoder for the zero image) combined with the
+    decoder (a UNet conditioned on image embeddings, 4 latent + 4 masked-image + 1 mask channels, MoVQ)."""
+    from diffusers import (DDIMScheduler, KandinskyV22InpaintCombinedPipeline, PriorTransformer, UnCLIPScheduler,
+                           UNet2DConditionModel, VQModel)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    vision = CLIPVisionConfig(hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=28, patch_size=14, projection_dim=TEXT_DIM)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2, in_channels=9, out_channels=8, addition_embed_type="image",
+        encoder_hid_dim=TEXT_DIM, encoder_hid_dim_type="image_proj", cross_attention_dim=32, class_embed_type=None,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(16, 32), layers_per_block=1,
+        attention_head_dim=4, resnet_time_scale_shift="scale_shift", norm_num_groups=8)
+    movq = VQModel(in_channels=3, out_channels=3, latent_channels=4, vq_embed_dim=4, num_vq_embeddings=12,
+                   block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+                   up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1,
+                   norm_num_groups=8, norm_type="spatial")
+    return KandinskyV22InpaintCombinedPipeline(
+        unet=unet, movq=movq,
+        scheduler=DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                set_alpha_to_one=False, steps_offset=1),
+        prior_prior=PriorTransformer(num_attention_heads=2, attention_head_dim=8, embedding_dim=TEXT_DIM,
+                                     num_layers=1, num_embeddings=77),
+        prior_image_encoder=CLIPVisionModelWithProjection(vision),
+        prior_text_encoder=tiny_text_encoder(with_projection=True), prior_tokenizer=tiny_tokenizer(),
+        prior_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", clip_sample=True,
+                                        clip_sample_range=10.0),
+        prior_image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}))
+
+
 def build_gligen():
     from diffusers import PNDMScheduler, StableDiffusionGLIGENPipeline
 
@@ -154,7 +189,7 @@ def build_gligen():
 
 BUILDERS: dict[str, Callable] = {"sd-inpaint": build_sd_inpaint, "sd": build_sd, "sdxl": build_sdxl,
                                  "gligen": build_gligen, "sdxl-inpaint": build_sdxl_inpaint,
-                                 "flux-fill": build_flux_fill}
+                                 "flux-fill": build_flux_fill, "kandinsky-inpaint": build_kandinsky_inpaint}
 
 
 def build_tiny_model(name: str, out: str | Path, seed: int = 0) -> Path:

@@ -7,6 +7,11 @@ split, as SAM is trained: the instance's stage-1 crop window with its tight box 
 (focal-free BCE + dice on the low-resolution mask, MSE on the predicted IoU), plus boxes over
 object-free regions whose target is an empty mask with IoU 0. It never sees the gate's test samples
 (instances replaced by background). Seeded: the same call gives the same weights.
+
+:func:`build_tiny_sam2` saves a randomly initialised SAM 2 (``Sam2Model`` + ``Sam2Processor``: a
+4-stage Hiera of widths 8-64 at 128 pixels, an FPN and mask decoder of width 32, about 120k
+parameters), for transformers that have SAM 2 (:func:`has_sam2`); ``train_tiny_sam(..., sam2=True)``
+fits it the same way (SAM 2's processor resizes to the square input without padding).
 """
 from __future__ import annotations
 
@@ -56,6 +61,53 @@ def build_tiny_sam(out: str | Path, seed: int = 0, model=None) -> Path:
     return out
 
 
+def has_sam2() -> bool:
+    """True when the installed transformers has ``Sam2Model`` and ``Sam2Processor``."""
+    import transformers
+
+    return all(hasattr(transformers, n) for n in ("Sam2Model", "Sam2Processor", "Sam2ImageProcessor"))
+
+
+def tiny_sam2_config():
+    """A tiny SAM 2: Hiera strides 4-32 on a 128-pixel input, FPN levels at strides 4, 8, 16."""
+    from transformers import (Sam2Config, Sam2HieraDetConfig, Sam2MaskDecoderConfig, Sam2PromptEncoderConfig,
+                              Sam2VisionConfig)
+
+    size = INPUT_SIZE
+    hiera = Sam2HieraDetConfig(hidden_size=8, num_attention_heads=1, image_size=[size, size],
+                               blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[8, 16, 32, 64],
+                               num_attention_heads_per_stage=[1, 1, 2, 2], window_size_per_stage=[4, 4, 4, 2],
+                               global_attention_blocks=[3], window_positional_embedding_background_size=[4, 4])
+    vision = Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[64, 32, 16, 8],
+                              backbone_feature_sizes=[[size // s, size // s] for s in (4, 8, 16)], fpn_hidden_size=32)
+    prompt = Sam2PromptEncoderConfig(hidden_size=32, image_size=size, patch_size=16, mask_input_channels=4)
+    decoder = Sam2MaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
+    return Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+
+
+def tiny_sam2_processor():
+    from transformers import Sam2ImageProcessor, Sam2Processor
+
+    low = INPUT_SIZE // 4
+    return Sam2Processor(image_processor=Sam2ImageProcessor(size={"height": INPUT_SIZE, "width": INPUT_SIZE},
+                                                            mask_size={"height": low, "width": low}))
+
+
+def build_tiny_sam2(out: str | Path, seed: int = 0, model=None) -> Path:
+    """Save a tiny SAM 2 (random unless ``model`` is given) and its processor (a plain 128x128 resize,
+    no padding) to ``out``."""
+    import torch
+    from transformers import Sam2Model
+
+    out = Path(out)
+    if model is None:
+        torch.manual_seed(seed)
+        model = Sam2Model(tiny_sam2_config())
+    model.save_pretrained(out)
+    tiny_sam2_processor().save_pretrained(out)
+    return out
+
+
 # --------------------------------------------------------------------------- training examples
 def _examples(dataset_root: Path, split: str, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(window RGB, window target mask) pairs: every thing instance in its crop window, and as many
@@ -84,12 +136,15 @@ def _examples(dataset_root: Path, split: str, rng: np.random.Generator) -> Itera
                     break
 
 
-def _low_res_target(mask: np.ndarray) -> np.ndarray:
-    """A window mask in the processor's frame (longest side resized to the input, padded) at mask resolution."""
+def _low_res_target(mask: np.ndarray, sam2: bool = False) -> np.ndarray:
+    """A window mask in the processor's frame at mask resolution: SAM's (longest side resized to the
+    input, padded) or SAM 2's (resized to the square input)."""
     import cv2
 
     low = INPUT_SIZE // 4
     h, w = mask.shape
+    if sam2:
+        return cv2.resize(mask.astype(np.float32), (low, low), interpolation=cv2.INTER_AREA)
     scale = low / max(h, w)
     small = cv2.resize(mask.astype(np.float32), (max(1, round(w * scale)), max(1, round(h * scale))),
                        interpolation=cv2.INTER_AREA)
@@ -99,11 +154,11 @@ def _low_res_target(mask: np.ndarray) -> np.ndarray:
 
 
 def train_tiny_sam(dataset_root: str | Path, out: str | Path, split: str = "train", steps: int = 150,
-                   batch_size: int = 8, lr: float = 1e-3, seed: int = 0) -> Path:
-    """Build a tiny SAM, fit it on ``dataset_root``'s ``split`` (see the module docstring), save it to ``out``."""
+                   batch_size: int = 8, lr: float = 1e-3, seed: int = 0, sam2: bool = False) -> Path:
+    """Build a tiny SAM (``sam2``: SAM 2), fit it on ``dataset_root``'s ``split`` (see the module
+    docstring), save it to ``out``."""
     import torch
     import torch.nn.functional as F
-    from transformers import SamModel
 
     from instsynth.quality.sam_gate import mask_box
 
@@ -114,8 +169,14 @@ def train_tiny_sam(dataset_root: str | Path, out: str | Path, split: str = "trai
         window, target = item[0], item[1]
         box_of = item[2] if len(item) == 3 else target  # object-free windows borrow an instance's box
         examples.append((window, target, [float(v) for v in mask_box(box_of)]))
-    processor = tiny_sam_processor()
-    model = SamModel(tiny_sam_config()).train()
+    if sam2:
+        from transformers import Sam2Model
+
+        processor, model = tiny_sam2_processor(), Sam2Model(tiny_sam2_config()).train()
+    else:
+        from transformers import SamModel
+
+        processor, model = tiny_sam_processor(), SamModel(tiny_sam_config()).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     for _ in range(steps):
@@ -123,7 +184,7 @@ def train_tiny_sam(dataset_root: str | Path, out: str | Path, split: str = "trai
         inputs = processor(images=[b[0] for b in batch], input_boxes=[[b[2]] for b in batch], return_tensors="pt")
         result = model(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"], multimask_output=False)
         logits = result.pred_masks[:, 0, 0]
-        target = torch.from_numpy(np.stack([_low_res_target(b[1]) for b in batch]))
+        target = torch.from_numpy(np.stack([_low_res_target(b[1], sam2) for b in batch]))
         prob = logits.sigmoid()
         dice = 1 - (2 * (prob * target).flatten(1).sum(1) + 1) / ((prob + target).flatten(1).sum(1) + 1)
         with torch.no_grad():
@@ -137,7 +198,7 @@ def train_tiny_sam(dataset_root: str | Path, out: str | Path, split: str = "trai
         loss.backward()
         optimizer.step()
         schedule.step()
-    return build_tiny_sam(out, model=model.eval())
+    return (build_tiny_sam2 if sam2 else build_tiny_sam)(out, model=model.eval())
 
 
 def main(argv=None) -> None:
@@ -145,8 +206,12 @@ def main(argv=None) -> None:
     parser.add_argument("out")
     parser.add_argument("--train_on", default=None, help="Cityscapes tree to fit it on (default: random weights)")
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--sam2", action="store_true", help="a tiny SAM 2 instead of SAM")
     args = parser.parse_args(argv)
-    path = train_tiny_sam(args.train_on, args.out, steps=args.steps) if args.train_on else build_tiny_sam(args.out)
+    if args.train_on:
+        path = train_tiny_sam(args.train_on, args.out, steps=args.steps, sam2=args.sam2)
+    else:
+        path = (build_tiny_sam2 if args.sam2 else build_tiny_sam)(args.out)
     print(path)
 
 
