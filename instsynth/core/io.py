@@ -208,13 +208,19 @@ MAX_JSON_BYTES = int(os.environ.get("INSTSYNTH_MAX_JSON_MB", "4096")) * 2**20
 """Largest JSON file read (``INSTSYNTH_MAX_JSON_MB``, default 4096): a bigger one is refused unread."""
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file; a missing, malformed, over-deep or over-large file raises InstSynthError naming it."""
+def read_json(path: str | os.PathLike, digest: Any = None) -> Any:
+    """Read a JSON file; a missing, malformed, over-deep or over-large file raises InstSynthError naming it.
+
+    ``digest`` (a hashlib object) is updated with the exact bytes parsed (one read for both)."""
     path = Path(path)
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise InstSynthError(path, f"JSON file over {MAX_JSON_BYTES // 2**20} MB (INSTSYNTH_MAX_JSON_MB)")
-        return json.loads(path.read_text())
+        if digest is None:
+            return json.loads(path.read_text())
+        data = path.read_bytes()
+        digest.update(data)
+        return json.loads(data.decode())
     except FileNotFoundError:
         raise InstSynthError(path, "file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -8,7 +8,9 @@ lengths that do not cover the image, boxes with no area or outside their image
 InstSynthError naming the file and the id; with ``skip_bad`` the offending annotation (or image) is
 left out and listed in ``CocoSource.bad``. Segmentations may be polygons, uncompressed or compressed
 RLE. LVIS fields are kept verbatim: categories' ``frequency``, ``synonyms``, ``def``; images'
-``not_exhaustive_category_ids`` and ``neg_category_ids`` (which new images inherit).
+``not_exhaustive_category_ids`` and ``neg_category_ids`` (which new images inherit). Stage 1 records the
+fingerprint of a clean file (size, mtime_ns, sha256 of the bytes read); integration, reading a file with that
+fingerprint, checks its structure, categories and image entries but not each annotation again.
 
 Images are listed by ``(file_name, id)``; an image's ``folder`` is its file's folder (``images`` at the
 top level) and its ``stem`` the file's stem. An instance is an annotation (area: the pycocotools
@@ -21,6 +23,7 @@ images and their exact annotations (:func:`merge_coco`). The source JSON and ima
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from collections import Counter
@@ -80,6 +83,8 @@ class CocoSource:
     images: list[dict]
     annotations: dict[int, list[dict]]  # image id -> annotations in file order
     bad: list[dict] = field(default_factory=list)  # what skip_bad left out: {"kind", "id", "problem"}
+    fingerprint: dict = field(default_factory=dict)  # of the bytes read: {"size", "mtime_ns", "sha256"}
+    trusted: bool = False  # the annotations were not checked again: the fingerprint stage 1 recorded matched
 
 
 def _annotation_problem(ann: Any, images: dict[int, dict], categories: dict[int, dict]) -> str | None:
@@ -129,11 +134,25 @@ def _unique(json_path: Path, items: list, what: str) -> dict[int, dict]:
     return by_id
 
 
+def file_fingerprint(path: Path, digest: Any) -> dict:
+    """``{"size", "mtime_ns", "sha256"}`` of a file whose bytes ``digest`` (sha256) has just read."""
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+
+
 def load_coco_source(coco_json: str | os.PathLike, images_dir: str | os.PathLike, skip_bad: bool = False,
-                     check_images: bool = True) -> CocoSource:
-    """Read and check a COCO / LVIS instances file (see the module docstring for what is checked)."""
+                     check_images: bool = True, trusted: Any = None) -> CocoSource:
+    """Read and check a COCO / LVIS instances file (see the module docstring for what is checked).
+
+    ``trusted``: the fingerprint stage 1 recorded of the file it checked and found clean
+    (:func:`file_fingerprint`). When the file read has that fingerprint, its annotations are not
+    checked again (ids, segmentations, bboxes: the cost that grows with the file); the file's structure,
+    categories and image entries (names confined to ``images_dir``, files present) are checked always."""
     json_path, images_dir = Path(coco_json).resolve(), Path(images_dir).resolve()
-    data = read_json(json_path)
+    digest = hashlib.sha256()
+    data = read_json(json_path, digest)
+    fingerprint = file_fingerprint(json_path, digest)
+    trust = isinstance(trusted, dict) and trusted == fingerprint
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
         raise InstSynthError(json_path, "not a COCO instances file (needs lists 'images', 'annotations', 'categories')")
     categories = _unique(json_path, data["categories"], "category")
@@ -144,7 +163,8 @@ def load_coco_source(coco_json: str | os.PathLike, images_dir: str | os.PathLike
     if any(n > 1 for n in names.values()):
         raise InstSynthError(json_path, f"duplicate category names {sorted(k for k, n in names.items() if n > 1)}")
     images = _unique(json_path, data["images"], "image")
-    _unique(json_path, data["annotations"], "annotation")
+    if not trust:
+        _unique(json_path, data["annotations"], "annotation")
     bad: list[dict] = []
 
     def reject(kind: str, item_id: Any, problem: str) -> None:
@@ -165,15 +185,19 @@ def load_coco_source(coco_json: str | os.PathLike, images_dir: str | os.PathLike
         else:
             kept[image_id] = img
     annotations: dict[int, list[dict]] = {i: [] for i in kept}
-    # every annotation except those of a skipped image
-    anns = [a for a in data["annotations"] if a.get("image_id") not in images or a["image_id"] in kept]
-    for ann, problem in zip(anns, annotation_problems(anns, images, categories)):
-        if problem:
-            reject("annotation", ann.get("id"), problem)
-        else:
-            annotations[ann["image_id"]].append(ann)
+    if trust:  # checked by stage 1: every annotation is valid and points to a listed image
+        for ann in data["annotations"]:
+            if ann["image_id"] in kept:
+                annotations[ann["image_id"]].append(ann)
+    else:  # every annotation except those of a skipped image
+        anns = [a for a in data["annotations"] if a.get("image_id") not in images or a["image_id"] in kept]
+        for ann, problem in zip(anns, annotation_problems(anns, images, categories)):
+            if problem:
+                reject("annotation", ann.get("id"), problem)
+            else:
+                annotations[ann["image_id"]].append(ann)
     ordered = sorted(kept.values(), key=lambda i: (i["file_name"], i["id"]))
-    return CocoSource(json_path, images_dir, data, categories, ordered, annotations, bad)
+    return CocoSource(json_path, images_dir, data, categories, ordered, annotations, bad, fingerprint, trust)
 
 
 def select_categories(source: CocoSource, classes: Sequence[str] | None = None,
@@ -408,8 +432,9 @@ class CocoDataset(Dataset):
 
     kind = "coco"
 
-    def __init__(self, coco_json: str | Path, images_dir: str | Path, skip_bad: bool = False, check_images: bool = True):
-        self.source = load_coco_source(coco_json, images_dir, skip_bad, check_images)
+    def __init__(self, coco_json: str | Path, images_dir: str | Path, skip_bad: bool = False, check_images: bool = True,
+                 trusted: dict | None = None):
+        self.source = load_coco_source(coco_json, images_dir, skip_bad, check_images, trusted)
         self.root = self.source.images_dir
 
     @property
@@ -448,7 +473,9 @@ class CocoDataset(Dataset):
                 "coco_json": str(self.source.json_path)}
 
     def selection_fields(self, class_counts: dict[str, int]) -> dict:
-        return {"categories": [self.source.categories[i] for i in sorted(self.source.categories)]}
+        """The source's fingerprint when nothing of it was bad (integration then trusts this check), categories."""
+        checked = {} if self.bad else {"coco_json_fingerprint": self.source.fingerprint}
+        return {**checked, "categories": [self.source.categories[i] for i in sorted(self.source.categories)]}
 
     def selection_counts(self, class_counts: dict[str, int], selected: dict[str, int]) -> dict:
         return {}

@@ -1,0 +1,108 @@
+"""Integration trusts stage 1's check of a COCO file only while the file is the one stage 1 checked (issue 21).
+
+Stage 1 records the file's size, mtime and sha256 in metadata.json when nothing in it was bad; integration
+reads the file, and when the fingerprint matches it does not check the annotations again. An edit after
+stage 1 (even one that keeps size and mtime) changes the fingerprint: the file is checked as before."""
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+
+from instsynth.core.io import InstSynthError, read_json
+from instsynth.formats import coco
+from instsynth.generation import GenerationSettings, generate_instances
+from instsynth.stages.integration import IntegrationParams, integrate_samples
+from instsynth.stages.selection import select_coco_instances
+
+PARAMS = IntegrationParams(crops_per_sample=1)
+
+
+@pytest.fixture
+def stage1(coco_files, tmp_path):
+    """A private copy of the demo train file, stage 1 (k=1) and recolor generation on it: (json, generation dir)."""
+    path = tmp_path / "train.json"
+    shutil.copyfile(coco_files["train"], path)
+    images = coco_files["train"].parent.parent / "images/train"
+    sel = select_coco_instances(path, images, k=1, out=tmp_path / "sel", workers=1)
+    gen = generate_instances(sel.metadata, settings=GenerationSettings(mode="recolor"))
+    return path, gen.manifest.parent
+
+
+@pytest.fixture
+def checks(monkeypatch):
+    """Counts the calls of the file-wide annotation check."""
+    calls = []
+    original = coco.annotation_problems
+    monkeypatch.setattr(coco, "annotation_problems", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def test_stage1_records_the_fingerprint_of_the_bytes_it_checked(stage1):
+    path, gen = stage1
+    meta = read_json(gen.parent / "metadata.json")
+    stat = path.stat()
+    assert meta["coco_json_fingerprint"] == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def test_unchanged_file_is_not_checked_again_and_gives_the_same_output(stage1, checks, tmp_path):
+    path, gen = stage1
+    integrate_samples(gen, tmp_path / "trusted", params=PARAMS, workers=1)
+    assert checks == []  # trusted: no annotation checked again
+    meta_path = gen.parent / "metadata.json"
+    meta = read_json(meta_path)
+    del meta["coco_json_fingerprint"]  # as a metadata of before issue 21: the whole file is checked
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    integrate_samples(gen, tmp_path / "checked", params=PARAMS, workers=1)
+    assert checks == [1]
+    name = "annotations/instances_train_instsynth.json"
+    trusted, checked = (tmp_path / "trusted" / name).read_bytes(), (tmp_path / "checked" / name).read_bytes()
+    assert trusted == checked and len(json.loads(trusted)["images"]) > len(read_json(path)["images"])
+
+
+def test_edited_file_is_checked_again_and_the_bad_annotation_is_caught(stage1, checks, tmp_path):
+    path, gen = stage1
+    stat = path.stat()
+    data = read_json(path)
+    victim = data["annotations"][-1]
+    victim["bbox"] = [1, 1, 0, 4]  # no area: a bad annotation (shorter than the float box it replaces)
+    text = json.dumps(data)
+    path.write_text(text + " " * (stat.st_size - len(text)))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)  # only the hash differs
+    with pytest.raises(InstSynthError, match=f"annotation id {victim['id']}: bbox .* has no area") as err:
+        integrate_samples(gen, tmp_path / "out", params=PARAMS, workers=1)
+    assert str(path) in str(err.value) and checks == [1]
+    integrate_samples(gen, tmp_path / "out", params=PARAMS, workers=1, skip_bad=True)
+    report = read_json(tmp_path / "out" / "integration_report.json")
+    assert [b["id"] for b in report["bad_source_items_left_out"]] == [victim["id"]]
+
+
+def test_image_entries_are_checked_even_when_trusted(stage1, checks, tmp_path):
+    """A listed original image deleted after stage 1 is still an error naming it (the merged file lists it)."""
+    path, gen = stage1
+    meta = read_json(gen.parent / "metadata.json")
+    used = {i["image"] for i in meta["instances"]}
+    images = [i for i in read_json(path)["images"] if i["file_name"] not in used]
+    victim = images[0]
+    image_dir = tmp_path / "images"
+    shutil.copytree(meta["dataset_root"], image_dir)
+    meta["dataset_root"] = str(image_dir)
+    (gen.parent / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (image_dir / victim["file_name"]).unlink()
+    with pytest.raises(InstSynthError, match=f"image id {victim['id']}: image file .* not found"):
+        integrate_samples(gen, tmp_path / "out", params=PARAMS, workers=1)
+    assert checks == []
+
+
+def test_no_fingerprint_when_stage1_left_something_out(coco_files, tmp_path):
+    """A file with a bad annotation (skipped by --skip-bad) gets no fingerprint: integration checks it again."""
+    data = read_json(coco_files["train"])
+    data["annotations"][0]["bbox"] = [1, 1, 0, 4]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    images = coco_files["train"].parent.parent / "images/train"
+    sel = select_coco_instances(path, images, k=1, out=tmp_path / "sel", workers=1, skip_bad=True)
+    assert "coco_json_fingerprint" not in read_json(sel.metadata)
