@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Sequence
 
@@ -36,7 +36,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from instsynth.core.imageops import crop_resize_labels, segmentation_of
-from instsynth.core.io import InstSynthError, get_logger, read_json, read_png, write_if_changed
+from instsynth.core.io import InstSynthError, get_logger, json_pieces, read_json, read_png, write_pieces_if_changed
 from instsynth.core.paths import confined, relative_name
 from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
                    category_table, check_named_instance, encode_image, output_suffix,
@@ -538,5 +538,6 @@ class CocoWriter(DatasetWriter):
         if self.dataset is None:
             raise RuntimeError("CocoWriter.finish needs the writer made by CocoDataset.writer (not a pickled copy)")
         path = merged_json_path(self.out, self.split)
-        write_if_changed(path, (json.dumps(merge_coco(self.dataset.source, entries, info)) + "\n").encode())
+        merged = merge_coco(self.dataset.source, entries, info)  # the source's items themselves, not copies
+        write_pieces_if_changed(path, chain(json_pieces(merged), ["\n"]))  # streamed: never one string of it all
         return [path]

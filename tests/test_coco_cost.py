@@ -1,4 +1,5 @@
-"""Integration trusts stage 1's check of a COCO file only while the file is the one stage 1 checked (issue 21).
+"""Integration's cost follows its work on a COCO file (issue 21): it trusts stage 1's check of the file only
+while the file is the one stage 1 checked, and streams the merged file.
 
 Stage 1 records the file's size, mtime and sha256 in metadata.json when nothing in it was bad; integration
 reads the file, and when the fingerprint matches it does not check the annotations again. An edit after
@@ -10,7 +11,7 @@ import shutil
 
 import pytest
 
-from instsynth.core.io import InstSynthError, read_json
+from instsynth.core.io import InstSynthError, json_pieces, read_json, write_pieces_if_changed
 from instsynth.formats import coco
 from instsynth.generation import GenerationSettings, generate_instances
 from instsynth.stages.integration import IntegrationParams, integrate_samples
@@ -106,3 +107,31 @@ def test_no_fingerprint_when_stage1_left_something_out(coco_files, tmp_path):
     images = coco_files["train"].parent.parent / "images/train"
     sel = select_coco_instances(path, images, k=1, out=tmp_path / "sel", workers=1, skip_bad=True)
     assert "coco_json_fingerprint" not in read_json(sel.metadata)
+
+
+# --------------------------------------------------------------------------- the merged file, streamed
+@pytest.mark.parametrize("batch", [1, 2, 3, 1000])
+def test_json_pieces_are_json_dumps_byte_for_byte(batch):
+    obj = {"info": {"a": 1, "é": [1.5, float("nan")]}, "empty": [], "one": [{"x": 1}], "images": list(range(7)),
+           "annotations": [{"segmentation": [[0.1, 2.0, 3.25]], "bbox": [1, 2, 3, 4], "name": "ü\"q"}] * 5, "n": None}
+    assert "".join(json_pieces(obj, batch)) == json.dumps(obj)
+    assert max(len(p) for p in json_pieces(obj, 2)) < len(json.dumps(obj["annotations"]))  # never the whole list
+
+
+def test_streamed_write_leaves_a_file_with_the_same_bytes_untouched(tmp_path):
+    path = tmp_path / "a" / "merged.json"
+    assert write_pieces_if_changed(path, ["{", '"a": 1', "}"]) and path.read_text() == '{"a": 1}'
+    os.utime(path, ns=(0, 0))
+    assert not write_pieces_if_changed(path, [b'{"a": ', "1}"]) and path.stat().st_mtime_ns == 0
+    assert write_pieces_if_changed(path, ['{"a": 2}']) and path.read_text() == '{"a": 2}'
+    assert sorted(p.name for p in path.parent.iterdir()) == ["merged.json"]  # no temporary file left
+
+
+def test_merged_file_is_json_dumps_of_the_merge(stage1, tmp_path):
+    """The streamed merged file is exactly what the whole-string json.dumps of the merge gives."""
+    path, gen = stage1
+    integrate_samples(gen, tmp_path / "out", params=PARAMS, workers=1)
+    merged = tmp_path / "out" / "annotations/instances_train_instsynth.json"
+    text = merged.read_text()
+    assert text == json.dumps(json.loads(text)) + "\n"
+    assert json.loads(text)["annotations"][:len(read_json(path)["annotations"])] == read_json(path)["annotations"]
