@@ -135,3 +135,42 @@ def test_merged_file_is_json_dumps_of_the_merge(stage1, tmp_path):
     text = merged.read_text()
     assert text == json.dumps(json.loads(text)) + "\n"
     assert json.loads(text)["annotations"][:len(read_json(path)["annotations"])] == read_json(path)["annotations"]
+
+
+# --------------------------------------------------------------------------- originals, linked once
+def test_originals_are_linked_once_per_output_folder(stage1, tmp_path):
+    path, gen = stage1
+    out = tmp_path / "out"
+    integrate_samples(gen, out, params=PARAMS, workers=1)
+    images = read_json(path)["images"]
+    first = read_json(out / "integration_report.json")["original_images_linked"]
+    assert first == {"linked": len(images)}
+    source_dir = coco_source_dir(gen)
+    assert all((out / "images" / i["file_name"]).samefile(source_dir / i["file_name"]) for i in images)
+    victim = out / "images" / images[0]["file_name"]
+    victim.unlink()
+    victim.write_bytes(b"not the original")  # a different file at the link's place is replaced
+    integrate_samples(gen, out, params=PARAMS, workers=1)
+    again = read_json(out / "integration_report.json")["original_images_linked"]
+    assert again == {"skipped": len(images) - 1, "linked": 1} and victim.samefile(source_dir / images[0]["file_name"])
+
+
+def test_originals_are_copied_where_links_are_refused(stage1, tmp_path, monkeypatch):
+    import errno
+
+    def no_link(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    path, gen = stage1
+    monkeypatch.setattr(os, "link", no_link)
+    integrate_samples(gen, tmp_path / "out", params=PARAMS, workers=1)
+    images = read_json(path)["images"]
+    assert read_json(tmp_path / "out" / "integration_report.json")["original_images_linked"] == {"copied": len(images)}
+    name = images[0]["file_name"]
+    assert (tmp_path / "out/images" / name).read_bytes() == (coco_source_dir(gen) / name).read_bytes()
+
+
+def coco_source_dir(gen):
+    from pathlib import Path
+
+    return Path(read_json(gen.parent / "metadata.json")["dataset_root"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,15 +63,40 @@ class Layout:
 
 
 # --------------------------------------------------------------------------- COCO: originals and the merged file
+def link_original(src: Path, dst: Path, folders: set[Path]) -> str:
+    """:func:`~instsynth.stages.assemble.place_file` of one original, with its two common cases made cheap:
+    ``dst`` already the same inode (a rerun: "skipped", two stats) and ``dst`` missing (one ``link``, atomic
+    by itself; ``folders``: the folders known to exist). Anything else (a different file, another device,
+    no hard links) goes through place_file."""
+    try:
+        held = os.lstat(dst)
+    except FileNotFoundError:
+        if dst.parent not in folders:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            folders.add(dst.parent)
+        try:
+            os.link(src, dst)
+            return "linked"
+        except OSError:
+            pass  # e.g. across devices: place_file copies
+    else:
+        own = os.stat(src)
+        if (held.st_dev, held.st_ino) == (own.st_dev, own.st_ino):
+            return "skipped"
+    return place_file(src, dst)
+
+
 def link_originals(dataset: Dataset, out: Path) -> dict:
-    """COCO: hard-link (or copy) every kept source image to ``OUT/images/<file_name>``; counts by action."""
+    """COCO: hard-link (or copy) every kept source image to ``OUT/images/<file_name>`` once per output folder
+    (a link already there is left alone); counts by action."""
     actions: Counter = Counter()
     source = dataset.source
     target = (out / "images").resolve()
     if target == source.images_dir:
         return {}
+    folders: set[Path] = set()
     for img in progress(source.images, "linking original images"):
-        actions[place_file(source.images_dir / img["file_name"], target / img["file_name"])] += 1
+        actions[link_original(source.images_dir / img["file_name"], target / img["file_name"], folders)] += 1
     return dict(actions)
 
 
