@@ -22,22 +22,29 @@ PARAMS = IntegrationParams(crops_per_sample=1)
 
 @pytest.fixture
 def stage1(coco_files, tmp_path):
-    """A private copy of the demo train file, stage 1 (k=1) and recolor generation on it: (json, generation dir)."""
+    """A private copy of the demo train file, stage 1 (k=1, buses: 2 of its 6 images) and recolor generation on
+    it: (json, generation dir)."""
     path = tmp_path / "train.json"
     shutil.copyfile(coco_files["train"], path)
     images = coco_files["train"].parent.parent / "images/train"
-    sel = select_coco_instances(path, images, k=1, out=tmp_path / "sel", workers=1)
+    sel = select_coco_instances(path, images, k=1, classes=["bus"], out=tmp_path / "sel", workers=1)
     gen = generate_instances(sel.metadata, settings=GenerationSettings(mode="recolor"))
     return path, gen.manifest.parent
 
 
 @pytest.fixture
 def checks(monkeypatch):
-    """Counts the calls of the file-wide annotation check."""
+    """The number of annotations each call of the file-wide annotation check was given."""
     calls = []
     original = coco.annotation_problems
-    monkeypatch.setattr(coco, "annotation_problems", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(coco, "annotation_problems", lambda anns, *a: calls.append(len(anns)) or original(anns, *a))
     return calls
+
+
+def needed_annotations(path, gen) -> int:
+    """Annotations of the images stage 1 selected from (integration decodes their masks)."""
+    used = {i["coco_image_id"] for i in read_json(gen.parent / "metadata.json")["instances"]}
+    return sum(a["image_id"] in used for a in read_json(path)["annotations"])
 
 
 def test_stage1_records_the_fingerprint_of_the_bytes_it_checked(stage1):
@@ -51,13 +58,14 @@ def test_stage1_records_the_fingerprint_of_the_bytes_it_checked(stage1):
 def test_unchanged_file_is_not_checked_again_and_gives_the_same_output(stage1, checks, tmp_path):
     path, gen = stage1
     integrate_samples(gen, tmp_path / "trusted", params=PARAMS, workers=1)
-    assert checks == []  # trusted: no annotation checked again
+    total = len(read_json(path)["annotations"])
+    assert checks == [needed_annotations(path, gen)] and checks[0] < total  # trusted: only the selected images'
     meta_path = gen.parent / "metadata.json"
     meta = read_json(meta_path)
     del meta["coco_json_fingerprint"]  # as a metadata of before issue 21: the whole file is checked
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     integrate_samples(gen, tmp_path / "checked", params=PARAMS, workers=1)
-    assert checks == [1]
+    assert checks[1:] == [total]
     name = "annotations/instances_train_instsynth.json"
     trusted, checked = (tmp_path / "trusted" / name).read_bytes(), (tmp_path / "checked" / name).read_bytes()
     assert trusted == checked and len(json.loads(trusted)["images"]) > len(read_json(path)["images"])
@@ -67,7 +75,8 @@ def test_edited_file_is_checked_again_and_the_bad_annotation_is_caught(stage1, c
     path, gen = stage1
     stat = path.stat()
     data = read_json(path)
-    victim = data["annotations"][-1]
+    used = {i["coco_image_id"] for i in read_json(gen.parent / "metadata.json")["instances"]}
+    victim = [a for a in data["annotations"] if a["image_id"] not in used][-1]  # one trust would not re-check
     victim["bbox"] = [1, 1, 0, 4]  # no area: a bad annotation (shorter than the float box it replaces)
     text = json.dumps(data)
     path.write_text(text + " " * (stat.st_size - len(text)))
@@ -75,7 +84,7 @@ def test_edited_file_is_checked_again_and_the_bad_annotation_is_caught(stage1, c
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)  # only the hash differs
     with pytest.raises(InstSynthError, match=f"annotation id {victim['id']}: bbox .* has no area") as err:
         integrate_samples(gen, tmp_path / "out", params=PARAMS, workers=1)
-    assert str(path) in str(err.value) and checks == [1]
+    assert str(path) in str(err.value) and checks == [len(data["annotations"])]
     integrate_samples(gen, tmp_path / "out", params=PARAMS, workers=1, skip_bad=True)
     report = read_json(tmp_path / "out" / "integration_report.json")
     assert [b["id"] for b in report["bad_source_items_left_out"]] == [victim["id"]]
@@ -95,7 +104,24 @@ def test_image_entries_are_checked_even_when_trusted(stage1, checks, tmp_path):
     (image_dir / victim["file_name"]).unlink()
     with pytest.raises(InstSynthError, match=f"image id {victim['id']}: image file .* not found"):
         integrate_samples(gen, tmp_path / "out", params=PARAMS, workers=1)
-    assert checks == []
+    assert checks == []  # found at the image entries, before any annotation
+
+
+def test_forged_fingerprint_still_checks_what_integration_decodes(stage1, tmp_path):
+    """A metadata edited to carry the fingerprint of a hostile file: the annotations whose masks integration
+    decodes are checked all the same (a hostile RLE never reaches pycocotools)."""
+    path, gen = stage1
+    meta_path = gen.parent / "metadata.json"
+    meta = read_json(meta_path)
+    data = read_json(path)
+    victim = next(a for a in data["annotations"] if a["image_id"] == meta["instances"][0]["coco_image_id"])
+    victim.update(iscrowd=1, segmentation={"size": [256, 512], "counts": "abc"})
+    path.write_text(json.dumps(data))
+    meta["coco_json_fingerprint"] = {"size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns,
+                                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    with pytest.raises(InstSynthError, match=f"annotation id {victim['id']}: RLE counts are not a valid compressed"):
+        integrate_samples(gen, tmp_path / "out", params=PARAMS, workers=1)
 
 
 def test_no_fingerprint_when_stage1_left_something_out(coco_files, tmp_path):

@@ -10,7 +10,8 @@ left out and listed in ``CocoSource.bad``. Segmentations may be polygons, uncomp
 RLE. LVIS fields are kept verbatim: categories' ``frequency``, ``synonyms``, ``def``; images'
 ``not_exhaustive_category_ids`` and ``neg_category_ids`` (which new images inherit). Stage 1 records the
 fingerprint of a clean file (size, mtime_ns, sha256 of the bytes read); integration, reading a file with that
-fingerprint, checks its structure, categories and image entries but not each annotation again.
+fingerprint, checks its structure, ids, categories, image entries and the annotations of the images it
+decodes, but not every other annotation again.
 
 Images are listed by ``(file_name, id)``; an image's ``folder`` is its file's folder (``images`` at the
 top level) and its ``stem`` the file's stem. An instance is an annotation (area: the pycocotools
@@ -29,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path, PurePosixPath
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Collection, Sequence
 
 import cv2
 import numpy as np
@@ -141,13 +142,14 @@ def file_fingerprint(path: Path, digest: Any) -> dict:
 
 
 def load_coco_source(coco_json: str | os.PathLike, images_dir: str | os.PathLike, skip_bad: bool = False,
-                     check_images: bool = True, trusted: Any = None) -> CocoSource:
+                     check_images: bool = True, trusted: Any = None, needed: Collection[int] = ()) -> CocoSource:
     """Read and check a COCO / LVIS instances file (see the module docstring for what is checked).
 
     ``trusted``: the fingerprint stage 1 recorded of the file it checked and found clean
-    (:func:`file_fingerprint`). When the file read has that fingerprint, its annotations are not
-    checked again (ids, segmentations, bboxes: the cost that grows with the file); the file's structure,
-    categories and image entries (names confined to ``images_dir``, files present) are checked always."""
+    (:func:`file_fingerprint`). When the file read has that fingerprint, only the annotations of the
+    ``needed`` image ids (those whose masks will be decoded) are checked again; the others (the cost that
+    grows with the file) are not. The file's structure, ids, categories and image entries (names confined
+    to ``images_dir``, files present) are checked always."""
     json_path, images_dir = Path(coco_json).resolve(), Path(images_dir).resolve()
     digest = hashlib.sha256()
     data = read_json(json_path, digest)
@@ -163,8 +165,7 @@ def load_coco_source(coco_json: str | os.PathLike, images_dir: str | os.PathLike
     if any(n > 1 for n in names.values()):
         raise InstSynthError(json_path, f"duplicate category names {sorted(k for k, n in names.items() if n > 1)}")
     images = _unique(json_path, data["images"], "image")
-    if not trust:
-        _unique(json_path, data["annotations"], "annotation")
+    _unique(json_path, data["annotations"], "annotation")
     bad: list[dict] = []
 
     def reject(kind: str, item_id: Any, problem: str) -> None:
@@ -185,17 +186,15 @@ def load_coco_source(coco_json: str | os.PathLike, images_dir: str | os.PathLike
         else:
             kept[image_id] = img
     annotations: dict[int, list[dict]] = {i: [] for i in kept}
-    if trust:  # checked by stage 1: every annotation is valid and points to a listed image
-        for ann in data["annotations"]:
-            if ann["image_id"] in kept:
-                annotations[ann["image_id"]].append(ann)
-    else:  # every annotation except those of a skipped image
-        anns = [a for a in data["annotations"] if a.get("image_id") not in images or a["image_id"] in kept]
-        for ann, problem in zip(anns, annotation_problems(anns, images, categories)):
-            if problem:
-                reject("annotation", ann.get("id"), problem)
-            else:
-                annotations[ann["image_id"]].append(ann)
+    # every annotation except those of a skipped image; trusted: those of other images were checked by stage 1
+    anns = [a for a in data["annotations"] if a.get("image_id") not in images or a["image_id"] in kept]
+    check = [a for a in anns if a.get("image_id") in needed or a.get("image_id") not in kept] if trust else anns
+    found = {id(a): p for a, p in zip(check, annotation_problems(check, images, categories)) if p}
+    for ann in anns:
+        if id(ann) in found:
+            reject("annotation", ann.get("id"), found[id(ann)])
+        else:
+            annotations[ann["image_id"]].append(ann)
     ordered = sorted(kept.values(), key=lambda i: (i["file_name"], i["id"]))
     return CocoSource(json_path, images_dir, data, categories, ordered, annotations, bad, fingerprint, trust)
 
@@ -433,8 +432,8 @@ class CocoDataset(Dataset):
     kind = "coco"
 
     def __init__(self, coco_json: str | Path, images_dir: str | Path, skip_bad: bool = False, check_images: bool = True,
-                 trusted: dict | None = None):
-        self.source = load_coco_source(coco_json, images_dir, skip_bad, check_images, trusted)
+                 trusted: dict | None = None, needed: Collection[int] = ()):
+        self.source = load_coco_source(coco_json, images_dir, skip_bad, check_images, trusted, needed)
         self.root = self.source.images_dir
 
     @property
