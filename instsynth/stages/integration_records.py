@@ -63,7 +63,7 @@ class Layout:
 
 
 # --------------------------------------------------------------------------- COCO: originals and the merged file
-def link_original(src: Path, dst: Path, folders: set[Path]) -> str:
+def link_original(src: str, dst: str, folders: set[str]) -> str:
     """:func:`~instsynth.stages.assemble.place_file` of one original, with its two common cases made cheap:
     ``dst`` already the same inode (a rerun: "skipped", two stats) and ``dst`` missing (one ``link``, atomic
     by itself; ``folders``: the folders known to exist). Anything else (a different file, another device,
@@ -71,9 +71,10 @@ def link_original(src: Path, dst: Path, folders: set[Path]) -> str:
     try:
         held = os.lstat(dst)
     except FileNotFoundError:
-        if dst.parent not in folders:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            folders.add(dst.parent)
+        folder = os.path.dirname(dst)
+        if folder not in folders:
+            os.makedirs(folder, exist_ok=True)
+            folders.add(folder)
         try:
             os.link(src, dst)
             return "linked"
@@ -83,7 +84,7 @@ def link_original(src: Path, dst: Path, folders: set[Path]) -> str:
         own = os.stat(src)
         if (held.st_dev, held.st_ino) == (own.st_dev, own.st_ino):
             return "skipped"
-    return place_file(src, dst)
+    return place_file(Path(src), Path(dst))
 
 
 def link_originals(dataset: Dataset, out: Path) -> dict:
@@ -94,9 +95,11 @@ def link_originals(dataset: Dataset, out: Path) -> dict:
     target = (out / "images").resolve()
     if target == source.images_dir:
         return {}
-    folders: set[Path] = set()
+    folders: set[str] = set()
+    src_dir, dst_dir = str(source.images_dir), str(target)
     for img in progress(source.images, "linking original images"):
-        actions[link_original(source.images_dir / img["file_name"], target / img["file_name"], folders)] += 1
+        name = img["file_name"]  # confined to the images folder by load_coco_source
+        actions[link_original(os.path.join(src_dir, name), os.path.join(dst_dir, name), folders)] += 1
     return dict(actions)
 
 
