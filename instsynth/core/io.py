@@ -277,7 +277,9 @@ def read_json(path: str | os.PathLike, digest: Any = None) -> Any:
             return json.loads(path.read_text())
         data = path.read_bytes()
         digest.update(data)
-        return json.loads(data.decode())
+        text = data.decode()
+        del data  # not held while parsing: a large file's bytes are as large as its text
+        return json.loads(text)
     except FileNotFoundError:
         raise InstSynthError(path, "file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
