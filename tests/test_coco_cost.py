@@ -1,9 +1,10 @@
 """Integration's cost follows its work on a COCO file (issue 21): it trusts stage 1's check of the file only
-while the file is the one stage 1 checked, and streams the merged file.
+while the file is the one stage 1 checked, streams the merged file and links the originals once.
 
 Stage 1 records the file's size, mtime and sha256 in metadata.json when nothing in it was bad; integration
-reads the file, and when the fingerprint matches it does not check the annotations again. An edit after
-stage 1 (even one that keeps size and mtime) changes the fingerprint: the file is checked as before."""
+reads the file, and when the fingerprint matches it checks again only the annotations of the images it
+decodes. An edit after stage 1 (even one that keeps size and mtime) changes the fingerprint: the whole
+file is checked as before."""
 import hashlib
 import json
 import os

@@ -85,7 +85,7 @@ class CocoSource:
     annotations: dict[int, list[dict]]  # image id -> annotations in file order
     bad: list[dict] = field(default_factory=list)  # what skip_bad left out: {"kind", "id", "problem"}
     fingerprint: dict = field(default_factory=dict)  # of the bytes read: {"size", "mtime_ns", "sha256"}
-    trusted: bool = False  # the annotations were not checked again: the fingerprint stage 1 recorded matched
+    trusted: bool = False  # the fingerprint stage 1 recorded matched: only the needed images' annotations checked
 
 
 def _annotation_problem(ann: Any, images: dict[int, dict], categories: dict[int, dict]) -> str | None:

@@ -71,15 +71,15 @@ def link_original(src: str, dst: str, folders: set[str]) -> str:
     try:
         held = os.lstat(dst)
     except FileNotFoundError:
-        folder = os.path.dirname(dst)
-        if folder not in folders:
-            os.makedirs(folder, exist_ok=True)
-            folders.add(folder)
         try:
+            folder = os.path.dirname(dst)
+            if folder not in folders:
+                os.makedirs(folder, exist_ok=True)
+                folders.add(folder)
             os.link(src, dst)
             return "linked"
         except OSError:
-            pass  # e.g. across devices: place_file copies
+            pass  # e.g. across devices: place_file copies (or names what is wrong)
     else:
         own = os.stat(src)
         if (held.st_dev, held.st_ino) == (own.st_dev, own.st_ino):
