@@ -10,7 +10,8 @@ DELIBERATE: dict[str, dict[str, str]] = {
     "cityscapes": {"demo_output/work/summary.json": "issue 17: the run summary's class table lists every category with its totals in the split before and after",
                    "demo_output/cityscapes_instsynth/gtFine/train/*_syn/*_gtFine_polygons.json":
                        "issue 20 point 7: stage 5 writes one object per instance in depth order, which json2instanceImg draws back exactly"},
-    "coco": {"work/summary.json": "issue 17: the run summary's class table lists every category with its totals in the split before and after"},
+    "coco": {"work/summary.json": "issue 17: the run summary's class table lists every category with its totals in the split before and after",
+             "work/selection/metadata.json": "issue 21: stage 1 records the COCO file's fingerprint (size, mtime_ns, sha256), which integration trusts"},
 }
 """Files whose bytes changed on purpose since the recording, by run: path (or fnmatch pattern) -> why."""
 

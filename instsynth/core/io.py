@@ -193,6 +193,63 @@ def write_if_changed(path: str | os.PathLike, data: bytes) -> bool:
     return True
 
 
+class _Unchanged(Exception):
+    """The streamed file holds what ``path`` already held (its temporary copy is dropped)."""
+
+
+def _same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+    """True when the files ``a`` and ``b`` hold the same bytes (False if ``b`` is missing)."""
+    try:
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                block = fa.read(chunk)
+                if block != fb.read(chunk):
+                    return False
+                if not block:
+                    return True
+    except OSError:
+        return False
+
+
+def write_pieces_if_changed(path: str | os.PathLike, pieces: Iterable[str | bytes]) -> bool:
+    """:func:`write_if_changed` of the concatenation of ``pieces`` (str as UTF-8), streamed to the temporary
+    file, so that the whole content is never held in memory; True if written."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "r+b") as file:
+                for piece in pieces:
+                    file.write(piece.encode() if isinstance(piece, str) else piece)
+            if _same_bytes(tmp, path):
+                raise _Unchanged
+    except _Unchanged:
+        return False
+    return True
+
+
+JSON_BATCH = 2000
+"""Items of a long list encoded by one ``json.dumps`` call in :func:`json_pieces`."""
+
+
+def json_pieces(obj: dict, batch: int = JSON_BATCH) -> Iterator[str]:
+    """``json.dumps(obj)`` (default separators) in pieces: long top-level lists ``batch`` items at a time.
+
+    The concatenation is byte for byte ``json.dumps(obj)``; only one batch is encoded at a time."""
+    yield "{"
+    for n, (key, value) in enumerate(obj.items()):
+        yield (", " if n else "") + json.dumps(str(key)) + ": "
+        if isinstance(value, list) and len(value) > batch:
+            yield "["
+            for start in range(0, len(value), batch):
+                yield (", " if start else "") + json.dumps(value[start:start + batch])[1:-1]
+            yield "]"
+        else:
+            yield json.dumps(value)
+    yield "}"
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; a file that already holds exactly ``data`` is left untouched."""
     write_if_changed(path, data)
@@ -208,13 +265,21 @@ MAX_JSON_BYTES = int(os.environ.get("INSTSYNTH_MAX_JSON_MB", "4096")) * 2**20
 """Largest JSON file read (``INSTSYNTH_MAX_JSON_MB``, default 4096): a bigger one is refused unread."""
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file; a missing, malformed, over-deep or over-large file raises InstSynthError naming it."""
+def read_json(path: str | os.PathLike, digest: Any = None) -> Any:
+    """Read a JSON file; a missing, malformed, over-deep or over-large file raises InstSynthError naming it.
+
+    ``digest`` (a hashlib object) is updated with the exact bytes parsed (one read for both)."""
     path = Path(path)
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise InstSynthError(path, f"JSON file over {MAX_JSON_BYTES // 2**20} MB (INSTSYNTH_MAX_JSON_MB)")
-        return json.loads(path.read_text())
+        if digest is None:
+            return json.loads(path.read_text())
+        data = path.read_bytes()
+        digest.update(data)
+        text = data.decode()
+        del data  # not held while parsing: a large file's bytes are as large as its text
+        return json.loads(text)
     except FileNotFoundError:
         raise InstSynthError(path, "file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

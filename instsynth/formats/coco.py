@@ -8,7 +8,10 @@ lengths that do not cover the image, boxes with no area or outside their image
 InstSynthError naming the file and the id; with ``skip_bad`` the offending annotation (or image) is
 left out and listed in ``CocoSource.bad``. Segmentations may be polygons, uncompressed or compressed
 RLE. LVIS fields are kept verbatim: categories' ``frequency``, ``synonyms``, ``def``; images'
-``not_exhaustive_category_ids`` and ``neg_category_ids`` (which new images inherit).
+``not_exhaustive_category_ids`` and ``neg_category_ids`` (which new images inherit). Stage 1 records the
+fingerprint of a clean file (size, mtime_ns, sha256 of the bytes read); integration, reading a file with that
+fingerprint, checks its structure, ids, categories, image entries and the annotations of the images it
+decodes, but not every other annotation again.
 
 Images are listed by ``(file_name, id)``; an image's ``folder`` is its file's folder (``images`` at the
 top level) and its ``stem`` the file's stem. An instance is an annotation (area: the pycocotools
@@ -21,19 +24,20 @@ images and their exact annotations (:func:`merge_coco`). The source JSON and ima
 from __future__ import annotations
 
 import functools
-import json
+import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path, PurePosixPath
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Collection, Sequence
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from instsynth.core.imageops import crop_resize_labels, segmentation_of
-from instsynth.core.io import InstSynthError, get_logger, read_json, read_png, write_if_changed
+from instsynth.core.io import InstSynthError, get_logger, json_pieces, read_json, read_png, write_pieces_if_changed
 from instsynth.core.paths import confined, relative_name
 from .base import (Annotations, Box, Category, Dataset, DatasetWriter, Instance, NewImage, SourceImage, WrittenImage,
                    category_table, check_named_instance, encode_image, output_suffix,
@@ -80,6 +84,8 @@ class CocoSource:
     images: list[dict]
     annotations: dict[int, list[dict]]  # image id -> annotations in file order
     bad: list[dict] = field(default_factory=list)  # what skip_bad left out: {"kind", "id", "problem"}
+    fingerprint: dict = field(default_factory=dict)  # of the bytes read: {"size", "mtime_ns", "sha256"}
+    trusted: bool = False  # the fingerprint stage 1 recorded matched: only the needed images' annotations checked
 
 
 def _annotation_problem(ann: Any, images: dict[int, dict], categories: dict[int, dict]) -> str | None:
@@ -129,11 +135,26 @@ def _unique(json_path: Path, items: list, what: str) -> dict[int, dict]:
     return by_id
 
 
+def file_fingerprint(path: Path, digest: Any) -> dict:
+    """``{"size", "mtime_ns", "sha256"}`` of a file whose bytes ``digest`` (sha256) has just read."""
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+
+
 def load_coco_source(coco_json: str | os.PathLike, images_dir: str | os.PathLike, skip_bad: bool = False,
-                     check_images: bool = True) -> CocoSource:
-    """Read and check a COCO / LVIS instances file (see the module docstring for what is checked)."""
+                     check_images: bool = True, trusted: Any = None, needed: Collection[int] = ()) -> CocoSource:
+    """Read and check a COCO / LVIS instances file (see the module docstring for what is checked).
+
+    ``trusted``: the fingerprint stage 1 recorded of the file it checked and found clean
+    (:func:`file_fingerprint`). When the file read has that fingerprint, only the annotations of the
+    ``needed`` image ids (those whose masks will be decoded) are checked again; the others (the cost that
+    grows with the file) are not. The file's structure, ids, categories and image entries (names confined
+    to ``images_dir``, files present) are checked always."""
     json_path, images_dir = Path(coco_json).resolve(), Path(images_dir).resolve()
-    data = read_json(json_path)
+    digest = hashlib.sha256()
+    data = read_json(json_path, digest)
+    fingerprint = file_fingerprint(json_path, digest)
+    trust = isinstance(trusted, dict) and trusted == fingerprint
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
         raise InstSynthError(json_path, "not a COCO instances file (needs lists 'images', 'annotations', 'categories')")
     categories = _unique(json_path, data["categories"], "category")
@@ -165,15 +186,17 @@ def load_coco_source(coco_json: str | os.PathLike, images_dir: str | os.PathLike
         else:
             kept[image_id] = img
     annotations: dict[int, list[dict]] = {i: [] for i in kept}
-    # every annotation except those of a skipped image
+    # every annotation except those of a skipped image; trusted: those of other images were checked by stage 1
     anns = [a for a in data["annotations"] if a.get("image_id") not in images or a["image_id"] in kept]
-    for ann, problem in zip(anns, annotation_problems(anns, images, categories)):
-        if problem:
-            reject("annotation", ann.get("id"), problem)
+    check = [a for a in anns if a.get("image_id") in needed or a.get("image_id") not in kept] if trust else anns
+    found = {id(a): p for a, p in zip(check, annotation_problems(check, images, categories)) if p}
+    for ann in anns:
+        if id(ann) in found:
+            reject("annotation", ann.get("id"), found[id(ann)])
         else:
             annotations[ann["image_id"]].append(ann)
     ordered = sorted(kept.values(), key=lambda i: (i["file_name"], i["id"]))
-    return CocoSource(json_path, images_dir, data, categories, ordered, annotations, bad)
+    return CocoSource(json_path, images_dir, data, categories, ordered, annotations, bad, fingerprint, trust)
 
 
 def select_categories(source: CocoSource, classes: Sequence[str] | None = None,
@@ -408,8 +431,9 @@ class CocoDataset(Dataset):
 
     kind = "coco"
 
-    def __init__(self, coco_json: str | Path, images_dir: str | Path, skip_bad: bool = False, check_images: bool = True):
-        self.source = load_coco_source(coco_json, images_dir, skip_bad, check_images)
+    def __init__(self, coco_json: str | Path, images_dir: str | Path, skip_bad: bool = False, check_images: bool = True,
+                 trusted: dict | None = None, needed: Collection[int] = ()):
+        self.source = load_coco_source(coco_json, images_dir, skip_bad, check_images, trusted, needed)
         self.root = self.source.images_dir
 
     @property
@@ -448,7 +472,9 @@ class CocoDataset(Dataset):
                 "coco_json": str(self.source.json_path)}
 
     def selection_fields(self, class_counts: dict[str, int]) -> dict:
-        return {"categories": [self.source.categories[i] for i in sorted(self.source.categories)]}
+        """The source's fingerprint when nothing of it was bad (integration then trusts this check), categories."""
+        checked = {} if self.bad else {"coco_json_fingerprint": self.source.fingerprint}
+        return {**checked, "categories": [self.source.categories[i] for i in sorted(self.source.categories)]}
 
     def selection_counts(self, class_counts: dict[str, int], selected: dict[str, int]) -> dict:
         return {}
@@ -511,5 +537,6 @@ class CocoWriter(DatasetWriter):
         if self.dataset is None:
             raise RuntimeError("CocoWriter.finish needs the writer made by CocoDataset.writer (not a pickled copy)")
         path = merged_json_path(self.out, self.split)
-        write_if_changed(path, (json.dumps(merge_coco(self.dataset.source, entries, info)) + "\n").encode())
+        merged = merge_coco(self.dataset.source, entries, info)  # the source's items themselves, not copies
+        write_pieces_if_changed(path, chain(json_pieces(merged), ["\n"]))  # streamed: never one string of it all
         return [path]

@@ -211,11 +211,20 @@ def load_inputs(inpainting_dir: str | os.PathLike, out: Path, metadata_path: str
 
 
 def metadata_dataset(meta: dict, skip_bad: bool = False) -> Dataset:
-    """The dataset a stage-1 metadata was selected from, opened in its format."""
+    """The dataset a stage-1 metadata was selected from, opened in its format (of a COCO file whose fingerprint
+    is the one stage 1 recorded only the annotations of the selected images are checked again)."""
     kind = metadata_format(meta)
-    if kind == "coco":
-        return open_dataset("coco", meta["coco_json"], meta["dataset_root"], skip_bad=skip_bad)
-    return open_dataset(kind, meta["dataset_root"])
+    if kind != "coco":
+        return open_dataset(kind, meta["dataset_root"])
+    dataset = open_dataset("coco", meta["coco_json"], meta["dataset_root"], skip_bad=skip_bad,
+                           trusted=meta.get("coco_json_fingerprint"),
+                           needed={inst["coco_image_id"] for inst in meta["instances"]})
+    if dataset.source.trusted:
+        log.info("stage 2: %s is the file stage 1 checked (size, mtime and sha256 unchanged): only the annotations "
+                 "of the images it integrates are checked again", dataset.where)
+    elif "coco_json_fingerprint" in meta:
+        log.info("stage 2: %s changed since stage 1 checked it: checked again", dataset.where)
+    return dataset
 
 
 def check_gate(manifest_path: Path, manifest: dict, gate: GateDecision) -> None:

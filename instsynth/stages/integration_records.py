@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,15 +63,43 @@ class Layout:
 
 
 # --------------------------------------------------------------------------- COCO: originals and the merged file
+def link_original(src: str, dst: str, folders: set[str]) -> str:
+    """:func:`~instsynth.stages.assemble.place_file` of one original, with its two common cases made cheap:
+    ``dst`` already the same inode (a rerun: "skipped", two stats) and ``dst`` missing (one ``link``, atomic
+    by itself; ``folders``: the folders known to exist). Anything else (a different file, another device,
+    no hard links) goes through place_file."""
+    try:
+        held = os.lstat(dst)
+    except FileNotFoundError:
+        try:
+            folder = os.path.dirname(dst)
+            if folder not in folders:
+                os.makedirs(folder, exist_ok=True)
+                folders.add(folder)
+            os.link(src, dst)
+            return "linked"
+        except OSError:
+            pass  # e.g. across devices: place_file copies (or names what is wrong)
+    else:
+        own = os.stat(src)
+        if (held.st_dev, held.st_ino) == (own.st_dev, own.st_ino):
+            return "skipped"
+    return place_file(Path(src), Path(dst))
+
+
 def link_originals(dataset: Dataset, out: Path) -> dict:
-    """COCO: hard-link (or copy) every kept source image to ``OUT/images/<file_name>``; counts by action."""
+    """COCO: hard-link (or copy) every kept source image to ``OUT/images/<file_name>`` once per output folder
+    (a link already there is left alone); counts by action."""
     actions: Counter = Counter()
     source = dataset.source
     target = (out / "images").resolve()
     if target == source.images_dir:
         return {}
+    folders: set[str] = set()
+    src_dir, dst_dir = str(source.images_dir), str(target)
     for img in progress(source.images, "linking original images"):
-        actions[place_file(source.images_dir / img["file_name"], target / img["file_name"])] += 1
+        name = img["file_name"]  # confined to the images folder by load_coco_source
+        actions[link_original(os.path.join(src_dir, name), os.path.join(dst_dir, name), folders)] += 1
     return dict(actions)
 
 
