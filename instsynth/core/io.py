@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import filecmp
 import json
 import logging
 import os
@@ -197,18 +198,10 @@ class _Unchanged(Exception):
     """The streamed file holds what ``path`` already held (its temporary copy is dropped)."""
 
 
-def _same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+def _same_bytes(a: Path, b: Path) -> bool:
     """True when the files ``a`` and ``b`` hold the same bytes (False if ``b`` is missing)."""
     try:
-        if a.stat().st_size != b.stat().st_size:
-            return False
-        with open(a, "rb") as fa, open(b, "rb") as fb:
-            while True:
-                block = fa.read(chunk)
-                if block != fb.read(chunk):
-                    return False
-                if not block:
-                    return True
+        return filecmp.cmp(a, b, shallow=False)
     except OSError:
         return False
 

@@ -181,9 +181,9 @@ class SourceReader:
     dataset's own format (a Cityscapes tree, a COCO / LVIS file or a folder), one image at a time."""
 
     def __init__(self, meta: dict):
-        from instsynth.stages.integration import image_index, metadata_dataset
+        from instsynth.stages.metadata import image_index, metadata_dataset
 
-        self.dataset = metadata_dataset(meta)
+        self.dataset = metadata_dataset(meta, stage="quality filter")
         self.images, self.fields = image_index(self.dataset, meta["split"])
         self.current: tuple[Any, Any, np.ndarray | None] = (None, None, None)
 

@@ -42,13 +42,13 @@ from instsynth.core.io import (InstSynthError, default_workers, get_logger, prog
 from instsynth.core.lock import stage_output
 from instsynth.core.manifests import load_manifest
 from instsynth.core.parallel import ordered_map
-from instsynth.formats import Annotations, Dataset, DatasetWriter, NewImage, SourceImage, open_dataset
+from instsynth.formats import Annotations, Dataset, DatasetWriter, NewImage, SourceImage
 from instsynth.formats.cityscapes import COORDINATES_NAME, MAX_SAMPLE_INDEX
 from instsynth.stages.gate_decision import GateDecision, format_gate_counts
 from instsynth.stages.integration_records import (INTEGRATION_NAME, INTEGRATION_VERSION, REPORT_NAME, Layout,
                                                   entry_record, filters_of, fingerprint, header_of, layout_of, ordered,
                                                   previous_entries, remove_stale, reusable, source_digest)
-from instsynth.stages.metadata import load_metadata, metadata_format
+from instsynth.stages.metadata import image_index, load_metadata, metadata_dataset
 from instsynth.stages.pasting import (ContextCrop, IntegrationParams, as_rgb_sample, choose_context_crop, crop_seed,
                                       paste)
 
@@ -210,23 +210,6 @@ def load_inputs(inpainting_dir: str | os.PathLike, out: Path, metadata_path: str
     return manifest_path, manifest, meta_path, meta
 
 
-def metadata_dataset(meta: dict, skip_bad: bool = False) -> Dataset:
-    """The dataset a stage-1 metadata was selected from, opened in its format (of a COCO file whose fingerprint
-    is the one stage 1 recorded only the annotations of the selected images are checked again)."""
-    kind = metadata_format(meta)
-    if kind != "coco":
-        return open_dataset(kind, meta["dataset_root"])
-    dataset = open_dataset("coco", meta["coco_json"], meta["dataset_root"], skip_bad=skip_bad,
-                           trusted=meta.get("coco_json_fingerprint"),
-                           needed={inst["coco_image_id"] for inst in meta["instances"]})
-    if dataset.source.trusted:
-        log.info("stage 2: %s is the file stage 1 checked (size, mtime and sha256 unchanged): only the annotations "
-                 "of the images it integrates are checked again", dataset.where)
-    elif "coco_json_fingerprint" in meta:
-        log.info("stage 2: %s changed since stage 1 checked it: checked again", dataset.where)
-    return dataset
-
-
 def check_gate(manifest_path: Path, manifest: dict, gate: GateDecision) -> None:
     """The gate's samples must be samples of this manifest (a decision made for another run is refused)."""
     for key, indices in (*gate.accepted.items(), *gate.fallback.items()):
@@ -254,13 +237,6 @@ class Plan:
             raise InstSynthError(path, problem)
         log.warning("skipping %s sample %d: %s: %s", key, sample, path, problem)
         self.skipped.append({"key": key, "sample_index": sample, "reason": reason, "path": path, "problem": problem})
-
-
-def image_index(dataset: Dataset, split: str) -> tuple[dict[tuple, SourceImage], tuple[str, ...]]:
-    """The split's images by (relative path, the format's metadata fields), and those fields' names."""
-    images = dataset.images(split)
-    fields = tuple(sorted(images[0].metadata_fields())) if images else ()
-    return {(im.relative, *(im.metadata_fields()[f] for f in fields)): im for im in images}, fields
 
 
 def plan_samples(manifest_path: Path, manifest: dict, meta: dict, dataset: Dataset, writer: DatasetWriter,

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from instsynth.core.paths import confined, plain_name, relative_name
-from ..formats import FORMATS
+from ..formats import FORMATS, Dataset, SourceImage, open_dataset
 from ..formats.base import check_fields
-from instsynth.core.io import InstSynthError, read_json
+from instsynth.core.io import InstSynthError, get_logger, read_json
 
+log = get_logger("instsynth.integration")
 METADATA_VERSION = 1
 METADATA_NAME = "metadata.json"
 
@@ -99,3 +100,28 @@ def load_metadata(path: str | os.PathLike, check_files: bool = True) -> dict:
                 if not inst[name].is_file():
                     raise InstSynthError(path, f"instance {inst['key']!r}: {name[:-5]} file {inst[name]} not found")
     return meta
+
+
+def metadata_dataset(meta: dict, skip_bad: bool = False, stage: str = "stage 2") -> Dataset:
+    """The dataset a stage-1 metadata was selected from, opened in its format (of a COCO file whose fingerprint
+    is the one stage 1 recorded only the annotations of the selected images are checked again; ``stage``
+    names the reader in the log)."""
+    kind = metadata_format(meta)
+    if kind != "coco":
+        return open_dataset(kind, meta["dataset_root"])
+    dataset = open_dataset("coco", meta["coco_json"], meta["dataset_root"], skip_bad=skip_bad,
+                           trusted=meta.get("coco_json_fingerprint"),
+                           needed={inst["coco_image_id"] for inst in meta["instances"]})
+    if dataset.source.trusted:
+        log.info("%s: %s is the file stage 1 checked (size, mtime and sha256 unchanged): only the annotations "
+                 "of the images it integrates are checked again", stage, dataset.where)
+    elif "coco_json_fingerprint" in meta:
+        log.info("%s: %s changed since stage 1 checked it: checked again", stage, dataset.where)
+    return dataset
+
+
+def image_index(dataset: Dataset, split: str) -> tuple[dict[tuple, SourceImage], tuple[str, ...]]:
+    """The split's images by (relative path, the format's metadata fields), and those fields' names."""
+    images = dataset.images(split)
+    fields = tuple(sorted(images[0].metadata_fields())) if images else ()
+    return {(im.relative, *(im.metadata_fields()[f] for f in fields)): im for im in images}, fields

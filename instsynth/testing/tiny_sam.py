@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -47,18 +47,26 @@ def tiny_sam_processor():
         mask_size={"longest_edge": low}, mask_pad_size={"height": low, "width": low}))
 
 
+def _save(out: str | Path, model, processor) -> Path:
+    """``model`` and ``processor`` saved with ``save_pretrained`` to ``out``."""
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return Path(out)
+
+
+def _seeded(model_class: Callable, config: Callable, seed: int):
+    """A randomly initialised ``model_class(config())`` under torch seed ``seed``."""
+    import torch
+
+    torch.manual_seed(seed)
+    return model_class(config())
+
+
 def build_tiny_sam(out: str | Path, seed: int = 0, model=None) -> Path:
     """Save a tiny SAM (random unless ``model`` is given) and its processor to ``out``."""
-    import torch
     from transformers import SamModel
 
-    out = Path(out)
-    if model is None:
-        torch.manual_seed(seed)
-        model = SamModel(tiny_sam_config())
-    model.save_pretrained(out)
-    tiny_sam_processor().save_pretrained(out)
-    return out
+    return _save(out, model if model is not None else _seeded(SamModel, tiny_sam_config, seed), tiny_sam_processor())
 
 
 def has_sam2() -> bool:
@@ -96,16 +104,10 @@ def tiny_sam2_processor():
 def build_tiny_sam2(out: str | Path, seed: int = 0, model=None) -> Path:
     """Save a tiny SAM 2 (random unless ``model`` is given) and its processor (a plain 128x128 resize,
     no padding) to ``out``."""
-    import torch
     from transformers import Sam2Model
 
-    out = Path(out)
-    if model is None:
-        torch.manual_seed(seed)
-        model = Sam2Model(tiny_sam2_config())
-    model.save_pretrained(out)
-    tiny_sam2_processor().save_pretrained(out)
-    return out
+    return _save(out, model if model is not None else _seeded(Sam2Model, tiny_sam2_config, seed),
+                 tiny_sam2_processor())
 
 
 # --------------------------------------------------------------------------- training examples
